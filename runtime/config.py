@@ -1,0 +1,144 @@
+"""The model's hyper-parameters: one frozen dataclass, built by one function from GGUF metadata.
+
+Mixtral, Mistral and Llama are one network here (GGUF architecture "llama"); a file
+with `llama.expert_count` > 0 has a Mixture-of-Experts FFN, otherwise a dense one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCH = "llama"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int            # L
+    n_embd: int             # D, hidden size
+    n_ff: int               # F, FFN (expert) hidden size
+    n_head: int             # H query heads
+    n_head_kv: int          # KV heads (GQA groups)
+    n_vocab: int            # V
+    n_ctx_train: int
+    rms_eps: float
+    rope_theta: float
+    n_expert: int           # E; 0 for a dense FFN
+    n_expert_used: int      # A, experts per token; 0 for dense
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Logical numpy shapes (slowest first) of every tensor, by GGUF name."""
+        D, F, V, E = self.n_embd, self.n_ff, self.n_vocab, self.n_expert
+        s: dict[str, tuple[int, ...]] = {"token_embd.weight": (V, D), "output_norm.weight": (D,), "output.weight": (V, D)}
+        for i in range(self.n_layer):
+            b = f"blk.{i}."
+            s[b + "attn_norm.weight"] = (D,)
+            s[b + "attn_q.weight"] = (D, D)
+            s[b + "attn_k.weight"] = (self.kv_dim, D)
+            s[b + "attn_v.weight"] = (self.kv_dim, D)
+            s[b + "attn_output.weight"] = (D, D)
+            s[b + "ffn_norm.weight"] = (D,)
+            if self.is_moe:
+                s[b + "ffn_gate_inp.weight"] = (E, D)
+                s[b + "ffn_gate_exps.weight"] = (E, F, D)
+                s[b + "ffn_up_exps.weight"] = (E, F, D)
+                s[b + "ffn_down_exps.weight"] = (E, D, F)
+            else:
+                s[b + "ffn_gate.weight"] = (F, D)
+                s[b + "ffn_up.weight"] = (F, D)
+                s[b + "ffn_down.weight"] = (D, F)
+        return s
+
+    def params(self) -> tuple[int, int]:
+        """(total parameters, parameters active per token)."""
+        total = active = 0
+        for name, shape in self.tensor_shapes().items():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+            active += n * self.n_expert_used // self.n_expert if name.endswith("_exps.weight") else n
+        return total, active
+
+    def kv_bytes_per_token(self) -> int:
+        """float32 K and V for one token across all layers."""
+        return 2 * self.n_layer * self.kv_dim * 4
+
+
+def _int(md: dict, key: str, where: str, default=None) -> int:
+    v = md.get(key, default)
+    if v is None:
+        raise ValueError(f"{where}: metadata key {key} is missing")
+    if isinstance(v, bool) or not isinstance(v, (int,)) and not hasattr(v, "__index__"):
+        raise ValueError(f"{where}: metadata key {key} should be an integer, got {v!r}")
+    return int(v)
+
+
+def _float(md: dict, key: str, where: str, default=None) -> float:
+    v = md.get(key, default)
+    if v is None:
+        raise ValueError(f"{where}: metadata key {key} is missing")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: metadata key {key} should be a number, got {v!r}") from None
+
+
+def config_from_metadata(md: dict, where: str = "model") -> ModelConfig:
+    """Build and check a ModelConfig from GGUF metadata; ValueError naming `where` and the key."""
+    arch = md.get("general.architecture")
+    if arch != ARCH:
+        raise ValueError(f"{where}: architecture {arch!r} is not supported (expected {ARCH!r}: Mixtral, Mistral or Llama)")
+    p = ARCH + "."
+    n_head = _int(md, p + "attention.head_count", where)
+    n_embd = _int(md, p + "embedding_length", where)
+    tokens = md.get("tokenizer.ggml.tokens")
+    n_vocab = _int(md, p + "vocab_size", where, len(tokens) if tokens is not None else None)
+    cfg = ModelConfig(
+        n_layer=_int(md, p + "block_count", where),
+        n_embd=n_embd,
+        n_ff=_int(md, p + "feed_forward_length", where),
+        n_head=n_head,
+        n_head_kv=_int(md, p + "attention.head_count_kv", where, n_head),
+        n_vocab=n_vocab,
+        n_ctx_train=_int(md, p + "context_length", where),
+        rms_eps=_float(md, p + "attention.layer_norm_rms_epsilon", where),
+        rope_theta=_float(md, p + "rope.freq_base", where, 10000.0),
+        n_expert=_int(md, p + "expert_count", where, 0),
+        n_expert_used=_int(md, p + "expert_used_count", where, 0),
+    )
+    check_config(cfg, where)
+    rope_dim = _int(md, p + "rope.dimension_count", where, cfg.head_dim)
+    if rope_dim != cfg.head_dim:
+        raise ValueError(f"{where}: rope.dimension_count {rope_dim} differs from the head size {cfg.head_dim}; partial RoPE is not supported")
+    if tokens is not None and len(tokens) != cfg.n_vocab:
+        raise ValueError(f"{where}: vocab_size {cfg.n_vocab} but the tokenizer has {len(tokens)} tokens")
+    return cfg
+
+
+def check_config(cfg: ModelConfig, where: str = "model") -> None:
+    """ValueError if the hyper-parameters contradict each other or are out of range."""
+    for f in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_vocab", "n_ctx_train"):
+        v = getattr(cfg, f)
+        if not 0 < v <= 1 << 20:
+            raise ValueError(f"{where}: {f} = {v} is out of range")
+    if cfg.n_embd % cfg.n_head or cfg.head_dim % 2:
+        raise ValueError(f"{where}: hidden size {cfg.n_embd} does not split into {cfg.n_head} heads of even size")
+    if cfg.n_head % cfg.n_head_kv:
+        raise ValueError(f"{where}: {cfg.n_head} heads are not a multiple of {cfg.n_head_kv} KV heads")
+    if not (cfg.rms_eps > 0 and cfg.rope_theta > 0):
+        raise ValueError(f"{where}: RMSNorm epsilon and RoPE theta must be positive")
+    if cfg.n_expert < 0 or cfg.n_expert > 256:
+        raise ValueError(f"{where}: expert_count {cfg.n_expert} is out of range")
+    if cfg.is_moe and not 1 <= cfg.n_expert_used <= cfg.n_expert:
+        raise ValueError(f"{where}: expert_used_count {cfg.n_expert_used} must be between 1 and expert_count {cfg.n_expert}")
