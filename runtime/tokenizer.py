@@ -25,6 +25,7 @@ the first piece that produces text is dropped.
 from __future__ import annotations
 
 import heapq
+import re
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
@@ -136,6 +137,8 @@ class Tokenizer:
         self.byte_fallback = all(i >= 0 for i in byte_ids)
         self._byte_ids = byte_ids
         self._max_user_len = max((len(p) for p in self._user_defined), default=0)
+        self._special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (CONTROL, UNKNOWN)}
+        self._special_pattern: re.Pattern | None = None
 
     @classmethod
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
@@ -171,13 +174,13 @@ class Tokenizer:
 
     # ---- encoding -------------------------------------------------------------
 
-    def _normalize(self, text: str) -> str:
+    def _normalize(self, text: str, dummy_prefix: bool) -> str:
         if self.remove_extra_whitespaces:
             text = " ".join(t for t in text.split(" ") if t)
         if not text:
             return ""
         text = text.replace(" ", SPACE)
-        return SPACE + text if self.add_space_prefix else text
+        return SPACE + text if dummy_prefix else text
 
     def _split(self, norm: str) -> tuple[list[str], list[bool]]:
         """Characters of `norm`, with user-defined pieces kept whole -> (symbols, frozen)."""
@@ -198,14 +201,43 @@ class Tokenizer:
                 pos += 1
         return syms, frozen
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids of `text`, the same as SentencePieceProcessor.encode(text), with BOS first if bos."""
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text`, the same as SentencePieceProcessor.encode(text), with BOS first if bos.
+
+        special=True additionally turns the text of control and unknown pieces
+        ("<s>", "</s>", "[INST]" in tokenizer v3, ...) into their ids. The text
+        between them is encoded piece by piece and only a piece at the very start
+        of `text` gets the dummy '▁' prefix (Hugging Face's non-legacy rule, which
+        the Mixtral chat templates are written for; llama.cpp instead prefixes
+        every piece that follows a special token). Use it for rendered chat
+        prompts, never for user-supplied text.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         ids = [self.bos_id] if bos else []
-        norm = self._normalize(text)
-        if not norm:
+        if not special:
+            self._encode_plain(text, ids, self.add_space_prefix)
             return ids
+        pos = 0
+        for m in self._special_re().finditer(text):
+            self._encode_plain(text[pos:m.start()], ids, self.add_space_prefix and pos == 0)
+            ids.append(self._special[m.group()])
+            pos = m.end()
+        self._encode_plain(text[pos:], ids, self.add_space_prefix and pos == 0)
+        return ids
+
+    def _special_re(self) -> re.Pattern:
+        if self._special_pattern is None:
+            # Longest text first, so that the alternation prefers the longest match.
+            alts = sorted(self._special, key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(re.escape(a) for a in alts))
+        return self._special_pattern
+
+    def _encode_plain(self, text: str, ids: list[int], dummy_prefix: bool) -> None:
+        """Append the sentencepiece encoding of `text` to ids."""
+        norm = self._normalize(text, dummy_prefix)
+        if not norm:
+            return
         syms, frozen = self._split(norm)
         n = len(syms)
         prev = list(range(-1, n - 1))
@@ -277,7 +309,6 @@ class Tokenizer:
                 continue  # without byte fallback, a run of unknown symbols is one <unk>
             prev_unk = i == unk
             ids.append(i)
-        return ids
 
     # ---- decoding -------------------------------------------------------------
 
