@@ -1,0 +1,169 @@
+"""Float32 rows -> stored GGUF bytes, for every type in kernels.qtypes.
+
+Q4_0 (32 weights in 18 bytes: f16 d, 16 bytes of nibbles, byte j = q[j] | q[j+16] << 4,
+x = (q - 8)·d) picks each block's scale to minimise squared error: it tries a ladder
+of scales around llama.cpp's max/-8, refits each by least squares, and keeps the best,
+always counting llama.cpp's own choice (reproduced bit for bit) among the candidates,
+so no block is ever worse than `gguf.quants.quantize` makes it.
+Q8_0 is llama.cpp's reference quantizer itself (round(x/d), d = amax/127): at 8 bits a
+search buys almost nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import quants as gq
+from numba import njit, prange
+
+from kernels.qtypes import QType, qtype
+
+QK = 32
+ROWS_PER_CHUNK = 256   # rows quantized per call: bounds the float temporaries
+
+
+@njit(cache=True, inline="always")
+def _f16_round(x: float) -> float:
+    """The float16 value nearest to x (round half to even), as a float."""
+    ax = abs(x)
+    if ax < 6.103515625e-05:                     # subnormal f16: quantum 2^-24
+        return round(x * 16777216.0) / 16777216.0
+    m, e = math.frexp(x)                         # x = m·2^e, 0.5 <= |m| < 1: 11 significant bits
+    return math.ldexp(round(m * 2048.0) / 2048.0, e)
+
+
+@njit(cache=True, inline="always")
+def _block_err(x, q, d) -> float:
+    s = 0.0
+    for i in range(QK):
+        r = float(x[i]) - d * (q[i] - 8)
+        s += r * r
+    return s
+
+
+@njit(cache=True, parallel=True)
+def _q4_0_search(x, d_out, q_out):
+    """x [n_blocks, 32] float32 -> d_out [n_blocks] (f16-exact values), q_out [n_blocks, 32] uint8 in 0..15."""
+    n = x.shape[0]
+    nthr = 64
+    step = (n + nthr - 1) // nthr
+    for t in prange(nthr):
+        q = np.empty(QK, np.int64)
+        q2 = np.empty(QK, np.int64)
+        best_q = np.empty(QK, np.int64)
+        for b in range(t * step, min(n, (t + 1) * step)):
+            xb = x[b]
+            # llama.cpp's choice, float32 arithmetic as in gguf.quants.Q4_0.quantize_blocks
+            amax = np.float32(0.0)
+            maxv = np.float32(0.0)
+            for i in range(QK):
+                if abs(xb[i]) > amax:
+                    amax = abs(xb[i])
+                    maxv = xb[i]
+            if amax == 0:
+                d_out[b] = 0.0
+                for i in range(QK):
+                    q_out[b, i] = 8
+                continue
+            d = maxv / np.float32(-8.0)
+            idv = np.float32(1.0) / d
+            for i in range(QK):
+                v = int(math.trunc(xb[i] * idv + np.float32(8.5)))
+                best_q[i] = min(15, max(0, v))
+            best_d = _f16_round(float(d))
+            best_e = _block_err(xb, best_q, best_d)
+            # the ladder: max maps to -9..-6.5 or +6.5..+7.5, then least-squares refit of d
+            for k in range(29):
+                tden = -9.0 + 0.125 * k if k < 21 else 6.5 + 0.125 * (k - 21)
+                inv = tden / float(maxv)
+                sxq = 0.0
+                sqq = 0.0
+                for i in range(QK):
+                    v = int(round(float(xb[i]) * inv))
+                    v = min(7, max(-8, v))
+                    q[i] = v + 8
+                    sxq += float(xb[i]) * v
+                    sqq += float(v * v)
+                if sqq == 0.0:
+                    continue
+                dk = _f16_round(sxq / sqq)
+                e = _block_err(xb, q, dk)
+                # one more round: requantize with the refitted scale, refit again
+                if dk != 0.0:
+                    inv2 = 1.0 / dk
+                    sxq = 0.0
+                    sqq = 0.0
+                    for i in range(QK):
+                        v = min(7, max(-8, int(round(float(xb[i]) * inv2))))
+                        q2[i] = v + 8
+                        sxq += float(xb[i]) * v
+                        sqq += float(v * v)
+                    if sqq > 0.0:
+                        d2 = _f16_round(sxq / sqq)
+                        e2 = _block_err(xb, q2, d2)
+                        if e2 < e:
+                            e = e2
+                            dk = d2
+                            for i in range(QK):
+                                q[i] = q2[i]
+                if e < best_e:
+                    best_e = e
+                    best_d = dk
+                    for i in range(QK):
+                        best_q[i] = q[i]
+            d_out[b] = best_d
+            for i in range(QK):
+                q_out[b, i] = best_q[i]
+
+
+def _quantize_q4_0(rows: np.ndarray) -> np.ndarray:
+    """rows float32 [R, C] -> uint8 [R, C/32*18]."""
+    R, C = rows.shape
+    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK)          # [B, 32]
+    d = np.empty(x.shape[0], np.float32)
+    q = np.empty(x.shape, np.uint8)
+    _q4_0_search(x, d, q)
+    out = np.empty((x.shape[0], 18), np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
+    return out.reshape(R, C // QK * 18)
+
+
+def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    return gq.quantize(np.ascontiguousarray(rows, dtype=np.float32), GGMLQuantizationType.Q8_0)
+
+
+_QUANTIZE = {
+    "f32": lambda r: np.ascontiguousarray(r, dtype=np.float32),
+    "f16": lambda r: np.asarray(r, dtype=np.float32).astype(np.float16),
+    "q8_0": _quantize_q8_0,
+    "q4_0": _quantize_q4_0,
+}
+
+
+def quantize(x: np.ndarray, qt: QType | str) -> np.ndarray:
+    """Float array (..., cols) -> stored array of type qt, shape qt.storage_shape(x.shape).
+
+    Works through ROWS_PER_CHUNK rows at a time, so temporaries stay small whatever the
+    size of x. ValueError if cols is not a whole number of blocks.
+    """
+    qt = qtype(qt) if isinstance(qt, str) else qt
+    shape = tuple(x.shape)
+    out = np.empty(qt.storage_shape(shape), dtype=qt.dtype)   # checks cols for block types
+    if x.size == 0:
+        return out
+    src = x.reshape(-1, shape[-1])
+    dst = out.reshape(src.shape[0], -1)
+    fn = _QUANTIZE[qt.name]
+    for r in range(0, src.shape[0], ROWS_PER_CHUNK):
+        dst[r:r + ROWS_PER_CHUNK] = fn(src[r:r + ROWS_PER_CHUNK])
+    return out
+
+
+def dequantize(data: np.ndarray, qt: QType | str) -> np.ndarray:
+    """Stored array of type qt -> float32 of the logical shape (llama.cpp's numpy reference)."""
+    qt = qtype(qt) if isinstance(qt, str) else qt
+    if not qt.is_block:
+        return np.asarray(data, dtype=np.float32)
+    return gq.dequantize(np.asarray(data), qt.ggml).astype(np.float32, copy=False)

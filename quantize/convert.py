@@ -1,0 +1,148 @@
+"""Stream a checkpoint into a GGUF file laid out as llama.cpp writes Mixtral.
+
+Header, metadata and tensor infos go through gguf-py's GGUFWriter (its key names and
+value types); the data is then written part by part (row chunks, one expert at a time),
+so memory stays bounded by one part whatever the model's size. The file is written
+beside OUT under a temporary name and renamed only when complete.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter, LlamaFileType
+from tqdm import tqdm
+
+from kernels.qtypes import QType, qtype
+from kernels.quantizers import quantize
+from quantize.sources import Source, TensorPlan, open_source
+
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+              "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
+ALIGN = 32
+
+
+@dataclass
+class Summary:
+    path: str
+    tensors: int
+    params: int
+    nbytes: int
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(1, self.params)
+
+    def __str__(self) -> str:
+        return (f"wrote {self.path}: {self.tensors} tensors, {self.params / 1e6:.2f} M parameters, "
+                f"{self.nbytes / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits per weight, {self.seconds:.1f} s")
+
+
+def tensor_type(plan: TensorPlan, qt: QType) -> QType:
+    """The type a tensor is stored in: F32 for norms and the router, `qt` for weight matrices."""
+    return qtype("f32") if plan.keep_f32 else qt
+
+
+def _check_writable(out: str, force: bool) -> str:
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise ValueError(f"{out}: is a folder; give a file name for the output")
+    if os.path.exists(out) and not force:
+        raise ValueError(f"{out}: already exists (use --force to overwrite)")
+    d = os.path.dirname(out)
+    if not os.path.isdir(d):
+        raise ValueError(f"{out}: the folder {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"{out}: the folder {d} is not writable")
+    return out
+
+
+def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
+    for k, v in md.items():
+        if k == "general.architecture":
+            continue                                    # GGUFWriter adds it
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, (int, np.integer)):
+            w.add_uint32(k, int(v)) if 0 <= int(v) < 2**32 else w.add_int64(k, int(v))
+        elif isinstance(v, (float, np.floating)):
+            w.add_float32(k, float(v))
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, np.ndarray):
+            sub = GGUFValueType.FLOAT32 if v.dtype.kind == "f" else GGUFValueType.INT32
+            w.add_key_value(k, [x.item() for x in v], GGUFValueType.ARRAY, sub_type=sub)
+        elif isinstance(v, list):
+            w.add_array(k, v)
+    w.add_file_type(int(file_type))
+    w.add_quantization_version(2)
+
+
+def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True) -> Summary:
+    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary."""
+    out = _check_writable(out, force)
+    t0 = time.perf_counter()
+    types = [tensor_type(p, qt) for p in src.tensors]
+    for p, t in zip(src.tensors, types):
+        if t.is_block and p.shape[-1] % t.block_size:
+            raise ValueError(f"{src.path}: tensor {p.name} has rows of {p.shape[-1]}, not a multiple of {t.name}'s block of {t.block_size}")
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    os.close(fd)
+    w = None
+    try:
+        w = GGUFWriter(tmp, "llama")
+        _add_metadata(w, src.metadata, FILE_TYPES[qt.name])
+        for p, t in zip(src.tensors, types):
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32) if not t.is_block else np.dtype(np.uint8),
+                              t.nbytes(p.shape), raw_dtype=t.ggml)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        fout.write(b"\0" * (-fout.tell() % ALIGN))
+        n_params = sum(int(np.prod(p.shape)) for p in src.tensors)
+        nbytes = 0
+        with tqdm(total=n_params, unit="w", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            for p, t in zip(src.tensors, types):
+                bar.set_postfix_str(p.name, refresh=False)
+                written = 0
+                for part in p.parts:
+                    a = part()                                    # float32 [rows, cols]
+                    q = quantize(a, t)
+                    fout.write(q.tobytes())                       # one part at a time: bounded memory
+                    written += q.nbytes
+                    bar.update(a.size)
+                    del a, q
+                if written != t.nbytes(p.shape):
+                    raise ValueError(f"{src.path}: tensor {p.name} produced {written} bytes, expected {t.nbytes(p.shape)}")
+                nbytes += written
+                fout.write(b"\0" * (-fout.tell() % ALIGN))
+        w.close()
+        w = None
+        os.replace(tmp, out)
+    except BaseException:
+        if w is not None:
+            try:
+                w.close()
+            except Exception:
+                pass
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return Summary(out, len(src.tensors), n_params, nbytes, time.perf_counter() - t0)
+
+
+def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = False, progress: bool = True) -> Summary:
+    """Convert a checkpoint folder or GGUF file at `src_path` to `out` with 2-D weights in `type_name`."""
+    qt = qtype(type_name)
+    if os.path.exists(src_path) and os.path.exists(out) and os.path.samefile(src_path, out):
+        raise ValueError(f"{out}: the output would overwrite the input")
+    src = open_source(src_path)
+    try:
+        return write_gguf(src, out, qt, force=force, progress=progress)
+    finally:
+        src.close()

@@ -1,0 +1,468 @@
+"""Checkpoint sources: each turns a folder or file into a ModelConfig, GGUF metadata and a
+list of tensors to write, read lazily.
+
+- Hugging Face folder: config.json (MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM),
+  model.safetensors or shards listed in model.safetensors.index.json, tokenizer.model,
+  tokenizer_config.json / chat_template.jinja.
+- Mistral native folder: params.json, consolidated*.safetensors, tokenizer.model(.v1/.v3).
+- A GGUF file: requantized; the old one-tensor-per-expert layout is merged here.
+
+Every tensor is described by a TensorPlan whose parts, read in order, give its rows:
+row chunks for 2-D matrices, one expert at a time for 3-D expert tensors, so no more
+than one such part is ever in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from quantize.safetensors_file import SafetensorsFile
+from runtime.config import ModelConfig, check_config, config_from_metadata
+
+ROW_CHUNK = 4096   # rows of a 2-D matrix read at once (4096 x 4096 f32 = 64 MiB)
+
+Part = Callable[[], np.ndarray]   # -> float32 [rows, cols]
+
+
+@dataclass
+class TensorPlan:
+    name: str                    # GGUF name
+    shape: tuple[int, ...]       # logical numpy shape (slowest first)
+    parts: list[Part]            # concatenated along the rows give the tensor
+    keep_f32: bool = False       # norms and the router stay F32 whatever --type says
+
+
+@dataclass
+class Source:
+    path: str
+    kind: str                    # "hf", "mistral", "gguf"
+    config: ModelConfig
+    metadata: dict = field(default_factory=dict)   # GGUF key -> value (tokenizer, name, ...)
+    tensors: list[TensorPlan] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for c in self.closers:
+            c()
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half Q/K rows -> llama.cpp's interleaved pairs (its converter's `permute`)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_source(path: str) -> Source:
+    """Detect what `path` is and open it; ValueError naming the path if it is none of the three."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _open_hf(path)
+        if os.path.isfile(os.path.join(path, "params.json")):
+            return _open_mistral(path)
+        raise ValueError(f"{path}: not a checkpoint folder (expected config.json for Hugging Face or params.json for Mistral's native format)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if magic == b"GGUF":
+        return _open_gguf(path)
+    raise ValueError(f"{path}: not a GGUF file or checkpoint folder")
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+class _Shards:
+    """Tensor name -> the safetensors file holding it, over one or many shards."""
+
+    def __init__(self, folder: str, files: list[str], weight_map: dict[str, str] | None = None):
+        self.folder = folder
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        for fn in files:
+            p = os.path.join(folder, fn)
+            if not os.path.isfile(p):
+                raise ValueError(f"{p}: shard is missing")
+            self.files[fn] = SafetensorsFile(p)
+            for n in self.files[fn].names:
+                self.where[n] = fn
+        if weight_map:
+            for n, fn in weight_map.items():
+                if self.where.get(n) != fn:
+                    raise ValueError(f"{os.path.join(folder, fn)}: the index lists tensor {n} there but the shard does not hold it")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files[self._file(name)].shape(name)
+
+    def _file(self, name: str) -> str:
+        fn = self.where.get(name)
+        if fn is None:
+            raise ValueError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        return fn
+
+    def reader(self, name: str, expect: tuple[int, ...], rows: slice | None = None, fix: Callable | None = None) -> Part:
+        f = self.files[self._file(name)]
+        if tuple(f.shape(name)) != tuple(expect):
+            raise ValueError(f"{f.path}: tensor {name} has shape {list(f.shape(name))}, expected {list(expect)} from the config")
+
+        def read() -> np.ndarray:
+            a = f.get(name)
+            a = a[rows] if rows is not None else a
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            return fix(a) if fix is not None else a
+        return read
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _matrix(shards: _Shards, name: str, gguf_name: str, shape: tuple[int, int], fix=None) -> TensorPlan:
+    """A 2-D matrix read in row chunks (or whole when `fix` needs all rows)."""
+    if fix is not None:
+        return TensorPlan(gguf_name, shape, [shards.reader(name, shape, fix=fix)])
+    parts = [shards.reader(name, shape, slice(r, r + ROW_CHUNK)) for r in range(0, shape[0], ROW_CHUNK)]
+    return TensorPlan(gguf_name, shape, parts)
+
+
+def _vector(shards: _Shards, name: str, gguf_name: str, n: int) -> TensorPlan:
+    return TensorPlan(gguf_name, (n,), [shards.reader(name, (n,), fix=lambda a: a.reshape(1, -1))], keep_f32=True)
+
+
+def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: bool) -> list[TensorPlan]:
+    """Tensors in llama.cpp's order from a source whose names are given by `names`
+    (a GGUF-name-pattern -> source-name-pattern table with {i} for the layer and {e} for the expert)."""
+    D, F, V, E, KV = cfg.n_embd, cfg.n_ff, cfg.n_vocab, cfg.n_expert, cfg.kv_dim
+    out = [_matrix(shards, names["token_embd"], "token_embd.weight", (V, D))]
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        n = {k: v.replace("{i}", str(i)) for k, v in names.items()}
+        out.append(_vector(shards, n["attn_norm"], b + "attn_norm.weight", D))
+        q_fix = (lambda a: llama_permute(a, cfg.n_head)) if permute_qk else None
+        k_fix = (lambda a: llama_permute(a, cfg.n_head_kv)) if permute_qk else None
+        out.append(_matrix(shards, n["attn_q"], b + "attn_q.weight", (D, D), q_fix))
+        out.append(_matrix(shards, n["attn_k"], b + "attn_k.weight", (KV, D), k_fix))
+        out.append(_matrix(shards, n["attn_v"], b + "attn_v.weight", (KV, D)))
+        out.append(_matrix(shards, n["attn_output"], b + "attn_output.weight", (D, D)))
+        out.append(_vector(shards, n["ffn_norm"], b + "ffn_norm.weight", D))
+        if cfg.is_moe:
+            out.append(TensorPlan(b + "ffn_gate_inp.weight", (E, D), [shards.reader(n["ffn_gate_inp"], (E, D))], keep_f32=True))
+            for g, src, shape in (("ffn_gate_exps", "w1", (F, D)), ("ffn_down_exps", "w2", (D, F)), ("ffn_up_exps", "w3", (F, D))):
+                parts = [shards.reader(n["expert"].replace("{e}", str(e)).replace("{w}", src), shape) for e in range(E)]
+                out.append(TensorPlan(b + g + ".weight", (E,) + shape, parts))
+        else:
+            out.append(_matrix(shards, n["ffn_gate"], b + "ffn_gate.weight", (F, D)))
+            out.append(_matrix(shards, n["ffn_down"], b + "ffn_down.weight", (D, F)))
+            out.append(_matrix(shards, n["ffn_up"], b + "ffn_up.weight", (F, D)))
+    out.append(_vector(shards, names["output_norm"], "output_norm.weight", D))
+    out.append(_matrix(shards, names["output"], "output.weight", (V, D)))
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) -> dict:
+    """tokenizer.ggml.* keys from a SentencePiece tokenizer.model, padded to n_vocab like llama.cpp."""
+    from quantize.spm_model import load_spm_model
+
+    path = next((os.path.join(folder, c) for c in candidates if os.path.isfile(os.path.join(folder, c))), None)
+    if path is None:
+        raise ValueError(f"{folder}: no SentencePiece tokenizer ({' or '.join(candidates)}) in the folder")
+    spm = load_spm_model(path)
+    pieces, scores, types = list(spm.pieces), list(spm.scores), list(spm.types)
+    if len(pieces) > n_vocab:
+        raise ValueError(f"{path}: the tokenizer has {len(pieces)} pieces but the model's vocabulary is {n_vocab}")
+    for i in range(len(pieces), n_vocab):      # llama.cpp pads a larger embedding the same way
+        pieces.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(5)                        # UNUSED
+    md = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": pieces,
+        "tokenizer.ggml.scores": np.asarray(scores, dtype=np.float32),
+        "tokenizer.ggml.token_type": np.asarray(types, dtype=np.int32),
+        "tokenizer.ggml.bos_token_id": spm.bos_id,
+        "tokenizer.ggml.eos_token_id": spm.eos_id,
+        "tokenizer.ggml.unknown_token_id": spm.unk_id,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": bool(spm.add_dummy_prefix),
+    }
+    if spm.pad_id is not None and 0 <= spm.pad_id < n_vocab:
+        md["tokenizer.ggml.padding_token_id"] = spm.pad_id
+    return md
+
+
+def _hf_chat_template(folder: str) -> str | None:
+    p = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            return f.read()
+    p = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(p):
+        return None
+    t = _read_json(p).get("chat_template")
+    if isinstance(t, list):            # [{"name": "default", "template": ...}, ...]
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
+
+
+def _llama_metadata(cfg: ModelConfig) -> dict:
+    md = {
+        "general.architecture": "llama",
+        "llama.block_count": cfg.n_layer,
+        "llama.context_length": cfg.n_ctx_train,
+        "llama.embedding_length": cfg.n_embd,
+        "llama.feed_forward_length": cfg.n_ff,
+        "llama.attention.head_count": cfg.n_head,
+        "llama.attention.head_count_kv": cfg.n_head_kv,
+        "llama.attention.layer_norm_rms_epsilon": cfg.rms_eps,
+        "llama.rope.freq_base": cfg.rope_theta,
+        "llama.rope.dimension_count": cfg.head_dim,
+        "llama.vocab_size": cfg.n_vocab,
+    }
+    if cfg.is_moe:
+        md["llama.expert_count"] = cfg.n_expert
+        md["llama.expert_used_count"] = cfg.n_expert_used
+    return md
+
+
+# --- Hugging Face -------------------------------------------------------------------
+
+_HF_ARCHS = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
+
+_HF_NAMES = {
+    "token_embd": "model.embed_tokens.weight",
+    "output_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_output": "model.layers.{i}.self_attn.o_proj.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_gate_inp": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "expert": "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
+    "ffn_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
+    "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def _hf_config(path: str, c: dict) -> ModelConfig:
+    where = os.path.join(path, "config.json")
+    archs = c.get("architectures") or []
+    if not any(a in _HF_ARCHS for a in archs):
+        raise ValueError(f"{where}: architecture {archs or c.get('model_type')!r} is not supported (expected one of {', '.join(_HF_ARCHS)})")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", None):
+        raise ValueError(f"{where}: RoPE scaling {rope_type!r} is not supported")
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+
+    def need(key):
+        if key not in c or c[key] is None:
+            raise ValueError(f"{where}: key {key} is missing")
+        return c[key]
+    try:
+        n_head = int(need("num_attention_heads"))
+        D = int(need("hidden_size"))
+        head_dim = c.get("head_dim")
+        if head_dim is not None and int(head_dim) * n_head != D:
+            raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads differs from hidden_size {D}; not supported")
+        cfg = ModelConfig(
+            n_layer=int(need("num_hidden_layers")), n_embd=D, n_ff=int(need("intermediate_size")),
+            n_head=n_head, n_head_kv=int(c.get("num_key_value_heads") or n_head),
+            n_vocab=int(need("vocab_size")), n_ctx_train=int(c.get("max_position_embeddings") or 4096),
+            rms_eps=float(c.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
+            n_expert=int(c.get("num_local_experts") or 0), n_expert_used=int(c.get("num_experts_per_tok") or 0),
+        )
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: bad value ({e})") from None
+    if "MixtralForCausalLM" in archs and not cfg.is_moe:
+        raise ValueError(f"{where}: MixtralForCausalLM without num_local_experts")
+    if "MixtralForCausalLM" not in archs and cfg.is_moe:
+        cfg = ModelConfig(**{**cfg.__dict__, "n_expert": 0, "n_expert_used": 0})
+    check_config(cfg, where)
+    return cfg
+
+
+def _open_hf(path: str) -> Source:
+    c = _read_json(os.path.join(path, "config.json"))
+    cfg = _hf_config(path, c)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        wm = _read_json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise ValueError(f"{index}: no weight_map")
+        shards = _Shards(path, sorted(set(wm.values())), wm)
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        shards = _Shards(path, ["model.safetensors"])
+    else:
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+    names = dict(_HF_NAMES)
+    if c.get("tie_word_embeddings") and "lm_head.weight" not in shards.where:
+        names["output"] = names["token_embd"]
+    src = Source(path, "hf", cfg, closers=[shards.close])
+    try:
+        src.tensors = _plan(cfg, shards, names, permute_qk=True)
+        src.metadata = _llama_metadata(cfg)
+        src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
+        src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model",), cfg.n_vocab))
+        tmpl = _hf_chat_template(path)
+        if tmpl:
+            src.metadata["tokenizer.chat_template"] = tmpl
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+# --- Mistral native -----------------------------------------------------------------
+
+_MISTRAL_NAMES = {
+    "token_embd": "tok_embeddings.weight",
+    "output_norm": "norm.weight",
+    "output": "output.weight",
+    "attn_norm": "layers.{i}.attention_norm.weight",
+    "attn_q": "layers.{i}.attention.wq.weight",
+    "attn_k": "layers.{i}.attention.wk.weight",
+    "attn_v": "layers.{i}.attention.wv.weight",
+    "attn_output": "layers.{i}.attention.wo.weight",
+    "ffn_norm": "layers.{i}.ffn_norm.weight",
+    "ffn_gate_inp": "layers.{i}.feed_forward.gate.weight",
+    "expert": "layers.{i}.feed_forward.experts.{e}.{w}.weight",
+    "ffn_gate": "layers.{i}.feed_forward.w1.weight",
+    "ffn_up": "layers.{i}.feed_forward.w3.weight",
+    "ffn_down": "layers.{i}.feed_forward.w2.weight",
+}
+
+
+def _open_mistral(path: str) -> Source:
+    where = os.path.join(path, "params.json")
+    p = _read_json(where)
+    moe = p.get("moe") or {}
+    try:
+        n_head = int(p["n_heads"])
+        D = int(p["dim"])
+        if "head_dim" in p and int(p["head_dim"]) * n_head != D:
+            raise ValueError(f"{where}: head_dim {p['head_dim']} x {n_head} heads differs from dim {D}; not supported")
+        cfg = ModelConfig(
+            n_layer=int(p["n_layers"]), n_embd=D, n_ff=int(p["hidden_dim"]), n_head=n_head,
+            n_head_kv=int(p.get("n_kv_heads", n_head)), n_vocab=int(p["vocab_size"]),
+            n_ctx_train=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
+            rms_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
+            n_expert=int(moe.get("num_experts", 0)), n_expert_used=int(moe.get("num_experts_per_tok", 0)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where}: key {e.args[0]} is missing") from None
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: bad value ({e})") from None
+    check_config(cfg, where)
+    files = sorted(f for f in os.listdir(path) if re.fullmatch(r"consolidated.*\.safetensors", f))
+    if not files:
+        raise ValueError(f"{path}: no consolidated*.safetensors (only safetensors checkpoints are read)")
+    shards = _Shards(path, files)
+    src = Source(path, "mistral", cfg, closers=[shards.close])
+    try:
+        # Mistral's native Q/K rows are already in the interleaved order llama.cpp uses.
+        src.tensors = _plan(cfg, shards, _MISTRAL_NAMES, permute_qk=False)
+        src.metadata = _llama_metadata(cfg)
+        src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
+        src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"), cfg.n_vocab))
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+# --- GGUF ---------------------------------------------------------------------------
+
+_OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
+_SKIP_KEYS = ("general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _open_gguf(path: str) -> Source:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import quants as gq
+
+    from runtime.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    try:
+        cfg = config_from_metadata(f.metadata, path)
+        expected = cfg.tensor_shapes()
+        md = {k: v for k, v in f.metadata.items() if not k.startswith(_SKIP_KEYS) and not k.startswith("split.")}
+        old = {}
+        for name in f.tensors:
+            m = _OLD_EXPERT.fullmatch(name)
+            if m:
+                old[(int(m[1]), m[2], int(m[3]))] = name
+
+        def reader(name: str, shape: tuple[int, ...], index=None) -> Part:
+            """Rows of tensor `name` (logical `shape`), or of expert `index` of a merged 3-D tensor."""
+            t = f.tensor_info(name)
+            qt = GGMLQuantizationType(t.ggml_type)
+            if qt.name in ("I8", "I16", "I32", "I64", "F64"):
+                raise ValueError(f"{path}: tensor {name} has type {qt.name}, which cannot be requantized")
+            want = shape if index is None else (cfg.n_expert,) + shape
+            if tuple(t.shape) != tuple(want):
+                raise ValueError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
+
+            def read() -> np.ndarray:
+                raw = f.raw(name)
+                block, tsize = GGML_QUANT_SIZES[qt]
+                if index is not None:                      # one expert of a merged tensor
+                    per = len(raw) // cfg.n_expert
+                    raw = raw[index * per:(index + 1) * per]
+                shp = shape
+                rows = int(np.prod(shp[:-1], dtype=np.int64)) if len(shp) > 1 else 1
+                byte_shape = (rows, shp[-1] // block * tsize)
+                a = gq.dequantize(raw.reshape(byte_shape), qt)
+                return np.ascontiguousarray(a, dtype=np.float32).reshape(rows, shp[-1])
+            return read
+
+        plans = []
+        for gname, shape in expected.items():
+            keep = len(shape) == 1 or gname.endswith("ffn_gate_inp.weight")
+            if gname in f.tensors:
+                if len(shape) == 3:
+                    parts = [reader(gname, shape[1:], e) for e in range(cfg.n_expert)]
+                else:
+                    parts = [reader(gname, shape)]
+                plans.append(TensorPlan(gname, shape, parts, keep_f32=keep))
+                continue
+            m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", gname)
+            if m and all((int(m[1]), m[2], e) in old for e in range(cfg.n_expert)):
+                parts = [reader(old[(int(m[1]), m[2], e)], shape[1:]) for e in range(cfg.n_expert)]
+                plans.append(TensorPlan(gname, shape, parts))
+                continue
+            if gname == "output.weight" and "token_embd.weight" in f.tensors:   # tied embeddings
+                plans.append(TensorPlan(gname, shape, [reader("token_embd.weight", shape)]))
+                continue
+            raise ValueError(f"{path}: tensor {gname} is missing")
+    except BaseException:
+        f.close()
+        raise
+    return Source(path, "gguf", cfg, md, plans, [f.close])

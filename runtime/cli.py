@@ -1,0 +1,47 @@
+"""The `lazymoe` command: one console script, one subcommand per job.
+
+Library code raises ValueError (or OSError) with one sentence; here it becomes one
+line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantize.cli import add_info_parser, add_quantize_parser
+
+    p = argparse.ArgumentParser(prog="lazymoe", description="Run Mixture-of-Experts models larger than RAM.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_quantize_parser(sub)
+    add_info_parser(sub)
+    try:
+        from runtime.commands import add_chat_parser, add_run_parser
+    except ImportError:       # the runtime commands land separately
+        pass
+    else:
+        add_run_parser(sub)
+        add_chat_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lazymoe: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
+        print(f"lazymoe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
