@@ -1,0 +1,16 @@
+"""Numba kernels that multiply directly on llama.cpp's quantized blocks.
+
+matvec(qt, w, x)                          y [R]    = W [R, C] x [C]
+matmul(qt, w, X)                          Y [T, R] = X [T, C] W^T
+expert_ffn(qt1, w1, qt3, w3, qt2, w2, x)  y [D]    = W2 (silu(W1 x) * (W3 x))
+expert_ffn_batch(..., X)                  Y [T, D], the same for T tokens
+
+Weights are the stored arrays (uint8 [R, row_bytes] for q4_0 / q8_0, float16 / float32
+[R, C] otherwise); bad inputs raise ValueError.
+"""
+from .dispatch import KERNELS, matmul, matvec
+from .ffn import expert_ffn, expert_ffn_batch
+from .qtypes import QTYPES, QType, qtype, qtype_of_ggml
+
+__all__ = ["KERNELS", "QTYPES", "QType", "expert_ffn", "expert_ffn_batch", "matmul", "matvec", "qtype",
+           "qtype_of_ggml"]
