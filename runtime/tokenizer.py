@@ -25,6 +25,7 @@ the first piece that produces text is dropped.
 from __future__ import annotations
 
 import heapq
+import operator
 import re
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -97,9 +98,16 @@ class Tokenizer:
             raise ValueError("tokenizer vocabulary is empty")
         if len(scores) != n or len(types) != n:
             raise ValueError(f"tokenizer has {n} pieces but {len(scores)} scores and {len(types)} types")
+        checked = []
         for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
-            if not isinstance(i, int) or not 0 <= i < n:
-                raise ValueError(f"tokenizer {name} {i!r} is outside the vocabulary of {n} pieces")
+            try:
+                i = operator.index(i)               # int or numpy integer
+            except TypeError:
+                raise ValueError(f"tokenizer {name} must be an integer, got {i!r}") from None
+            if not 0 <= i < n:
+                raise ValueError(f"tokenizer {name} {i} is outside the vocabulary of {n} pieces")
+            checked.append(i)
+        bos_id, eos_id, unk_id = checked
         self.pieces = pieces
         self.scores = scores
         self.types = types

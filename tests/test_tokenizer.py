@@ -57,6 +57,9 @@ TEXTS = [
     "    leading spaces and trailing spaces    ",
     "line1\r\nline2\rline3\n",
     "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙 and 𓀀 hieroglyph",
+    " " * 100,
+    "\n" * 50 + "end",
+    "\t" * 20 + "x" + " \t \n " * 10,
 ]
 
 
