@@ -1,0 +1,411 @@
+"""The network (Mixtral / Mistral / Llama as llama.cpp lays them out in GGUF) and load_model.
+
+Shape legend: T tokens in the batch, D hidden, H query heads, G KV heads, R = H // G
+heads per KV head, hd head size, N positions in the KV cache, E experts, A experts
+used per token, F FFN size, V vocabulary.
+
+Attributes carry the GGUF tensor names. Resident weights (embeddings, attention,
+norms, router, output head) are zero-copy views into the file mapping; experts live
+in the ExpertCache and are read only when the router picks them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import psutil
+from gguf import quants
+
+import kernels
+from kernels.qtypes import QType
+from runtime.config import ModelConfig, config_from_metadata
+from runtime.expert_cache import ExpertCache, ExpertPart
+from runtime.gguf_file import GGUFFile
+from runtime.tokenizer import Tokenizer
+
+DEFAULT_CTX = 4096
+N_BATCH = 256             # prompt tokens per forward chunk; bounds the working buffers
+BUDGET_SHARE = 0.75       # default budget: what the process holds now + this share of available RAM
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def parse_size(v) -> int:
+    """Bytes from an int or a string like "8G", "512M", "1.5GiB", "2000000"."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        n = int(v)
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", v)
+        if not m:
+            raise ValueError(f"RAM budget {v!r} is not a size like 8G, 512M or a number of bytes")
+        n = int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+    else:
+        raise ValueError(f"RAM budget {v!r} is not a size like 8G, 512M or a number of bytes")
+    if n <= 0:
+        raise ValueError(f"RAM budget {v!r} must be positive")
+    return n
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def peak_rss() -> int:
+    """The process's high-water RSS in bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the RAM budget is spent. Everything in bytes."""
+    budget: int
+    baseline: int            # the Python/numba process itself, measured after kernel warm-up
+    resident: int            # embeddings, attention, norms, router, output head (mapped, touched at load)
+    kv: int                  # K and V for ctx tokens
+    work: int                # activation buffers and temporaries for one chunk of N_BATCH tokens
+    slot_bytes: int          # one expert (3 matrices)
+    n_slots: int
+    n_experts: int           # experts in the file (layers x E)
+    ctx: int
+
+    @property
+    def fixed(self) -> int:
+        return self.baseline + self.resident + self.kv + self.work
+
+    @property
+    def planned(self) -> int:
+        return self.fixed + self.n_slots * self.slot_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "planned": self.planned}
+
+    def describe(self) -> str:
+        s = (f"RAM plan: budget {fmt_bytes(self.budget)}: process {fmt_bytes(self.baseline)} + resident weights "
+             f"{fmt_bytes(self.resident)} + KV cache {fmt_bytes(self.kv)} (ctx {self.ctx}) + buffers {fmt_bytes(self.work)}")
+        if self.n_experts:
+            s += (f" + expert cache {fmt_bytes(self.n_slots * self.slot_bytes)} ({self.n_slots} of {self.n_experts} "
+                  f"experts, {fmt_bytes(self.slot_bytes)} each)")
+        return s + f" = {fmt_bytes(self.planned)}"
+
+
+class Layer:
+    """One block's resident weights: stored arrays and their types, by GGUF name."""
+
+    def __init__(self, g: GGUFFile, i: int, moe: bool):
+        b = f"blk.{i}."
+        self.attn_norm = _f32(g, b + "attn_norm.weight")          # [D]
+        self.attn_q = _w(g, b + "attn_q.weight")                  # [D, D]  rows permuted for adjacent-pair RoPE
+        self.attn_k = _w(g, b + "attn_k.weight")                  # [G*hd, D]  ditto
+        self.attn_v = _w(g, b + "attn_v.weight")                  # [G*hd, D]
+        self.attn_output = _w(g, b + "attn_output.weight")        # [D, D]
+        self.ffn_norm = _f32(g, b + "ffn_norm.weight")            # [D]
+        if moe:
+            self.ffn_gate_inp = _w(g, b + "ffn_gate_inp.weight")  # [E, D] router
+        else:
+            self.ffn_gate = _w(g, b + "ffn_gate.weight")          # [F, D]
+            self.ffn_up = _w(g, b + "ffn_up.weight")              # [F, D]
+            self.ffn_down = _w(g, b + "ffn_down.weight")          # [D, F]
+
+
+def _w(g: GGUFFile, name: str) -> tuple[QType, np.ndarray]:
+    return g.qtype(name), g.tensor(name)
+
+
+def _f32(g: GGUFFile, name: str) -> np.ndarray:
+    qt = g.qtype(name)
+    if qt.is_block:
+        raise ValueError(f"{g.path}: tensor {name} is {qt.name}; norm weights must be F32 or F16")
+    return np.asarray(g.tensor(name), dtype=np.float32)
+
+
+def lin(w: tuple[QType, np.ndarray], X: np.ndarray) -> np.ndarray:
+    """X [T, cols] -> X @ W.T [T, rows]: matvec for one token, matmul for a batch."""
+    qt, a = w
+    if X.shape[0] == 1:
+        return kernels.matvec(qt, a, X[0]).reshape(1, -1)
+    return kernels.matmul(qt, a, np.ascontiguousarray(X))
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x [T, D] * w [D] / rms(x) -> [T, D]."""
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)    # [T, 1]
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
+    """Every tensor the network needs is present, of the expected shape and a supported type."""
+    for name, shape in cfg.tensor_shapes().items():
+        if name not in g.tensors:
+            old = name.replace("_exps.weight", ".0.weight")
+            if name.endswith("_exps.weight") and old in g.tensors:
+                raise ValueError(f"{g.path}: experts are stored one tensor each ({old}), the pre-2024 layout; "
+                                 f"re-convert the model with lazymoe quantize or a recent llama.cpp")
+            raise ValueError(f"{g.path}: tensor {name} is missing")
+        got = g.tensors[name].shape
+        if got != shape:
+            raise ValueError(f"{g.path}: tensor {name} has shape {got}, expected {shape}")
+        g.qtype(name)
+
+
+class Model:
+    """A loaded model: `logits(ids)`, `generate(prompt, ...)`, `tokenizer`, `stats`, `plan`."""
+
+    def __init__(self, path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None):
+        self.path = os.fspath(path)
+        self.file = g = GGUFFile(self.path)
+        self.cfg = cfg = config_from_metadata(g.metadata, self.path)
+        check_tensors(g, cfg)
+        self.tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+        if self.tokenizer.vocab_size != cfg.n_vocab:
+            raise ValueError(f"{self.path}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model {cfg.n_vocab}")
+        self.chat_template = g.get("tokenizer.chat_template")
+        if ctx is None:
+            ctx = min(cfg.n_ctx_train, DEFAULT_CTX)
+        if isinstance(ctx, bool) or not isinstance(ctx, (int, np.integer)) or not 1 <= ctx <= cfg.n_ctx_train:
+            raise ValueError(f"ctx must be a whole number from 1 to the model's context length {cfg.n_ctx_train}, got {ctx!r}")
+        self.ctx = int(ctx)
+
+        # Resident weights: views into the mapping.
+        self.token_embd = _w(g, "token_embd.weight")                    # [V, D]
+        self.output_norm = _f32(g, "output_norm.weight")                # [D]
+        self.output = _w(g, "output.weight")                            # [V, D]
+        self.layers = [Layer(g, i, cfg.is_moe) for i in range(cfg.n_layer)]
+
+        # Experts: where each one's three matrices start in the file.
+        parts, offsets = (), []
+        if cfg.is_moe:
+            names = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+            parts = tuple(ExpertPart(g.qtype(f"blk.0.{n}.weight"), g.tensors[f"blk.0.{n}.weight"].shape[1:],
+                                     g.tensors[f"blk.0.{n}.weight"].nbytes // cfg.n_expert) for n in names)
+            for i in range(cfg.n_layer):
+                infos = [g.tensors[f"blk.{i}.{n}.weight"] for n in names]
+                for n, inf, p in zip(names, infos, parts):
+                    if g.qtype(inf.name) != p.qt:
+                        raise ValueError(f"{self.path}: tensor {inf.name} is {g.qtype(inf.name).name} but blk.0.{n} is "
+                                         f"{p.qt.name}; experts of one kind must share a type")
+                offsets.append([[inf.offset + e * p.nbytes for inf, p in zip(infos, parts)] for e in range(cfg.n_expert)])
+        expert_names = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in
+                        ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")} if cfg.is_moe else set()
+        self._resident_names = [n for n in cfg.tensor_shapes() if n not in expert_names]
+
+        self._warm_up({self.file.qtype(n) for n in cfg.tensor_shapes()})
+        self.plan = self._plan(ram_budget, parts)
+        self._touch_resident(progress)
+
+        # State allocated once: KV cache, RoPE tables, the expert pool.
+        G, hd = cfg.n_head_kv, cfg.head_dim
+        self.k_cache = np.zeros((cfg.n_layer, G, self.ctx, hd), dtype=np.float32)   # [L, G, N, hd]
+        self.v_cache = np.zeros((cfg.n_layer, G, self.ctx, hd), dtype=np.float32)   # [L, G, N, hd]
+        inv = cfg.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)        # [hd/2]
+        ang = np.arange(self.ctx, dtype=np.float64)[:, None] * inv                   # [N, hd/2]
+        self.rope_cos = np.cos(ang).astype(np.float32)                               # [N, hd/2]
+        self.rope_sin = np.sin(ang).astype(np.float32)                               # [N, hd/2]
+        self.experts = ExpertCache(self.path, parts, offsets, self.plan.n_slots, policy) if cfg.is_moe else None
+        self.tokens: list[int] = []          # ids whose K/V are in the cache, in order
+        self.stats: dict = {}
+
+    # --- load -------------------------------------------------------------
+    def _warm_up(self, qts) -> None:
+        """Compile every kernel the model will call, so the baseline includes the JIT."""
+        n = 256
+        x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
+        for qt in qts:
+            w = np.zeros(qt.storage_shape((n, n)), qt.dtype)
+            kernels.matvec(qt, w, x)
+            kernels.matmul(qt, w, X)
+            kernels.expert_ffn(qt, w, qt, w, qt, w, x)
+            kernels.expert_ffn_batch(qt, w, qt, w, qt, w, X)
+
+    def _plan(self, ram_budget, parts) -> MemoryPlan:
+        cfg = self.cfg
+        baseline = max(peak_rss(), psutil.Process().memory_info().rss)
+        resident = sum(self.file.tensors[n].nbytes for n in self._resident_names)
+        kv = 2 * cfg.n_layer * cfg.n_head_kv * self.ctx * cfg.head_dim * 4
+        D, F, V, E = cfg.n_embd, cfg.n_ff, cfg.n_vocab, max(cfg.n_expert, 1)
+        R = cfg.n_head // cfg.n_head_kv
+        # Per chunk token: ~24 [D] activations and temporaries, K/V, 4 [F] (gate, up, product, copy), router, logits;
+        # attention scores and their exponentials for one KV head; RoPE tables.
+        work = 4 * (N_BATCH * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * R * N_BATCH * self.ctx
+                    + self.ctx * cfg.head_dim) + 16 * MiB
+        slot = sum(-(-p.nbytes // 64) * 64 for p in parts)
+        n_experts = cfg.n_layer * cfg.n_expert
+        fixed = baseline + resident + kv + work
+        if ram_budget is None:
+            budget = baseline + int(BUDGET_SHARE * psutil.virtual_memory().available)
+        else:
+            budget = parse_size(ram_budget)
+        need = fixed + slot * cfg.n_expert_used
+        if budget < need:
+            raise ValueError(f"{self.path}: a RAM budget of {fmt_bytes(budget)} is too small; this model with ctx "
+                             f"{self.ctx} needs at least {need / MiB:.0f}M ({need} bytes)")
+        n_slots = min(n_experts, (budget - fixed) // slot) if slot else 0
+        return MemoryPlan(budget, baseline, resident, kv, work, slot, int(n_slots), n_experts, self.ctx)
+
+    def _touch_resident(self, progress: bool) -> None:
+        """Fault in every resident tensor once (sequential reads beat faults during the first token)."""
+        from tqdm import tqdm
+        import mmap
+        total = sum(self.file.tensors[n].nbytes for n in self._resident_names)
+        page = mmap.PAGESIZE
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+                  leave=False) as bar:
+            for n in self._resident_names:
+                t = self.file.tensors[n]
+                self.file.madvise(t.offset, t.nbytes, mmap.MADV_WILLNEED)
+                for a in range(0, t.nbytes, 64 * MiB):
+                    raw = self.file.data[t.offset + a:t.offset + min(t.nbytes, a + 64 * MiB)]
+                    int(raw[::page].sum())
+                    bar.update(len(raw))
+
+    # --- the network --------------------------------------------------------
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        qt, w = self.token_embd
+        rows = w[ids]                                                       # [T, row_bytes] or [T, D]
+        if qt.is_block:
+            return quants.dequantize(rows, qt.ggml).astype(np.float32).reshape(len(ids), self.cfg.n_embd)
+        return rows.astype(np.float32)                                      # [T, D]
+
+    def _rope(self, x: np.ndarray, pos: int) -> None:
+        """Rotate adjacent pairs (2i, 2i+1) of x [T, heads, hd] in place for positions pos.."""
+        T = x.shape[0]
+        c = self.rope_cos[pos:pos + T, None, :]                             # [T, 1, hd/2]
+        s = self.rope_sin[pos:pos + T, None, :]                             # [T, 1, hd/2]
+        x0, x1 = x[..., 0::2].copy(), x[..., 1::2].copy()                   # [T, heads, hd/2]
+        x[..., 0::2] = x0 * c - x1 * s
+        x[..., 1::2] = x0 * s + x1 * c
+
+    def _attention(self, il: int, L: Layer, h: np.ndarray, pos: int) -> np.ndarray:
+        cfg = self.cfg
+        T, H, G, hd = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        R, N = H // G, pos + h.shape[0]
+        q = lin(L.attn_q, h).reshape(T, H, hd)                              # [T, H, hd]
+        k = lin(L.attn_k, h).reshape(T, G, hd)                              # [T, G, hd]
+        v = lin(L.attn_v, h).reshape(T, G, hd)                              # [T, G, hd]
+        self._rope(q, pos)
+        self._rope(k, pos)
+        self.k_cache[il, :, pos:N] = k.transpose(1, 0, 2)                   # [G, T, hd]
+        self.v_cache[il, :, pos:N] = v.transpose(1, 0, 2)                   # [G, T, hd]
+        scale = np.float32(1.0 / np.sqrt(hd))
+        # query t (position pos+t) sees keys 0..pos+t
+        mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
+        out = np.empty((T, H, hd), dtype=np.float32)                        # [T, H, hd]
+        for g in range(G):
+            qg = q[:, g * R:(g + 1) * R].transpose(1, 0, 2)                 # [R, T, hd]
+            s = qg @ self.k_cache[il, g, :N].T                              # [R, T, N]
+            s *= scale
+            s += mask
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            out[:, g * R:(g + 1) * R] = (s @ self.v_cache[il, g, :N]).transpose(1, 0, 2)   # [T, R, hd]
+        return lin(L.attn_output, out.reshape(T, H * hd))                   # [T, D]
+
+    def _moe(self, il: int, L: Layer, h: np.ndarray) -> np.ndarray:
+        A = self.cfg.n_expert_used
+        T = h.shape[0]
+        r = lin(L.ffn_gate_inp, h)                                          # [T, E] router logits
+        top = np.argsort(-r, axis=1, kind="stable")[:, :A]                  # [T, A] chosen experts, best first
+        sel = np.take_along_axis(r, top, axis=1)                            # [T, A]
+        wt = np.exp(sel - sel[:, :1])                                       # [T, A] softmax over the chosen A
+        wt /= wt.sum(axis=1, keepdims=True)
+        out = np.zeros_like(h)                                              # [T, D]
+        # Experts in increasing id, so each token's sum has one fixed order whatever the cache holds.
+        if T == 1:
+            for a in np.argsort(top[0]):
+                gate, up, down = self.experts.get(il, int(top[0, a]))
+                p = self.experts.parts
+                out[0] += wt[0, a] * kernels.expert_ffn(p[0].qt, gate, p[1].qt, up, p[2].qt, down, h[0])  # [D]
+            return out
+        for e in np.unique(top):
+            rows, rank = np.nonzero(top == e)                               # tokens routed to e, and at which rank
+            gate, up, down = self.experts.get(il, int(e))
+            p = self.experts.parts
+            y = kernels.expert_ffn_batch(p[0].qt, gate, p[1].qt, up, p[2].qt, down,
+                                         np.ascontiguousarray(h[rows]))     # [t_e, D]
+            out[rows] += wt[rows, rank][:, None] * y
+        return out
+
+    def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
+        (q1, w1), (q3, w3), (q2, w2) = L.ffn_gate, L.ffn_up, L.ffn_down
+        if h.shape[0] == 1:
+            return kernels.expert_ffn(q1, w1, q3, w3, q2, w2, h[0]).reshape(1, -1)   # [1, D]
+        return kernels.expert_ffn_batch(q1, w1, q3, w3, q2, w2, np.ascontiguousarray(h))  # [T, D]
+
+    def _forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        """Run ids [T] at positions pos.. through the network, filling the KV cache.
+        Returns logits [T, V] (all_logits) or [1, V] for the last token."""
+        cfg = self.cfg
+        x = self._embed(ids)                                                # [T, D]
+        for il, L in enumerate(self.layers):
+            h = rmsnorm(x, L.attn_norm, cfg.rms_eps)                        # [T, D]
+            x += self._attention(il, L, h, pos)                             # [T, D]
+            h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)                         # [T, D]
+            x += self._moe(il, L, h) if cfg.is_moe else self._dense_ffn(L, h)  # [T, D]
+        if not all_logits:
+            x = x[-1:]                                                      # [1, D]
+        return lin(self.output, rmsnorm(x, self.output_norm, cfg.rms_eps))  # [T or 1, V]
+
+    # --- sequence state ----------------------------------------------------
+    def check_ids(self, ids) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError("the token sequence is empty" if a.size == 0 else "token ids must be a flat sequence")
+        if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= self.cfg.n_vocab:
+            raise ValueError(f"token ids must be whole numbers from 0 to {self.cfg.n_vocab - 1}")
+        return a.astype(np.int64)
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first n tokens of the KV cache."""
+        del self.tokens[n:]
+
+    def eval(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Append ids to the sequence in the KV cache; logits [T, V] (all_logits) or [V] of the last token."""
+        a = self.check_ids(ids)
+        pos = len(self.tokens)
+        if pos + len(a) > self.ctx:
+            raise ValueError(f"{pos + len(a)} tokens do not fit the context of {self.ctx} tokens")
+        outs = []
+        for c in range(0, len(a), N_BATCH):
+            chunk = a[c:c + N_BATCH]
+            last = c + N_BATCH >= len(a)
+            if all_logits or last:
+                outs.append(self._forward(chunk, pos + c, all_logits))
+            else:
+                self._forward(chunk, pos + c, False)
+        self.tokens.extend(int(t) for t in a)
+        return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 logits [T, V] for token_ids as a fresh sequence (the KV cache is reset)."""
+        self.rewind(0)
+        return self.eval(token_ids, all_logits=True)
+
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, stop=()):
+        """Yield text pieces continuing `prompt` (text, or a list of token ids) as they are decoded.
+        Stats land in `self.stats` when the generator ends."""
+        from runtime.generate import generate
+        from runtime.sampling import Sampler
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            ids = self.tokenizer.encode(prompt, bos=True)
+        else:
+            ids = list(prompt)
+        self.check_ids(ids)
+        return generate(self, ids, sampler, max_tokens, stop, reuse=False)
+
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+
+
+def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None) -> Model:
+    """Open a GGUF model within `ram_budget` (bytes or "8G"; default a safe share of available RAM)
+    with a KV cache of `ctx` tokens. ValueError with one sentence for any bad input."""
+    return Model(path, ram_budget=ram_budget, ctx=ctx, progress=progress, policy=policy)

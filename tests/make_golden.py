@@ -1,0 +1,118 @@
+"""Write the golden logits the runtime is checked against (run by hand; needs torch + transformers).
+
+For each fixture checkpoint and each type: convert with lazymoe's quantizer, dequantize
+every tensor of the GGUF with gguf-py, undo llama.cpp's Q/K row permutation, load the
+weights into transformers' own MixtralForCausalLM / MistralForCausalLM (float32, eager
+attention) and save its logits for a fixed token sequence to
+tests/fixtures/golden/<fixture>-<type>.npz (arrays `ids` [T], `logits` [T, V]).
+
+    python tests/make_golden.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+FIXTURES = ("tiny-mixtral", "tiny-moe-top1", "tiny-dense")
+TYPES = ("f32", "q8_0", "q4_0")
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
+N_TOKENS = 24
+
+
+def golden_ids(tokenizer) -> list[int]:
+    """The fixed sequence: BOS + the text's tokens, padded with fixed ids to N_TOKENS."""
+    ids = tokenizer.encode(TEXT, bos=True)[:N_TOKENS]
+    pad = [(7 * i + 3) % tokenizer.vocab_size for i in range(N_TOKENS)]
+    return ids + pad[len(ids):]
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's w.reshape(n_head, 2, hd//2, D).swapaxes(1, 2).reshape(w.shape)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_dict(g, cfg, moe: bool) -> dict:
+    """GGUF tensors (dequantized to float32) under Hugging Face names."""
+    import torch
+    from gguf import quants
+
+    def t(name):
+        info = g.tensors[name]
+        raw = g.raw(name)
+        return np.ascontiguousarray(quants.dequantize(raw, info.ggml_type).reshape(info.shape), dtype=np.float32)
+
+    sd = {"model.embed_tokens.weight": t("token_embd.weight"), "model.norm.weight": t("output_norm.weight"),
+          "lm_head.weight": t("output.weight")}
+    for i in range(cfg.n_layer):
+        b, h = f"blk.{i}.", f"model.layers.{i}."
+        sd[h + "input_layernorm.weight"] = t(b + "attn_norm.weight")
+        sd[h + "post_attention_layernorm.weight"] = t(b + "ffn_norm.weight")
+        sd[h + "self_attn.q_proj.weight"] = unpermute(t(b + "attn_q.weight"), cfg.n_head)
+        sd[h + "self_attn.k_proj.weight"] = unpermute(t(b + "attn_k.weight"), cfg.n_head_kv)
+        sd[h + "self_attn.v_proj.weight"] = t(b + "attn_v.weight")
+        sd[h + "self_attn.o_proj.weight"] = t(b + "attn_output.weight")
+        if moe:
+            sd[h + "mlp.gate.weight"] = t(b + "ffn_gate_inp.weight")
+            sd[h + "mlp.experts.gate_up_proj"] = np.concatenate(
+                [t(b + "ffn_gate_exps.weight"), t(b + "ffn_up_exps.weight")], axis=1)      # [E, 2F, D]
+            sd[h + "mlp.experts.down_proj"] = t(b + "ffn_down_exps.weight")              # [E, D, F]
+        else:
+            sd[h + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
+            sd[h + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
+            sd[h + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
+    return {k: torch.from_numpy(v) for k, v in sd.items()}
+
+
+def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    import transformers
+    from runtime.config import config_from_metadata
+    from runtime.gguf_file import GGUFFile
+    from runtime.tokenizer import Tokenizer
+
+    g = GGUFFile(gguf_path)
+    cfg = config_from_metadata(g.metadata, gguf_path)
+    ids = np.array(golden_ids(Tokenizer.from_gguf_metadata(g.metadata)), dtype=np.int64)
+    with open(config_path) as f:
+        hf_cfg = json.load(f)
+    moe = hf_cfg.get("num_local_experts", 0) > 0
+    cls = transformers.MixtralForCausalLM if moe else transformers.MistralForCausalLM
+    conf = (transformers.MixtralConfig if moe else transformers.MistralConfig)(**hf_cfg)
+    conf._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(conf).to(torch.float32).eval()
+    model.load_state_dict(hf_state_dict(g, cfg, moe), strict=True)
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids)[None]).logits[0].numpy().astype(np.float32)
+    return ids, out
+
+
+def main() -> int:
+    from quantize.convert import convert
+    out_dir = os.path.join(HERE, "fixtures", "golden")
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fx in FIXTURES:
+            src = os.path.join(HERE, "fixtures", fx)
+            if not os.path.isdir(src):
+                print(f"skip {fx}: {src} is missing")
+                continue
+            for ty in TYPES:
+                path = os.path.join(tmp, f"{fx}-{ty}.gguf")
+                convert(src, path, ty, force=True, progress=False)
+                ids, logits = reference_logits(path, os.path.join(src, "config.json"))
+                dst = os.path.join(out_dir, f"{fx}-{ty}.npz")
+                np.savez_compressed(dst, ids=ids, logits=logits)
+                print(f"wrote {dst}: {len(ids)} tokens, logits {logits.shape}, |max| {np.abs(logits).max():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
