@@ -32,31 +32,25 @@ def _f16_round(x: float) -> float:
     return math.ldexp(round(m * 2048.0) / 2048.0, e)
 
 
-@njit(cache=True, inline="always")
-def _block_err(x, q, d) -> float:
-    s = 0.0
-    for i in range(QK):
-        r = float(x[i]) - d * (q[i] - 8)
-        s += r * r
-    return s
-
-
 @njit(cache=True, parallel=True)
 def _q4_0_search(x, d_out, q_out):
-    """x [n_blocks, 32] float32 -> d_out [n_blocks] (f16-exact values), q_out [n_blocks, 32] uint8 in 0..15."""
+    """x [n_blocks, 32] float32 -> d_out [n_blocks] (f16-exact values), q_out [n_blocks, 32] uint8 in 0..15.
+
+    A block's squared error for codes q and scale d is Sxx - 2·d·Sxq + d²·Sqq, so each
+    candidate costs one pass over the block; errors are compared in float64.
+    """
     n = x.shape[0]
     nthr = 64
     step = (n + nthr - 1) // nthr
     for t in prange(nthr):
-        q = np.empty(QK, np.int64)
-        q2 = np.empty(QK, np.int64)
-        best_q = np.empty(QK, np.int64)
         for b in range(t * step, min(n, (t + 1) * step)):
             xb = x[b]
             # llama.cpp's choice, float32 arithmetic as in gguf.quants.Q4_0.quantize_blocks
             amax = np.float32(0.0)
             maxv = np.float32(0.0)
+            sxx = 0.0
             for i in range(QK):
+                sxx += float(xb[i]) * float(xb[i])
                 if abs(xb[i]) > amax:
                     amax = abs(xb[i])
                     maxv = xb[i]
@@ -67,53 +61,42 @@ def _q4_0_search(x, d_out, q_out):
                 continue
             d = maxv / np.float32(-8.0)
             idv = np.float32(1.0) / d
+            sxq = 0.0
+            sqq = 0.0
             for i in range(QK):
-                v = int(math.trunc(xb[i] * idv + np.float32(8.5)))
-                best_q[i] = min(15, max(0, v))
+                v = min(15, int(math.trunc(xb[i] * idv + np.float32(8.5))))
+                sxq += float(xb[i]) * (v - 8)
+                sqq += float((v - 8) * (v - 8))
             best_d = _f16_round(float(d))
-            best_e = _block_err(xb, best_q, best_d)
-            # the ladder: max maps to -9..-6.5 or +6.5..+7.5, then least-squares refit of d
-            for k in range(29):
-                tden = -9.0 + 0.125 * k if k < 21 else 6.5 + 0.125 * (k - 21)
+            best_e = sxx - 2.0 * best_d * sxq + best_d * best_d * sqq
+            best_inv = 0.0
+            use_ref = True             # keep llama.cpp's codes unless a candidate beats them
+            # the ladder: the extreme value maps to -9..-6.5 or +6.5..+7.5, then a least-squares scale
+            for k in range(18):
+                tden = -9.0 + 0.2 * k if k < 13 else 6.5 + 0.25 * (k - 13)
                 inv = tden / float(maxv)
                 sxq = 0.0
                 sqq = 0.0
                 for i in range(QK):
-                    v = int(round(float(xb[i]) * inv))
-                    v = min(7, max(-8, v))
-                    q[i] = v + 8
+                    v = min(7, max(-8, int(math.floor(float(xb[i]) * inv + 0.5))))
                     sxq += float(xb[i]) * v
                     sqq += float(v * v)
                 if sqq == 0.0:
                     continue
                 dk = _f16_round(sxq / sqq)
-                e = _block_err(xb, q, dk)
-                # one more round: requantize with the refitted scale, refit again
-                if dk != 0.0:
-                    inv2 = 1.0 / dk
-                    sxq = 0.0
-                    sqq = 0.0
-                    for i in range(QK):
-                        v = min(7, max(-8, int(round(float(xb[i]) * inv2))))
-                        q2[i] = v + 8
-                        sxq += float(xb[i]) * v
-                        sqq += float(v * v)
-                    if sqq > 0.0:
-                        d2 = _f16_round(sxq / sqq)
-                        e2 = _block_err(xb, q2, d2)
-                        if e2 < e:
-                            e = e2
-                            dk = d2
-                            for i in range(QK):
-                                q[i] = q2[i]
+                e = sxx - 2.0 * dk * sxq + dk * dk * sqq
                 if e < best_e:
                     best_e = e
                     best_d = dk
-                    for i in range(QK):
-                        best_q[i] = q[i]
+                    best_inv = inv
+                    use_ref = False
             d_out[b] = best_d
-            for i in range(QK):
-                q_out[b, i] = best_q[i]
+            if use_ref:
+                for i in range(QK):
+                    q_out[b, i] = min(15, int(math.trunc(xb[i] * idv + np.float32(8.5))))
+            else:
+                for i in range(QK):
+                    q_out[b, i] = min(7, max(-8, int(math.floor(float(xb[i]) * best_inv + 0.5)))) + 8
 
 
 def _quantize_q4_0(rows: np.ndarray) -> np.ndarray:

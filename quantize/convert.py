@@ -97,8 +97,8 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
         w = GGUFWriter(tmp, "llama")
         _add_metadata(w, src.metadata, FILE_TYPES[qt.name])
         for p, t in zip(src.tensors, types):
-            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32) if not t.is_block else np.dtype(np.uint8),
-                              t.nbytes(p.shape), raw_dtype=t.ggml)
+            # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), t.nbytes(p.shape), raw_dtype=t.ggml)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lazymoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:             # output piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as e:
         msg = str(e) if isinstance(e, ValueError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
         print(f"lazymoe {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":
