@@ -1,0 +1,15 @@
+"""lazymoe's runtime: `from runtime import load_model`.
+
+load_model is imported on first use, so modules that only read GGUF files or
+tokenize do not pay for importing the numba kernels.
+"""
+
+
+def __getattr__(name):
+    if name == "load_model":
+        from runtime.model import load_model
+        return load_model
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+
+
+__all__ = ["load_model"]

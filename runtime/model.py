@@ -385,9 +385,11 @@ class Model:
         return self.eval(token_ids, all_logits=True)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, stop=()):
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, stop=(),
+                 reuse: bool = False):
         """Yield text pieces continuing `prompt` (text, or a list of token ids) as they are decoded.
-        Stats land in `self.stats` when the generator ends."""
+        Greedy by default. reuse=True keeps the longest prefix already in the KV cache (chat turns).
+        Stats land in `self.stats` and the new ids in `self.generated_ids` when the generator ends."""
         from runtime.generate import generate
         from runtime.sampling import Sampler
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
@@ -398,7 +400,7 @@ class Model:
         else:
             ids = list(prompt)
         self.check_ids(ids)
-        return generate(self, ids, sampler, max_tokens, stop, reuse=False)
+        return generate(self, ids, sampler, max_tokens, stop, reuse=reuse)
 
     def close(self) -> None:
         if self.experts is not None:

@@ -1,0 +1,142 @@
+"""`lazymoe run` and `lazymoe chat`: generated text on stdout, the RAM plan and stats on stderr.
+
+Each parser sets func=, a function taking the parsed args and returning an exit code;
+runtime/cli.py turns a ValueError into one stderr line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# llama.cpp's sampling defaults for the command line; the Python API defaults to greedy.
+CLI_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
+    p.add_argument("model", help="a GGUF model file (lazymoe quantize or llama.cpp)")
+    p.add_argument("-n", "--n-predict", type=int, default=n_default, metavar="N",
+                   help=f"most tokens to generate (default {n_default})")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="RAM budget for the whole process, e.g. 8G or 512M (default: 75%% of available RAM)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="context length in tokens: KV cache size (default: the model's, at most 4096)")
+    p.add_argument("--temp", type=float, default=CLI_DEFAULTS["temperature"], metavar="T",
+                   help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=CLI_DEFAULTS["top_k"], metavar="K", help="0 turns it off (default 40)")
+    p.add_argument("--top-p", type=float, default=CLI_DEFAULTS["top_p"], metavar="P", help="1 turns it off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=CLI_DEFAULTS["min_p"], metavar="P", help="0 turns it off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=CLI_DEFAULTS["repeat_penalty"], metavar="R",
+                   help="penalty on the last 64 tokens; 1 turns it off (default 1.0)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when this text is generated (repeatable)")
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="generate text from a prompt",
+                              description="Generate text from a prompt; text on stdout, stats on stderr.")
+    _add_model_args(p, 128)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and every stat instead")
+    p.set_defaults(func=cmd_run)
+    return p
+
+
+def add_chat_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("chat", help="chat interactively (stdin lines; /exit or EOF ends)",
+                              description="Chat with the model's chat template; the KV cache is kept across turns.")
+    _add_model_args(p, 512)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
+    p.set_defaults(func=cmd_chat)
+    return p
+
+
+def _sampling(args) -> dict:
+    """Generation options from args, checked before the model is loaded."""
+    from runtime.sampling import Sampler, StopStrings
+    Sampler(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
+    StopStrings(args.stop)
+    if args.n_predict < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n_predict}")
+    return {"max_tokens": args.n_predict, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed, "stop": args.stop}
+
+
+def _load(args, quiet: bool):
+    from runtime.model import load_model
+    model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        print(model.plan.describe(), file=sys.stderr)
+    return model
+
+
+def format_stats(s: dict) -> str:
+    return (f"prompt {s['prompt_tokens']} tokens at {s['prompt_tok_per_s']:.1f} tok/s, generated "
+            f"{s['generated_tokens']} at {s['gen_tok_per_s']:.2f} tok/s, first token after "
+            f"{s['time_to_first_token_s']:.2f} s; experts hit {100 * s['hit_rate']:.0f}% "
+            f"(generation {100 * s['gen_hit_rate']:.0f}%), {s['mb_read_per_token']:.1f} MB read per token; "
+            f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB of {s['ram_budget_bytes'] / 2**20:.0f} MiB budget")
+
+
+def cmd_run(args) -> int:
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    opts = _sampling(args)
+    model = _load(args, quiet=args.json)
+    try:
+        pieces = model.generate(args.prompt, **opts)
+        text = []
+        for piece in pieces:
+            if args.json:
+                text.append(piece)
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if args.json:
+            out = {"text": "".join(text), "tokens": model.generated_ids, **model.stats,
+                   "plan": model.plan.as_dict(), "cache": model.experts.counters() if model.experts else None}
+            print(json.dumps(out))
+        else:
+            sys.stdout.write("\n")
+            print(format_stats(model.stats), file=sys.stderr)
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_chat(args, stdin=None) -> int:
+    from runtime.chat import render_chat
+    stdin = stdin if stdin is not None else sys.stdin
+    opts = _sampling(args)
+    model = _load(args, quiet=False)
+    tok = model.tokenizer
+    bos, eos = tok.pieces[tok.bos_id], tok.pieces[tok.eos_id]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = stdin.readline()
+            if not line or line.strip() == "/exit":
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt = render_chat(messages, model.chat_template, bos, eos)
+            ids = tok.encode(prompt, bos=False, special=True)
+            reply = []
+            for piece in model.generate(ids, reuse=True, **opts):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": "".join(reply).strip()})
+            print(format_stats(model.stats) + f"; {model.stats['prompt_tokens_cached']} tokens reused from the KV cache",
+                  file=sys.stderr)
+    finally:
+        model.close()
+    return 0
