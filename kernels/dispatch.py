@@ -2,6 +2,7 @@
 
 Adding a type (Q4_K, Q6_K): its QType in qtypes.py, a block dot in simd.py, a rows body
 and driver in matvec.py, a dequant body and driver in matmul.py, one row in KERNELS.
+(Submodules are imported by name: the package exports functions called matvec and matmul.)
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from typing import Callable, Optional
 import numba
 import numpy as np
 
-from . import matmul as _mm
-from . import matvec as _mv
+from .matmul import dequant_f16, dequant_q4_0, dequant_q8_0, tiled_matmul
+from .matvec import (gate_up_q4_0, gate_up_q8_0, matmul_q4_0, matmul_q8_0, matvec_f16, matvec_f32, matvec_q4_0,
+                     matvec_q8_0, quantize_q8, quantize_q8_rows)
 from .qtypes import QType, qtype
 
 
 @dataclass(frozen=True)
 class TypeKernels:
     matvec: Callable                 # driver (w, x, xq, xd, xc, y, nt)
+    matmul: Optional[Callable]       # integer driver (w, Xq, Xd, Xc, Y, nt) for few tokens, or None
     dequant: Optional[Callable]      # driver (w, r0, r1, out, nt); None: w is float32 already
     gate_up: Optional[Callable]      # fused silu(W1 x) * (W3 x) driver, or None
     q8_activations: bool             # x is quantized to Q8 blocks before the dot products
@@ -26,11 +29,16 @@ class TypeKernels:
 
 
 KERNELS: dict[str, TypeKernels] = {
-    "f32": TypeKernels(_mv.matvec_f32, None, None, False, np.dtype(np.float32)),
-    "f16": TypeKernels(_mv.matvec_f16, _mm.dequant_f16, None, False, np.dtype(np.uint16)),
-    "q8_0": TypeKernels(_mv.matvec_q8_0, _mm.dequant_q8_0, _mv.gate_up_q8_0, True, np.dtype(np.uint8)),
-    "q4_0": TypeKernels(_mv.matvec_q4_0, _mm.dequant_q4_0, _mv.gate_up_q4_0, True, np.dtype(np.uint8)),
+    "f32": TypeKernels(matvec_f32, None, None, None, False, np.dtype(np.float32)),
+    "f16": TypeKernels(matvec_f16, None, dequant_f16, None, False, np.dtype(np.uint16)),
+    "q8_0": TypeKernels(matvec_q8_0, matmul_q8_0, dequant_q8_0, gate_up_q8_0, True, np.dtype(np.uint8)),
+    "q4_0": TypeKernels(matvec_q4_0, matmul_q4_0, dequant_q4_0, gate_up_q4_0, True, np.dtype(np.uint8)),
 }
+
+# Up to this many tokens the integer kernels (weights unpacked per token, read from DRAM once,
+# ~65-75 GFLOP/s here at any T) beat dequantize + sgemm (~14 GFLOP/s at 16 tokens, ~100 at 256:
+# Numba's and OpenBLAS's thread pools take turns, and sgemm is memory-bound for few tokens).
+INT_MATMUL_MAX_TOKENS = 64
 
 _NO_Q8 = (np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32))
 
@@ -105,7 +113,7 @@ def run_matvec(k: TypeKernels, wk, x, y, nt, q8=None):
     if q8 is None:
         q8 = q8_buffers(k, x.shape[0])
         if k.q8_activations:
-            _mv.quantize_q8(x, *q8)
+            quantize_q8(x, *q8)
     k.matvec(wk, x, *q8, y, nt)
     return y
 
@@ -120,10 +128,16 @@ def matvec(qt, w, x, out=None) -> np.ndarray:
 
 
 def run_matmul(k: TypeKernels, wk, X, rows, cols, Y, nt):
-    if X.shape[0] == 1:
+    t = X.shape[0]
+    if t == 1:
         run_matvec(k, wk, X[0], Y[0], nt)
         return Y
-    return _mm.tiled_matmul(k.dequant, wk, X, rows, cols, Y, nt)
+    if k.matmul is not None and t <= INT_MATMUL_MAX_TOKENS:
+        xq, xd, xc = np.empty((t, cols), np.int8), np.empty((t, cols // 32), np.float32), np.empty((t, cols // 32), np.float32)
+        quantize_q8_rows(X, xq, xd, xc)
+        k.matmul(wk, xq, xd, xc, Y, nt)
+        return Y
+    return tiled_matmul(k.dequant, wk, X, rows, cols, Y, nt)
 
 
 def matmul(qt, w, X, out=None) -> np.ndarray:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import matvec as _mv
 from .dispatch import (check_out, check_tokens, check_vector, check_weight, q8_buffers, resolve,
                        run_matmul, run_matvec)
+from .matvec import quantize_q8
 
 
 def _check_expert(qt1, w1, qt3, w3, qt2, w2):
@@ -43,7 +43,7 @@ def expert_ffn(qt1, w1, qt3, w3, qt2, w2, x) -> np.ndarray:
     if k1 is k3 and k1.gate_up is not None:
         # fused: x quantized once, one parallel pass computes both rows and silu * up
         q8 = q8_buffers(k1, d)
-        _mv.quantize_q8(x, *q8)
+        quantize_q8(x, *q8)
         k1.gate_up(w1k, w3k, x, *q8, h, nt)
     else:
         u = np.empty(f, np.float32)

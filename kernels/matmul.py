@@ -1,10 +1,9 @@
 """Matrix-matrix kernels: Y [T, R] = X [T, C] @ W[R, C]^T for a group of T tokens.
 
-Strategy (measured in benchmarks/kernels.py): dequantize a tile of RT weight rows to
-float32 once (parallel Numba, ~4 MiB so it stays in L2/L3) and hand it to OpenBLAS
-sgemm against all T tokens. Each weight is unpacked once per call and reused T times,
-and sgemm runs at its full rate; an integer per-token loop would redo the unpacking T
-times. For a single token the caller uses the matvec kernels instead.
+Strategy for many tokens (measured in benchmarks/kernels.py): dequantize a tile of RT
+weight rows to float32 once (parallel Numba) and hand it to OpenBLAS sgemm against all T
+tokens, so each weight is unpacked once and sgemm runs at its full rate. For few tokens
+dispatch.py uses the integer kernels of matvec.py instead (see INT_MATMUL_MAX_TOKENS).
 
 Dequantization bodies `_dq_<type>(w, r0, r1, out)` write rows [r0, r1) of W to
 out[0 : r1-r0]; parallel drivers `dequant_<type>(w, r0, r1, out, nt)` split that range
@@ -18,7 +17,10 @@ from numba import njit, prange
 from .matvec import split
 from .simd import f16_to_f32
 
-TILE_BYTES = 4 << 20          # float32 bytes of one dequantized tile
+TILE_ROWS = 1024   # rows per dequantized tile: fewer, larger sgemm calls. At 64-256 rows
+                   # sgemm re-packs X for every small tile and the two thread pools (Numba's
+                   # OpenMP, OpenBLAS's) hand over often; 256 tokens measured 33 GFLOP/s
+                   # (256 rows) vs 69-105 (1024 rows) vs ~120 for one sgemm on float32 W.
 
 
 @njit(cache=True)
@@ -82,7 +84,7 @@ def tiled_matmul(dequant, w, X, rows, cols, out, nt, tile_rows=None):
     if dequant is None:
         np.matmul(X, w.T, out=out)
         return out
-    rt = tile_rows or max(16, min(rows, TILE_BYTES // (4 * cols)))
+    rt = min(rows, tile_rows or TILE_ROWS)
     tile = np.empty((rt, cols), np.float32)
     yt = np.empty((rows, X.shape[0]), np.float32)               # [R, T]: contiguous tile rows
     for r0 in range(0, rows, rt):

@@ -114,6 +114,37 @@ def matvec_f16(w, x, xq, xd, xc, y, nt):
         _rows_f16(w, x, xq, xd, xc, y, r0, r1)
 
 
+# ---- several tokens: Y [T, R]; each weight row is read from DRAM once and reused from L1 ---
+
+@njit(parallel=True, cache=True)
+def matmul_q4_0(w, xq, xd, xc, Y, nt):
+    flat = w.reshape(-1)
+    rb = w.shape[1]
+    for t in prange(nt):
+        r0, r1 = split(w.shape[0], nt, t)
+        for r in range(r0, r1):
+            for k in range(Y.shape[0]):
+                Y[k, r] = dot_q4_0(flat, r * rb, xq[k], xd[k], xc[k])
+
+
+@njit(parallel=True, cache=True)
+def matmul_q8_0(w, xq, xd, xc, Y, nt):
+    flat = w.reshape(-1)
+    rb = w.shape[1]
+    for t in prange(nt):
+        r0, r1 = split(w.shape[0], nt, t)
+        for r in range(r0, r1):
+            for k in range(Y.shape[0]):
+                Y[k, r] = dot_q8_0(flat, r * rb, xq[k], xd[k], xc[k])
+
+
+@njit(cache=True)
+def quantize_q8_rows(X, xq, xd, xc):
+    """X f32 [T, C] -> per-token Q8 blocks xq [T, C], xd [T, NB], xc [T, NB]."""
+    for k in range(X.shape[0]):
+        quantize_q8(X[k], xq[k], xd[k], xc[k])
+
+
 # ---- fused gate+up for one token: h = silu(W1 x) * (W3 x), same type for W1 and W3 -----
 
 @njit(cache=True, fastmath=True, inline="always")

@@ -1,0 +1,230 @@
+"""Kernel benchmark: quantized matvec against the machine's streaming bandwidth, matmul
+against OpenBLAS on the same shape, the fused expert FFN against three matvecs.
+
+    python -m benchmarks.kernels            # full run (~2 GiB RAM, a few minutes)
+    python -m benchmarks.kernels --quick    # smoke run
+    python -m benchmarks.kernels --json     # one JSON object on stdout
+
+Matvec weights cycle through >= 1 GiB of distinct matrices so every byte comes from DRAM;
+each trial times one stream pass and one matvec pass back to back, and the ratio is the
+median of per-trial ratios (the machine is shared, so absolute numbers drift).
+Random quantized blocks: random bytes with each block's f16 scale set to ~0.01.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SHAPES = [(14336, 4096), (4096, 14336)]                 # Mixtral-8x7B w1/w3 and w2: [rows, cols]
+TYPES = ["q4_0", "q8_0"]
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def make_pool(nbytes: int, seed: int = 0) -> np.ndarray:
+    """Random bytes where every Q4_0 (18 B) and Q8_0 (34 B) block scale is finite and small.
+
+    Blocks tile the pool from byte 0 for any shape, so one pool serves both types; f16 0.01 is
+    bytes (0x1f, 0x21) and every mix of those two bytes is a small finite half too.
+    """
+    nbytes -= nbytes % (18 * 34)
+    pool = np.frombuffer(np.random.default_rng(seed).bytes(nbytes), np.uint8).copy()
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for size in (18, 34):
+        pool.reshape(-1, size)[:, :2] = scale
+    return pool
+
+
+def matrices(pool: np.ndarray, qt, rows: int, cols: int) -> np.ndarray:
+    """View the pool as [n, rows, row_bytes] distinct matrices (no copy)."""
+    rb = qt.row_bytes(cols)
+    n = pool.size // (rows * rb)
+    return pool[: n * rows * rb].reshape(n, rows, rb)
+
+
+def bench(quick: bool, trials: int) -> dict:
+    import numba
+    from numba import njit, prange
+
+    import kernels as K
+    from kernels.dispatch import KERNELS
+
+    @njit(fastmath=True, cache=True)
+    def sum_range(a, lo, hi):
+        s = np.float32(0.0)
+        for i in range(lo, hi):
+            s += a[i]
+        return s
+
+    @njit(parallel=True, cache=True)
+    def stream_sum(a, nt):
+        # the serial body in its own fastmath function: inlined in the prange body the
+        # reduction did not vectorize (5 vs 11 GB/s measured)
+        part = np.zeros(nt, np.float32)
+        for t in prange(nt):
+            part[t] = sum_range(a, a.shape[0] * t // nt, a.shape[0] * (t + 1) // nt)
+        return part.sum()
+
+    nt = numba.get_num_threads()
+    gib = 1 << 30
+    pool_bytes = gib // 4 if quick else gib + (64 << 20)
+    res = {"machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": nt,
+                       "load_avg": os.getloadavg()[0], "numba": numba.__version__, "numpy": np.__version__,
+                       "date": time.strftime("%Y-%m-%d %H:%M")}}
+
+    # first-call time of each public entry point (JIT compile, or cache load if cached)
+    rng = np.random.default_rng(1)
+    jit = {}
+    for name in TYPES + ["f16", "f32"]:
+        qt = K.qtype(name)
+        w = np.zeros(qt.storage_shape((64, 256)), qt.dtype)
+        jit[f"matvec {name}"] = _timed(lambda: K.matvec(qt, w, np.ones(256, np.float32)))
+        jit[f"matmul {name}"] = _timed(lambda: K.matmul(qt, w, np.ones((4, 256), np.float32)))
+    for name in TYPES:
+        qt = K.qtype(name)
+        w1 = np.zeros(qt.storage_shape((64, 256)), np.uint8)
+        w2 = np.zeros(qt.storage_shape((256, 64)), np.uint8)
+        jit[f"expert_ffn {name}"] = _timed(lambda: K.expert_ffn(qt, w1, qt, w1, qt, w2, np.ones(256, np.float32)))
+    res["first_call_s"] = jit
+
+    big = np.ones(pool_bytes // 4, np.float32)
+    stream_sum(big, nt)
+    pool = make_pool(pool_bytes)
+
+    # (1)+(2) matvec from DRAM against streaming reads, side by side per trial
+    mv = []
+    for name in TYPES:
+        qt, k = K.qtype(name), KERNELS[name]
+        for rows, cols in SHAPES:
+            ws = matrices(pool, qt, rows, cols)
+            x = rng.standard_normal(cols).astype(np.float32)
+            y = np.empty(rows, np.float32)
+            K.matvec(qt, ws[0], x, y)
+            s_bw, m_bw, ratio = [], [], []
+            for _ in range(trials):
+                ts = _timed(lambda: stream_sum(big, nt))
+                tm = _timed(lambda: [K.matvec(qt, w, x, y) for w in ws])
+                s_bw.append(big.nbytes / ts / 1e9)
+                m_bw.append(ws.nbytes / tm / 1e9)
+                ratio.append(m_bw[-1] / s_bw[-1])
+            mv.append({"type": name, "rows": rows, "cols": cols, "matrices": ws.shape[0],
+                       "gib": ws.nbytes / gib, "GBps": statistics.median(m_bw),
+                       "stream_GBps": statistics.median(s_bw), "ratio": statistics.median(ratio),
+                       "ms_per_matrix": ws[0].nbytes / statistics.median(m_bw) / 1e6})
+    res["stream_GBps"] = statistics.median([m["stream_GBps"] for m in mv])
+    res["matvec"] = mv
+    del big
+
+    # (3) matmul against OpenBLAS sgemm on the same matrix already dequantized
+    mm = []
+    for name in TYPES:
+        qt, k = K.qtype(name), KERNELS[name]
+        for rows, cols in SHAPES:
+            ws = matrices(pool, qt, rows, cols)
+            wf = np.empty((rows, cols), np.float32)
+            k.dequant(ws[0], 0, rows, wf, nt)
+            for t in ([16, 256] if quick else [16, 64, 256]):
+                X = rng.standard_normal((t, cols)).astype(np.float32)
+                Y = np.empty((t, rows), np.float32)
+                K.matmul(qt, ws[0], X, Y)
+                np.matmul(X, wf.T)
+                ours = statistics.median(_timed(lambda: K.matmul(qt, ws[0], X, Y)) for _ in range(trials))
+                blas = statistics.median(_timed(lambda: np.matmul(X, wf.T)) for _ in range(trials))
+                fl = 2.0 * t * rows * cols / 1e9
+                mm.append({"type": name, "rows": rows, "cols": cols, "tokens": t, "GFLOPs": fl / ours,
+                           "blas_GFLOPs": fl / blas, "ratio": blas / ours})
+            del wf
+    res["matmul"] = mm
+
+    # (4) fused expert FFN for one token against three separate matvecs (+ numpy silu)
+    ff = []
+    d, f = 4096, 14336
+    for name in TYPES:
+        qt = K.qtype(name)
+        up = matrices(pool, qt, f, d)
+        n = up.shape[0] // 3
+        experts = [(up[3 * i], up[3 * i + 1], up[3 * i + 2].reshape(-1)[: d * qt.row_bytes(f)].reshape(d, -1))
+                   for i in range(n)]
+        x = rng.standard_normal(d).astype(np.float32)
+
+        def separate():
+            for w1, w3, w2 in experts:
+                g, u = K.matvec(qt, w1, x), K.matvec(qt, w3, x)
+                K.matvec(qt, w2, g / (1 + np.exp(-g)) * u)
+
+        def fused():
+            for w1, w3, w2 in experts:
+                K.expert_ffn(qt, w1, qt, w3, qt, w2, x)
+
+        separate(), fused()
+        ts = statistics.median(_timed(separate) for _ in range(trials)) / n
+        tf = statistics.median(_timed(fused) for _ in range(trials)) / n
+        nbytes = 3 * up[0].nbytes
+        ff.append({"type": name, "experts": n, "fused_ms": tf * 1e3, "separate_ms": ts * 1e3,
+                   "fused_GBps": nbytes / tf / 1e9, "speedup": ts / tf})
+    res["expert_ffn"] = ff
+    return res
+
+
+def table(res: dict) -> str:
+    m = res["machine"]
+    out = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, load {m['load_avg']:.1f}, {m['date']}",
+           f"streaming read (Numba parallel sum, f32): {res['stream_GBps']:.1f} GB/s", "",
+           "matvec from DRAM       type   GB/s  stream  ratio  ms/matrix"]
+    for r in res["matvec"]:
+        out.append(f"  {r['rows']:>5}x{r['cols']:<5} ({r['gib']:.2f} GiB) {r['type']:<5} {r['GBps']:6.1f}"
+                   f"  {r['stream_GBps']:6.1f}  {r['ratio']:5.2f}  {r['ms_per_matrix']:7.2f}")
+    out += ["", "matmul                 type   tokens  GFLOP/s  OpenBLAS f32  ratio"]
+    for r in res["matmul"]:
+        out.append(f"  {r['rows']:>5}x{r['cols']:<5}          {r['type']:<5} {r['tokens']:>5}  {r['GFLOPs']:7.1f}"
+                   f"  {r['blas_GFLOPs']:12.1f}  {r['ratio']:5.2f}")
+    out += ["", "expert FFN, 1 token    type   fused ms  separate ms  fused GB/s  speedup"]
+    for r in res["expert_ffn"]:
+        out.append(f"  4096/14336 x{r['experts']:<2}       {r['type']:<5} {r['fused_ms']:8.2f}  {r['separate_ms']:11.2f}"
+                   f"  {r['fused_GBps']:10.1f}  {r['speedup']:7.2f}")
+    out += ["", "first call (JIT compile or cache load), s: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in res["first_call_s"].items())]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    p.add_argument("-q", "--quick", action="store_true", help="smoke run: 256 MiB of weights, fewer shapes")
+    p.add_argument("-n", "--trials", type=int, default=None, help="timed trials per measurement (default 5, quick 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--cold-jit", action="store_true",
+                   help="compile into an empty Numba cache so first-call times are real compile times")
+    a = p.parse_args(argv)
+    if a.cold_jit:
+        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lazymoe-numba-")
+        if "numba" in sys.modules:
+            print("--cold-jit must be used before numba is imported", file=sys.stderr)
+            return 2
+    res = bench(a.quick, a.trials or (2 if a.quick else 5))
+    print(json.dumps(res, indent=1) if a.json else table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
