@@ -59,6 +59,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def process_baseline() -> int:
+    """What the process holds before the model's own memory: its peak RSS so far (imports, numba JIT)."""
+    return max(peak_rss(), psutil.Process().memory_info().rss)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How the RAM budget is spent. Everything in bytes."""
@@ -222,7 +227,7 @@ class Model:
 
     def _plan(self, ram_budget, parts) -> MemoryPlan:
         cfg = self.cfg
-        baseline = max(peak_rss(), psutil.Process().memory_info().rss)
+        baseline = process_baseline()
         resident = sum(self.file.tensors[n].nbytes for n in self._resident_names)
         kv = 2 * cfg.n_layer * cfg.n_head_kv * self.ctx * cfg.head_dim * 4
         D, F, V, E = cfg.n_embd, cfg.n_ff, cfg.n_vocab, max(cfg.n_expert, 1)

@@ -4,7 +4,8 @@ For each fixture checkpoint and each type: convert with lazymoe's quantizer, deq
 every tensor of the GGUF with gguf-py, undo llama.cpp's Q/K row permutation, load the
 weights into transformers' own MixtralForCausalLM / MistralForCausalLM (float32, eager
 attention) and save its logits for a fixed token sequence to
-tests/fixtures/golden/<fixture>-<type>.npz (arrays `ids` [T], `logits` [T, V]).
+tests/fixtures/golden/<fixture>-<type>.npz (arrays `ids` [T], `logits` [T, V], and `weights_sha256` of the GGUF's tensors:
+regenerate when the quantizer's output changes).
 
     python tests/make_golden.py
 """
@@ -70,6 +71,18 @@ def hf_state_dict(g, cfg, moe: bool) -> dict:
     return {k: torch.from_numpy(v) for k, v in sd.items()}
 
 
+def weights_sha256(gguf_path: str) -> str:
+    """Hash of the GGUF's tensor data: the golden holds only for exactly these weights."""
+    import hashlib
+    from runtime.gguf_file import GGUFFile
+    g = GGUFFile(gguf_path)
+    h = hashlib.sha256()
+    for name in sorted(g.tensors):
+        h.update(name.encode())
+        h.update(g.raw(name))
+    return h.hexdigest()
+
+
 def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
     import torch
     import transformers
@@ -109,7 +122,7 @@ def main() -> int:
                 convert(src, path, ty, force=True, progress=False)
                 ids, logits = reference_logits(path, os.path.join(src, "config.json"))
                 dst = os.path.join(out_dir, f"{fx}-{ty}.npz")
-                np.savez_compressed(dst, ids=ids, logits=logits)
+                np.savez_compressed(dst, ids=ids, logits=logits, weights_sha256=np.array(weights_sha256(path)))
                 print(f"wrote {dst}: {len(ids)} tokens, logits {logits.shape}, |max| {np.abs(logits).max():.3f}")
     return 0
 
