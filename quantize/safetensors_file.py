@@ -87,3 +87,35 @@ class SafetensorsFile:
             self._mm.close()
         except BufferError:
             pass
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path: str, tensors: dict, dtype: str = "F32") -> None:
+    """Write a safetensors file with every tensor stored as `dtype` (F32, F16 or BF16).
+
+    `tensors` maps names to float arrays, or to (shape, make) pairs where make() returns the
+    array: those are produced and written one at a time, so a file larger than RAM can be made.
+    """
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}[dtype]
+    header, off = {}, 0
+    for name, t in tensors.items():
+        shape = tuple(t[0]) if isinstance(t, tuple) else t.shape
+        n = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for name, t in tensors.items():
+            a = t[1]() if isinstance(t, tuple) else t
+            if dtype == "BF16":
+                f.write(to_bf16_bits(a).astype("<u2").tobytes())
+            else:
+                f.write(np.ascontiguousarray(a, dtype="<f4" if dtype == "F32" else "<f2").tobytes())

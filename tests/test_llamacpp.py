@@ -87,7 +87,7 @@ def wide_checkpoint(folder) -> None:
     import json
     import shutil
 
-    from tests.stfile import write_safetensors
+    from quantize.safetensors_file import write_safetensors
 
     rng = np.random.default_rng(3)
     D, F, V, E = 256, 512, 512, 4

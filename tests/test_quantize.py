@@ -12,11 +12,10 @@ from gguf import GGMLQuantizationType as T
 
 from kernels.quantizers import quantize
 from quantize.convert import convert
-from quantize.safetensors_file import SafetensorsFile
+from quantize.safetensors_file import SafetensorsFile, write_safetensors
 from quantize.sources import llama_permute
 from runtime.cli import main
 from runtime.gguf_file import GGUFFile
-from tests.stfile import write_safetensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIX, "tiny-mixtral")
