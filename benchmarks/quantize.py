@@ -1,0 +1,149 @@
+"""Quantizer benchmarks: Q4_0 error against llama.cpp's reference, and streaming memory.
+
+    python -m benchmarks.quantize error [--json]
+    python -m benchmarks.quantize stream [--layers 1] [--dir DIR] [--json]
+
+`error`: RMSE of our Q4_0 (error-minimising scale per block) and of gguf.quants' Q4_0
+(llama.cpp's reference, scale = max/-8) on gaussian, Student-t(3) and Laplace weights of a
+Mixtral expert's row length, plus quantizer throughput.
+
+`stream`: writes a Hugging Face checkpoint with Mixtral-8x7B's exact shapes (hidden 4096,
+FFN 14336, 8 experts, vocab 32000; `--layers` of its 32 layers, bf16, sharded as the hub
+does) and converts it with `lazymoe quantize` in a child process, reporting the child's
+peak RSS (the target: under 1.5 GB whatever the model's size) and the time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def bench_error(rows: int = 512, cols: int = 4096, seed: int = 0) -> list[dict]:
+    import gguf
+
+    from kernels.quantizers import quantize
+
+    rng = np.random.default_rng(seed)
+    dists = {"gaussian": lambda: rng.standard_normal((rows, cols)),
+             "student_t3": lambda: rng.standard_t(3, (rows, cols)),
+             "laplace": lambda: rng.laplace(size=(rows, cols))}
+    quantize(np.ones((256, 32), np.float32), "q4_0")                     # JIT warm-up
+    out = []
+    for name, make in dists.items():
+        x = make().astype(np.float32)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            ours = quantize(x, "q4_0")
+            times.append(time.perf_counter() - t0)
+        dt = float(np.median(times))
+        ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+        rmse = lambda q: float(np.sqrt(np.mean((gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0) - x) ** 2)))
+        r_ours, r_ref = rmse(ours), rmse(ref)
+        out.append({"distribution": name, "shape": [rows, cols], "rmse_ours": r_ours, "rmse_llama_cpp": r_ref,
+                    "rmse_reduction": 1 - r_ours / r_ref, "ours_mweights_per_s": x.size / dt / 1e6})
+    return out
+
+
+MIXTRAL_8X7B = dict(hidden=4096, ffn=14336, heads=32, kv=8, experts=8, used=2, vocab=32000)
+
+
+def write_checkpoint(folder: str, layers: int) -> int:
+    """An HF Mixtral-8x7B-shaped checkpoint of `layers` layers (bf16, one shard per layer); returns bytes."""
+    from quantize.safetensors_file import write_safetensors
+
+    c = MIXTRAL_8X7B
+    D, F, V, kvd = c["hidden"], c["ffn"], c["vocab"], c["hidden"] // c["heads"] * c["kv"]
+    rng = np.random.default_rng(0)
+    g = lambda *s: (lambda: (rng.standard_normal(s, dtype=np.float32) * 0.02))
+    os.makedirs(folder, exist_ok=True)
+    weight_map = {}
+    shards = [{"model.embed_tokens.weight": ((V, D), g(V, D)), "model.norm.weight": ((D,), lambda: np.ones(D, np.float32)),
+               "lm_head.weight": ((V, D), g(V, D))}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": ((D,), lambda: np.ones(D, np.float32)),
+             p + "post_attention_layernorm.weight": ((D,), lambda: np.ones(D, np.float32)),
+             p + "self_attn.q_proj.weight": ((D, D), g(D, D)), p + "self_attn.k_proj.weight": ((kvd, D), g(kvd, D)),
+             p + "self_attn.v_proj.weight": ((kvd, D), g(kvd, D)), p + "self_attn.o_proj.weight": ((D, D), g(D, D)),
+             p + "block_sparse_moe.gate.weight": ((c["experts"], D), g(c["experts"], D))}
+        for e in range(c["experts"]):
+            q = p + f"block_sparse_moe.experts.{e}."
+            t[q + "w1.weight"], t[q + "w3.weight"], t[q + "w2.weight"] = ((F, D), g(F, D)), ((F, D), g(F, D)), ((D, F), g(D, F))
+        shards.append(t)
+    total = 0
+    for k, t in enumerate(shards):
+        fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(folder, fn), t, "BF16")
+        total += os.path.getsize(os.path.join(folder, fn))
+        weight_map.update({n: fn for n in t})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    cfg = {"architectures": ["MixtralForCausalLM"], "hidden_size": D, "intermediate_size": F, "num_hidden_layers": layers,
+           "num_attention_heads": c["heads"], "num_key_value_heads": c["kv"], "vocab_size": V,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+           "num_local_experts": c["experts"], "num_experts_per_tok": c["used"]}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    import mistral_common   # the real Mixtral 8x7B tokenizer (32000 pieces); a test/bench dependency
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                os.path.join(folder, "tokenizer.model"))
+    return total
+
+
+def bench_stream(folder: str, layers: int, qtype: str = "q4_0") -> dict:
+    marker = os.path.join(folder, f".complete-{layers}")
+    if not os.path.exists(marker):
+        shutil.rmtree(folder, ignore_errors=True)
+        write_checkpoint(folder, layers)
+        open(marker, "w").close()
+    src_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    out = os.path.join(folder, f"out-{qtype}.gguf")
+    cmd = [sys.executable, "-m", "runtime.cli", "quantize", folder, "-o", out, "-t", qtype, "--force", "-q"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024      # KiB on Linux
+    res = {"layers": layers, "type": qtype, "source_bytes": src_bytes, "output_bytes": os.path.getsize(out),
+           "seconds": dt, "peak_rss_bytes": peak, "command": " ".join(cmd[2:])}
+    os.unlink(out)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["error", "stream"])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    if a.what == "error":
+        rows = bench_error()
+        if a.json:
+            print(json.dumps({"machine": machine, "error": rows}))
+            return 0
+        print(f"{'weights':12} {'RMSE ours':>10} {'RMSE llama.cpp':>15} {'reduction':>10} {'ours Mw/s':>10}")
+        for r in rows:
+            print(f"{r['distribution']:12} {r['rmse_ours']:10.5f} {r['rmse_llama_cpp']:15.5f} {100 * r['rmse_reduction']:9.2f}% {r['ours_mweights_per_s']:10.1f}")
+        return 0
+    r = bench_stream(a.dir, a.layers)
+    if a.json:
+        print(json.dumps({"machine": machine, "stream": r}))
+        return 0
+    print(f"Mixtral-8x7B shapes, {r['layers']} layer(s): source {r['source_bytes'] / 2**30:.2f} GiB bf16 -> "
+          f"{r['output_bytes'] / 2**30:.2f} GiB {r['type']} in {r['seconds']:.0f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
