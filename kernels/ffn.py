@@ -25,10 +25,11 @@ def _check_expert(qt1, w1, qt3, w3, qt2, w2):
 
 
 def _silu_mul(g, u):
-    # g, u [.., F] -> silu(g) * u, in place in g
+    # g, u [.., F] -> silu(g) * u, in place in g; exp(-g) = inf for g << 0 gives the right 0
     np.multiply(g, u, out=u)
     np.negative(g, out=g)
-    np.exp(g, out=g)
+    with np.errstate(over="ignore"):
+        np.exp(g, out=g)
     g += 1.0
     np.divide(u, g, out=g)
     return g

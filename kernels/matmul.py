@@ -5,8 +5,8 @@ weight rows to float32 once (parallel Numba) and hand it to OpenBLAS sgemm again
 tokens, so each weight is unpacked once and sgemm runs at its full rate. For few tokens
 dispatch.py uses the integer kernels of matvec.py instead (see INT_MATMUL_MAX_TOKENS).
 
-Dequantization bodies `_dq_<type>(w, r0, r1, out)` write rows [r0, r1) of W to
-out[0 : r1-r0]; parallel drivers `dequant_<type>(w, r0, r1, out, nt)` split that range
+Dequantization bodies `_dq_<type>(w, r0, r1, out, orow)` write rows [r0, r1) of W to
+out[orow : orow + r1-r0]; parallel drivers `dequant_<type>(w, r0, r1, out, nt)` split that range
 over nt threads.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .matvec import split
+from . import simd
 from .simd import f16_to_f32
 
 TILE_ROWS = 1024   # rows per dequantized tile: fewer, larger sgemm calls. At 64-256 rows
@@ -24,56 +25,49 @@ TILE_ROWS = 1024   # rows per dequantized tile: fewer, larger sgemm calls. At 64
 
 
 @njit(cache=True)
-def _dq_q4_0(w, r0, r1, out):
-    # Q4_0 block: f16 d, 16 bytes; byte j = element j (low nibble) | element j+16 (high).
+def _dq_q4_0(w, r0, r1, out, orow):
+    # vector IR (simd.dequant_q4_0): the plain loop ran at ~1 G weights/s (2-D uint8 indexing
+    # kept LLVM from vectorizing it), which cost as much as the sgemm it feeds at 64 tokens
+    flat, o = w.reshape(-1), out.reshape(-1)
+    cols = out.shape[1]
     for r in range(r0, r1):
-        o = out[r - r0]
-        for b in range(out.shape[1] // 32):
-            p = b * 18
-            d = f16_to_f32(np.uint16(w[r, p]) | np.uint16(w[r, p + 1]) << np.uint16(8))
-            for j in range(16):
-                v = np.int32(w[r, p + 2 + j])
-                o[b * 32 + j] = d * np.float32((v & 15) - 8)
-                o[b * 32 + 16 + j] = d * np.float32((v >> 4) - 8)
+        simd.dequant_q4_0(flat, r * w.shape[1], o, (r - r0 + orow) * cols, cols // 32)
 
 
 @njit(cache=True)
-def _dq_q8_0(w, r0, r1, out):
+def _dq_q8_0(w, r0, r1, out, orow):
+    flat, o = w.reshape(-1), out.reshape(-1)
+    cols = out.shape[1]
     for r in range(r0, r1):
-        o = out[r - r0]
-        for b in range(out.shape[1] // 32):
-            p = b * 34
-            d = f16_to_f32(np.uint16(w[r, p]) | np.uint16(w[r, p + 1]) << np.uint16(8))
-            for j in range(32):
-                o[b * 32 + j] = d * np.float32(np.int8(w[r, p + 2 + j]))
+        simd.dequant_q8_0(flat, r * w.shape[1], o, (r - r0 + orow) * cols, cols // 32)
 
 
 @njit(cache=True)
-def _dq_f16(w, r0, r1, out):
+def _dq_f16(w, r0, r1, out, orow):
     for r in range(r0, r1):
         for c in range(out.shape[1]):
-            out[r - r0, c] = f16_to_f32(w[r, c])
+            out[r - r0 + orow, c] = f16_to_f32(w[r, c])
 
 
 @njit(parallel=True, cache=True)
 def dequant_q4_0(w, r0, r1, out, nt):
     for t in prange(nt):
         a, b = split(r1 - r0, nt, t)
-        _dq_q4_0(w, r0 + a, r0 + b, out[a:])
+        _dq_q4_0(w, r0 + a, r0 + b, out, a)
 
 
 @njit(parallel=True, cache=True)
 def dequant_q8_0(w, r0, r1, out, nt):
     for t in prange(nt):
         a, b = split(r1 - r0, nt, t)
-        _dq_q8_0(w, r0 + a, r0 + b, out[a:])
+        _dq_q8_0(w, r0 + a, r0 + b, out, a)
 
 
 @njit(parallel=True, cache=True)
 def dequant_f16(w, r0, r1, out, nt):
     for t in prange(nt):
         a, b = split(r1 - r0, nt, t)
-        _dq_f16(w, r0 + a, r0 + b, out[a:])
+        _dq_f16(w, r0 + a, r0 + b, out, a)
 
 
 def tiled_matmul(dequant, w, X, rows, cols, out, nt, tile_rows=None):

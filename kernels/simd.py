@@ -138,6 +138,49 @@ def dot_f16(typingctx, w, wo, x, n8):
     return types.float32(w, wo, x, types.int64), codegen
 
 
+def _dequant_codegen(kind):
+    """IR for out[oo + 32 b + j] = d_b * q_bj over nb blocks starting at byte wo of w."""
+    bytes_per_block = {"q4_0": 18, "q8_0": 34}[kind]
+
+    def codegen(context, builder, sig, args):
+        wa = _data(context, builder, sig.args[0], args[0])
+        oa = _data(context, builder, sig.args[2], args[2])
+        wp = builder.gep(wa.data, [args[1]])
+        op = builder.gep(oa.data, [args[3]])
+        with cgutils.for_range(builder, args[4]) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, bytes_per_block))
+            d = builder.fpext(_load(builder, wp, o, ir.HalfType()), _F32)
+            o2 = builder.add(o, ir.Constant(_I64, 2))
+            if kind == "q4_0":
+                v = _load(builder, wp, o2, _V(_I8, 16))
+                lo = builder.and_(v, _splat(_I8, 16, 15))
+                hi = builder.lshr(v, _splat(_I8, 16, 4))
+                q = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
+                q = builder.sub(builder.zext(q, _V(_I32, 32)), _splat(_I32, 32, 8))
+            else:
+                q = builder.sext(_load(builder, wp, o2, _V(_I8, 32)), _V(_I32, 32))
+            dv = builder.insert_element(ir.Constant(_V(_F32, 32), None), d, ir.Constant(_I32, 0))
+            dv = builder.shuffle_vector(dv, dv, ir.Constant(_V(_I32, 32), [0] * 32))
+            dst = builder.bitcast(builder.gep(op, [builder.mul(b, ir.Constant(_I64, 32))]), _V(_F32, 32).as_pointer())
+            builder.store(builder.fmul(builder.sitofp(q, _V(_F32, 32)), dv), dst, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def dequant_q4_0(typingctx, w, wo, out, oo, nb):
+    """out[oo : oo + 32 nb] = the nb Q4_0 blocks at byte wo of w, as float32 (generic LLVM IR)."""
+    return types.none(w, wo, out, oo, nb), _dequant_codegen("q4_0")
+
+
+@intrinsic
+def dequant_q8_0(typingctx, w, wo, out, oo, nb):
+    """out[oo : oo + 32 nb] = the nb Q8_0 blocks at byte wo of w, as float32."""
+    return types.none(w, wo, out, oo, nb), _dequant_codegen("q8_0")
+
+
 @njit(cache=True)
 def dot_q4_0_portable(w, wo, xq, xd, xc):
     acc = np.float32(0.0)
