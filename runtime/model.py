@@ -299,7 +299,7 @@ class Model:
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
         out = np.empty((T, H, hd), dtype=np.float32)                        # [T, H, hd]
         for g in range(G):
-            qg = q[:, g * R:(g + 1) * R].transpose(1, 0, 2)                 # [R, T, hd]
+            qg = np.ascontiguousarray(q[:, g * R:(g + 1) * R].transpose(1, 0, 2))   # [R, T, hd]; contiguous for BLAS
             s = qg @ self.k_cache[il, g, :N].T                              # [R, T, N]
             s *= scale
             s += mask
