@@ -44,6 +44,8 @@ class Summary:
 
 def tensor_type(plan: TensorPlan, qt: QType) -> QType:
     """The type a tensor is stored in: F32 for norms and the router, `qt` for weight matrices."""
+    if plan.stored is not None:
+        return plan.stored
     return qtype("f32") if plan.keep_f32 else qt
 
 
@@ -112,10 +114,10 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
                 written = 0
                 for part in p.parts:
                     a = part()                                    # float32 [rows, cols]
-                    q = quantize(a, t)
-                    fout.write(q.tobytes())                       # one part at a time: bounded memory
+                    q = a if p.stored is not None else quantize(a, t)
+                    fout.write(np.ascontiguousarray(q).data)      # one part at a time: bounded memory
                     written += q.nbytes
-                    bar.update(a.size)
+                    bar.update(q.nbytes // t.type_size * t.block_size)
                     del a, q
                 if written != t.nbytes(p.shape):
                     raise ValueError(f"{src.path}: tensor {p.name} produced {written} bytes, expected {t.nbytes(p.shape)}")

@@ -21,12 +21,13 @@ from typing import Callable
 
 import numpy as np
 
+from kernels.qtypes import QType
 from quantize.safetensors_file import SafetensorsFile
 from runtime.config import ModelConfig, check_config, config_from_metadata
 
 ROW_CHUNK = 4096   # rows of a 2-D matrix read at once (4096 x 4096 f32 = 64 MiB)
 
-Part = Callable[[], np.ndarray]   # -> float32 [rows, cols]
+Part = Callable[[], np.ndarray]   # -> float32 [rows, cols] (or stored rows when TensorPlan.stored is set)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TensorPlan:
     shape: tuple[int, ...]       # logical numpy shape (slowest first)
     parts: list[Part]            # concatenated along the rows give the tensor
     keep_f32: bool = False       # norms and the router stay F32 whatever --type says
+    stored: QType | None = None  # parts already return stored arrays of this type (synthetic models)
 
 
 @dataclass
@@ -224,7 +226,7 @@ def _hf_chat_template(folder: str) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def _llama_metadata(cfg: ModelConfig) -> dict:
+def llama_metadata(cfg: ModelConfig) -> dict:
     md = {
         "general.architecture": "llama",
         "llama.block_count": cfg.n_layer,
@@ -325,7 +327,7 @@ def _open_hf(path: str) -> Source:
     src = Source(path, "hf", cfg, closers=[shards.close])
     try:
         src.tensors = _plan(cfg, shards, names, permute_qk=True)
-        src.metadata = _llama_metadata(cfg)
+        src.metadata = llama_metadata(cfg)
         src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
         src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model",), cfg.n_vocab))
         tmpl = _hf_chat_template(path)
@@ -388,7 +390,7 @@ def _open_mistral(path: str) -> Source:
     try:
         # Mistral's native Q/K rows are already in the interleaved order llama.cpp uses.
         src.tensors = _plan(cfg, shards, _MISTRAL_NAMES, permute_qk=False)
-        src.metadata = _llama_metadata(cfg)
+        src.metadata = llama_metadata(cfg)
         src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
         src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"), cfg.n_vocab))
     except BaseException:
