@@ -35,10 +35,11 @@ KERNELS: dict[str, TypeKernels] = {
     "q4_0": TypeKernels(matvec_q4_0, matmul_q4_0, dequant_q4_0, gate_up_q4_0, True, np.dtype(np.uint8)),
 }
 
-# Up to this many tokens the integer kernels (weights unpacked per token, read from DRAM once,
-# ~65-75 GFLOP/s here at any T) beat dequantize + sgemm (~14 GFLOP/s at 16 tokens, ~100 at 256:
-# Numba's and OpenBLAS's thread pools take turns, and sgemm is memory-bound for few tokens).
-INT_MATMUL_MAX_TOKENS = 64
+# Up to this many tokens the integer kernels (weights unpacked per token, each row read from
+# DRAM once; ~65-75 GFLOP/s at any T on a quiet moment here) beat dequantize + sgemm, which is
+# memory-bound on few tokens: 1.2-6x faster at 16 tokens in every benchmark run. At 64 tokens
+# they lost whenever OpenBLAS ran at full speed (0.19-0.47 of it), so the switch is at 32.
+INT_MATMUL_MAX_TOKENS = 32
 
 _NO_Q8 = (np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32))
 

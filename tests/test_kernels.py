@@ -22,6 +22,7 @@ import kernels as K
 from kernels import simd
 from kernels.dispatch import INT_MATMUL_MAX_TOKENS
 from kernels.matmul import TILE_ROWS
+from kernels.matvec import quantize_q8
 
 GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "f16": G.F16, "f32": G.F32}
 TYPES = list(GG)
@@ -116,8 +117,6 @@ def test_portable_dots_match_avx2(name):
     w, Wd = weights(name, (7, 512), heavy=True)
     x = RNG.standard_normal(512).astype(np.float32)
     xq, xd, xc = np.empty(512, np.int8), np.empty(16, np.float32), np.empty(16, np.float32)
-    K.matvec  # quantize exactly as the kernels do
-    from kernels.matvec import quantize_q8
     quantize_q8(x, xq, xd, xc)
     dot = simd.dot_q4_0_portable if name == "q4_0" else simd.dot_q8_0_portable
     flat = w.reshape(-1)
