@@ -111,5 +111,5 @@ def _run(model, ids, common, sampler, max_tokens, stops):
 
 
 def _peak() -> int:
-    from runtime.model import peak_rss
+    from runtime.memory import peak_rss
     return peak_rss()

@@ -1,0 +1,118 @@
+"""The RAM budget: what one process running a model holds, planned before anything is loaded.
+
+budget = process (Python, numpy, numba after JIT) + resident weights (embeddings, attention,
+norms, router, output head) + KV cache for ctx tokens + working buffers + expert cache slots.
+`lazymoe info` and the runtime's load message print the same plan.
+"""
+from __future__ import annotations
+
+import re
+import resource
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import psutil
+
+from runtime.config import ModelConfig
+
+N_BATCH = 256             # prompt tokens per forward chunk; bounds the working buffers
+BUDGET_SHARE = 0.75       # default budget: what the process holds now + this share of available RAM
+MiB = 1 << 20
+GiB = 1 << 30
+# What the process itself holds after importing numpy/numba and compiling the kernels, measured
+# here (180-190 MiB); `info` uses it because it plans without loading anything.
+PROCESS_ESTIMATE = 200 * MiB
+
+
+def parse_size(v) -> int:
+    """Bytes from an int or a string like "8G", "512M", "1.5GiB", "2000000"."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        n = int(v)
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", v)
+        if not m:
+            raise ValueError(f"RAM budget {v!r} is not a size like 8G, 512M or a number of bytes")
+        n = int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+    else:
+        raise ValueError(f"RAM budget {v!r} is not a size like 8G, 512M or a number of bytes")
+    if n <= 0:
+        raise ValueError(f"RAM budget {v!r} must be positive")
+    return n
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def peak_rss() -> int:
+    """The process's high-water RSS in bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def process_baseline() -> int:
+    """What the process holds before the model's own memory: its peak RSS so far (imports, numba JIT)."""
+    return max(peak_rss(), psutil.Process().memory_info().rss)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the RAM budget is spent. Everything in bytes."""
+    budget: int
+    baseline: int            # the Python/numba process itself, measured after kernel warm-up
+    resident: int            # embeddings, attention, norms, router, output head (mapped, touched at load)
+    kv: int                  # K and V for ctx tokens
+    work: int                # activation buffers and temporaries for one chunk of N_BATCH tokens
+    slot_bytes: int          # one expert (3 matrices)
+    n_slots: int
+    n_experts: int           # experts in the file (layers x E)
+    ctx: int
+
+    @property
+    def fixed(self) -> int:
+        return self.baseline + self.resident + self.kv + self.work
+
+    @property
+    def planned(self) -> int:
+        return self.fixed + self.n_slots * self.slot_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "planned": self.planned}
+
+    def describe(self) -> str:
+        s = (f"RAM plan: budget {fmt_bytes(self.budget)}: process {fmt_bytes(self.baseline)} + resident weights "
+             f"{fmt_bytes(self.resident)} + KV cache {fmt_bytes(self.kv)} (ctx {self.ctx}) + buffers {fmt_bytes(self.work)}")
+        if self.n_experts:
+            s += (f" + expert cache {fmt_bytes(self.n_slots * self.slot_bytes)} ({self.n_slots} of {self.n_experts} "
+                  f"experts, {fmt_bytes(self.slot_bytes)} each)")
+        return s + f" = {fmt_bytes(self.planned)}"
+
+
+def work_bytes(cfg: ModelConfig, ctx: int) -> int:
+    """Activation buffers and temporaries for one chunk of N_BATCH prompt tokens."""
+    D, F, V, E = cfg.n_embd, cfg.n_ff, cfg.n_vocab, max(cfg.n_expert, 1)
+    R = cfg.n_head // cfg.n_head_kv
+    # Per chunk token: ~24 [D] activations and temporaries, K/V, 4 [F] (gate, up, product, copy), router, logits;
+    # attention scores and their exponentials for one KV head; RoPE tables.
+    return 4 * (N_BATCH * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * R * N_BATCH * ctx
+                + ctx * cfg.head_dim) + 16 * MiB
+
+
+def plan_memory(cfg: ModelConfig, resident: int, slot: int, ctx: int, ram_budget, baseline: int, where: str) -> MemoryPlan:
+    """Split `ram_budget` (None: a safe share of available RAM) between the fixed parts and expert slots of
+    `slot` bytes each; ValueError naming `where` and the minimum if it cannot hold k experts."""
+    kv = 2 * cfg.n_layer * cfg.n_head_kv * ctx * cfg.head_dim * 4
+    work = work_bytes(cfg, ctx)
+    n_experts = cfg.n_layer * cfg.n_expert
+    fixed = baseline + resident + kv + work
+    budget = baseline + int(BUDGET_SHARE * psutil.virtual_memory().available) if ram_budget is None else parse_size(ram_budget)
+    need = fixed + slot * cfg.n_expert_used
+    if budget < need:
+        raise ValueError(f"{where}: a RAM budget of {fmt_bytes(budget)} is too small; this model with ctx "
+                         f"{ctx} needs at least {need / MiB:.0f}M ({need} bytes)")
+    n_slots = min(n_experts, (budget - fixed) // slot) if slot else 0
+    return MemoryPlan(budget, baseline, resident, kv, work, slot, int(n_slots), n_experts, ctx)
+
+
+def min_budget(cfg: ModelConfig, resident: int, slot: int, ctx: int, baseline: int = PROCESS_ESTIMATE) -> int:
+    """The smallest budget the model runs in: fixed parts + one layer's k active experts."""
+    return baseline + resident + 2 * cfg.n_layer * cfg.n_head_kv * ctx * cfg.head_dim * 4 + work_bytes(cfg, ctx) + slot * cfg.n_expert_used
