@@ -12,19 +12,17 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from quantize.cli import add_info_parser, add_quantize_parser, add_synth_parser
+    from runtime.commands import add_chat_parser, add_run_parser
+    from runtime.demo import add_demo_parser
 
     p = argparse.ArgumentParser(prog="lazymoe", description="Run Mixture-of-Experts models larger than RAM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_quantize_parser(sub)
     add_info_parser(sub)
     add_synth_parser(sub)
-    try:
-        from runtime.commands import add_chat_parser, add_run_parser
-    except ImportError:       # the runtime commands land separately
-        pass
-    else:
-        add_run_parser(sub)
-        add_chat_parser(sub)
+    add_run_parser(sub)
+    add_chat_parser(sub)
+    add_demo_parser(sub)
     return p
 
 

@@ -1,0 +1,45 @@
+"""`lazymoe demo`: run the small Mixtral-architecture model shipped inside the package, offline.
+
+The model (runtime/data/lazymoe-demo-q4_0.gguf, see MODEL_CARD.md beside it) was trained by
+benchmarks/train_demo.py on Python's standard library source, so it continues Python code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEMO_MODEL = os.path.join(DATA, "lazymoe-demo-q4_0.gguf")
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+def add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run the small demo model shipped with lazymoe (offline)",
+                              description="Continue a prompt with the small Mixtral-architecture model shipped in the "
+                                          "package (8 experts, top-2, trained on Python source) and print the stats.")
+    p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="the prompt (default: a Python function header)")
+    p.add_argument("-n", "--n-predict", type=int, default=96, metavar="N", help="most tokens to generate (default 96)")
+    p.add_argument("--ram", default=None, metavar="SIZE", help="RAM budget, e.g. 512M (default: 75%% of available RAM)")
+    p.add_argument("--temp", type=float, default=0.0, metavar="T", help="temperature; 0 is greedy (default 0)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and every stat")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from runtime.cli import build_parser
+
+    if not os.path.isfile(DEMO_MODEL):
+        raise ValueError(f"{DEMO_MODEL}: the demo model is missing from this installation")
+    argv = ["run", DEMO_MODEL, "-p", args.prompt, "-n", str(args.n_predict), "--temp", str(args.temp),
+            "--seed", str(args.seed), "--repeat-penalty", "1.1"]
+    if args.ram is not None:
+        argv += ["--ram", args.ram]
+    if args.json:
+        argv.append("--json")
+    else:
+        print(f"lazymoe demo: {os.path.basename(DEMO_MODEL)} ({os.path.getsize(DEMO_MODEL) / 2**20:.1f} MiB, "
+              "Mixtral architecture, 8 experts, top-2, trained on Python source)", file=sys.stderr)
+        sys.stdout.write(args.prompt)
+    run = build_parser().parse_args(argv)
+    return run.func(run)
