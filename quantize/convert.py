@@ -84,8 +84,13 @@ def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
     w.add_quantization_version(2)
 
 
-def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True) -> Summary:
-    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary."""
+def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True,
+               quantize_fn=None) -> Summary:
+    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary.
+
+    quantize_fn(rows, qtype) -> stored rows replaces lazymoe's quantizers (benchmarks use it to
+    write llama.cpp's reference Q4_0 for comparison)."""
+    quantize_fn = quantize_fn or quantize
     out = _check_writable(out, force)
     t0 = time.perf_counter()
     types = [tensor_type(p, qt) for p in src.tensors]
@@ -114,7 +119,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
                 written = 0
                 for part in p.parts:
                     a = part()                                    # float32 [rows, cols]
-                    q = a if p.stored is not None else quantize(a, t)
+                    q = a if p.stored is not None else quantize_fn(a, t)
                     fout.write(np.ascontiguousarray(q).data)      # one part at a time: bounded memory
                     written += q.nbytes
                     bar.update(q.nbytes // t.type_size * t.block_size)
@@ -138,13 +143,14 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     return Summary(out, len(src.tensors), n_params, nbytes, time.perf_counter() - t0)
 
 
-def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = False, progress: bool = True) -> Summary:
+def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = False, progress: bool = True,
+            quantize_fn=None) -> Summary:
     """Convert a checkpoint folder or GGUF file at `src_path` to `out` with 2-D weights in `type_name`."""
     qt = qtype(type_name)
     if os.path.exists(src_path) and os.path.exists(out) and os.path.samefile(src_path, out):
         raise ValueError(f"{out}: the output would overwrite the input")
     src = open_source(src_path)
     try:
-        return write_gguf(src, out, qt, force=force, progress=progress)
+        return write_gguf(src, out, qt, force=force, progress=progress, quantize_fn=quantize_fn)
     finally:
         src.close()

@@ -24,7 +24,7 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 # HF runs float32 on the dequantized weights, so quantized files agree only to about 1% of
 # the logit range per layer; a top-1 router (tiny-moe-top1) can flip an expert on such a
 # difference. F32 files must agree to float32 accuracy.
-TOL = {"f32": (2e-3, 1.0), "q8_0": (0.25, 0.85), "q4_0": (0.25, 0.85)}   # (max |diff| / max |logit|, top-1 agreement)
+TOL = {"f32": (2e-3, 1.0), "f16": (2e-3, 1.0), "q8_0": (0.25, 0.85), "q4_0": (0.25, 0.85)}   # (max |diff| / max |logit|, top-1 agreement)
 
 
 def llama_logits(path: str, ids: list[int]) -> np.ndarray:
@@ -37,11 +37,12 @@ def llama_logits(path: str, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fixture", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
-@pytest.mark.parametrize("qt", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qt", ["f32", "f16", "q8_0", "q4_0"])
 def test_llama_cpp_runs_our_files_like_hf(tmp_path, fixture, qt):
     out = str(tmp_path / "m.gguf")
     convert(os.path.join(FIX, fixture), out, qt, progress=False)
-    golden = np.load(os.path.join(FIX, "golden", f"{fixture}-{qt}.npz"))
+    # the fixtures' weights are bf16 values, exact in f16: an F16 file holds the F32 golden's weights
+    golden = np.load(os.path.join(FIX, "golden", f"{fixture}-{'f32' if qt == 'f16' else qt}.npz"))
     ids = [int(i) for i in golden["ids"]]
     got, want = llama_logits(out, ids), golden["logits"]
     rel, top1 = TOL[qt]
