@@ -222,11 +222,12 @@ def make_mistral_native(dst) -> None:
     shutil.copy(os.path.join(TINY, "tokenizer.model"), os.path.join(dst, "tokenizer.model"))
 
 
-def test_mistral_native_equals_hf(tmp_path):
+@pytest.mark.parametrize("qt", ["q4_0", "q8_0", "f16"])
+def test_mistral_native_equals_hf(tmp_path, qt):
     make_mistral_native(str(tmp_path / "native"))
     a, b = str(tmp_path / "hf.gguf"), str(tmp_path / "native.gguf")
-    convert(TINY, a, "q4_0", progress=False)
-    convert(str(tmp_path / "native"), b, "q4_0", progress=False)
+    convert(TINY, a, qt, progress=False)
+    convert(str(tmp_path / "native"), b, qt, progress=False)
     assert tensor_bytes(a) == tensor_bytes(b)
 
 
