@@ -12,6 +12,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from quantize.cli import add_info_parser, add_quantize_parser, add_synth_parser
+    from runtime.bench import add_bench_parser
     from runtime.commands import add_chat_parser, add_run_parser
     from runtime.demo import add_demo_parser
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_chat_parser(sub)
     add_demo_parser(sub)
+    add_bench_parser(sub)
     return p
 
 
