@@ -120,6 +120,79 @@ def run_llama(model: str, ids, text: str, gen: int, threads: int, repack: bool, 
     return out
 
 
+# --- where lazymoe's time goes (runs in its own process) ------------------------------
+
+def profile_worker(model: str, ids: list[int], gen: int, ram, top: int = 14) -> dict:
+    """cProfile of one prompt pass and gen-1 greedy decode steps. Numba kernels do not appear as calls of
+    their own: their time is the tottime of the Python function that calls them (kernels.dispatch, ffn)."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from runtime.model import load_model
+    m = load_model(model, ram_budget=ram, ctx=len(ids) + gen, progress=False)
+
+    def table(pr) -> list:
+        st = pstats.Stats(pr)
+        rows = sorted(((k, v) for k, v in st.stats.items()), key=lambda kv: -kv[1][2])[:top]
+        return [{"function": f"{os.path.relpath(k[0]) if k[0].startswith('/') else k[0]}:{k[1]}({k[2]})",
+                 "calls": v[1], "tottime_s": v[2], "cumtime_s": v[3]} for k, v in rows]
+
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    logits = m.eval(ids)
+    pr.disable()
+    t_prompt = time.perf_counter() - t0
+    prompt_top = table(pr)
+    pr = cProfile.Profile()
+    t_gen = 0.0
+    tok = int(np.argmax(logits))
+    for _ in range(gen - 1):
+        t1 = time.perf_counter()
+        pr.enable()
+        logits = m.eval([tok])
+        pr.disable()
+        t_gen += time.perf_counter() - t1
+        tok = int(np.argmax(logits))
+    cfg, f = m.cfg, m.file
+    expert = sum(f.tensors[f"blk.0.{n}.weight"].nbytes for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) // cfg.n_expert
+    per_token = (sum(f.tensors[n].nbytes for n in m._resident_names if n != "token_embd.weight")
+                 + cfg.n_layer * cfg.n_expert_used * expert)
+    out = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_steps": gen - 1, "gen_s": t_gen,
+           "weight_bytes_per_token": per_token, "gen_weight_gb_per_s": per_token * (gen - 1) / t_gen / 1e9 if t_gen else None,
+           "cache": m.experts.counters() if m.experts else None, "prompt_top": prompt_top, "gen_top": table(pr)}
+    m.close()
+    return out
+
+
+def run_profile(args, ids) -> int:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"model": args.model, "ids": list(ids), "gen": args.gen, "ram": args.ram}, f)
+    try:
+        r = subprocess.run([sys.executable, "-m", "benchmarks.vs_llamacpp", "--profile-worker", f.name],
+                           capture_output=True, text=True, env=thread_env(args.threads))
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise ValueError(f"the profile run failed: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"lazymoe profile, {args.threads} threads: prompt {res['prompt_tokens']} tokens in {res['prompt_s']:.2f} s "
+          f"({res['prompt_tokens'] / res['prompt_s']:.2f} tok/s); {res['gen_steps']} decode steps in {res['gen_s']:.2f} s "
+          f"({res['gen_steps'] / res['gen_s']:.3f} tok/s, {res['weight_bytes_per_token'] / 1e9:.2f} GB of weights per "
+          f"token = {res['gen_weight_gb_per_s']:.1f} GB/s)")
+    for phase, total in (("prompt", res["prompt_s"]), ("gen", res["gen_s"])):
+        print(f"\n{phase}: top functions by own time (numba kernel time counts in its Python caller)")
+        print(f"{'own s':>8} {'share':>6} {'cum s':>8} {'calls':>7}  function")
+        for e in res[f"{phase}_top"]:
+            print(f"{e['tottime_s']:8.2f} {100 * e['tottime_s'] / total:5.1f}% {e['cumtime_s']:8.2f} {e['calls']:7d}  {e['function']}")
+    return 0
+
+
 # --- the comparison ------------------------------------------------------------------
 
 def one_run(engine: str, args, ids, text, repack: bool, cap_name: str | None) -> dict:
@@ -209,14 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-all-logits", action="store_true", help="skip llama.cpp's second, all-logits prompt pass")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up on a run after S seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: profile one lazymoe run (prompt pass and decode steps) and print where the time goes")
     return p
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
+    if argv[:1] in (["--worker"], ["--profile-worker"]):
         spec = json.load(open(argv[1]))
-        print(json.dumps(llama_worker(**spec)))
+        print(json.dumps((llama_worker if argv[0] == "--worker" else profile_worker)(**spec)))
         return 0
     args = build_parser().parse_args(argv)
     try:
@@ -239,6 +314,8 @@ def compare(args) -> int:
             args.ram = str(parse_size(args.mem_limit) - GiB)
     facts = model_facts(args.model, args.prompt_tokens + args.gen)
     text, ids = bench_prompt(facts["tokenizer"], args.prompt_tokens)
+    if args.profile:
+        return run_profile(args, ids)
     memory = parse_size(args.mem_limit) if args.mem_limit else psutil.virtual_memory().total
     repack = args.repack == "on" or (args.repack == "auto" and 2 * facts["file_bytes"] <= memory)
 
