@@ -14,9 +14,10 @@ What is timed, for both: load s = process wall time minus prompt and generation 
 generation tok/s = the G-1 decode steps after the first token (which comes from the prompt's
 logits). llama.cpp decodes all G tokens; lazymoe stops early only at EOS (reported).
 
-Same work: llama.cpp computes only the rows it must output in the last layer, so with one
-output (the default) the last layer's attention output, FFN and experts run for the last prompt
-token only: on an L-layer file it does about (L-1)/L of lazymoe's expert work on the prompt.
+Same work: after the last layer's attention, llama.cpp keeps only the rows it must output
+(`ggml_get_rows(cur, inp_out_ids)` in its llama graph), so with one output (the default) the last
+layer's FFN (router and experts) runs for the last prompt token only: on an L-layer file it does
+about (L-1)/L of lazymoe's expert work on the prompt (3/4 on a 4-layer file).
 The worker therefore times a second prompt pass that outputs logits for every token (every
 layer for every token, like lazymoe, plus the output head for every token, which lazymoe does
 not do). The same-work llama.cpp prompt rate lies between the two; both ratios are printed.
