@@ -130,6 +130,9 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
                 fout.write(b"\0" * (-fout.tell() % ALIGN))
         w.close()
         w = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                       # mkstemp made it 0600; give it a normal file's mode
         os.replace(tmp, out)
     except BaseException:
         if w is not None:

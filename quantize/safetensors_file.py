@@ -1,14 +1,17 @@
-"""A lazy, memory-mapped safetensors reader (no torch, no copy until a tensor is asked for).
+"""A lazy safetensors reader (no torch; nothing is read until a tensor is asked for).
 
 Format: u64 little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
 then the data; offsets are relative to the end of the header. Checked against the
 file before use: a checkpoint is untrusted input like any model file.
+
+Tensors are read with os.preadv into new buffers, not through a memory map: pages of a
+mapping that were touched count in the process's RSS until it is unmapped, which would
+make a converter's RSS grow with the checkpoint's size.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
@@ -25,19 +28,23 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        self._fd = -1
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < 8:
-                    raise ValueError(f"{self.path}: not a safetensors file ({size} bytes)")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
         except OSError as e:
+            self.close()
             raise ValueError(f"{self.path}: cannot read ({e.strerror})") from None
-        (n,) = struct.unpack_from("<Q", self._mm, 0)
+        if size < 8 or len(head) < 8:
+            self.close()
+            raise ValueError(f"{self.path}: not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER, size - 8):
+            self.close()
             raise ValueError(f"{self.path}: not a safetensors file or truncated (header of {n} bytes, file of {size})")
         try:
-            header = json.loads(bytes(self._mm[8:8 + n]))
+            header = json.loads(os.pread(self._fd, n, 8))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{self.path}: not a safetensors file (header is not JSON)") from None
         if not isinstance(header, dict):
@@ -72,21 +79,32 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][2]
 
-    def get(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 (a new array; the source dtype may be F32, F16, BF16, F64)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` as float32, a new array (the source dtype may be F32, F16, BF16, F64);
+        with rows=(r0, r1) only those rows of its first axis are read."""
         np_dt, dt, shape, begin, end = self._entries[name]
         if np_dt is None:
             raise ValueError(f"{self.path}: tensor {name} has dtype {dt}; expected F32, F16 or BF16 weights")
-        raw = np.frombuffer(self._mm, dtype=np_dt, count=(end - begin) // np_dt.itemsize, offset=begin).reshape(shape)
+        if rows is not None and shape:
+            r0, r1 = max(0, rows[0]), min(shape[0], rows[1])
+            row_bytes = (end - begin) // max(1, shape[0])
+            begin, end, shape = begin + r0 * row_bytes, begin + max(r0, r1) * row_bytes, (max(0, r1 - r0),) + shape[1:]
+        raw = np.empty(shape, dtype=np_dt)
+        buf = memoryview(raw.reshape(-1).view(np.uint8))
+        got = 0
+        while got < end - begin:             # preadv may return short counts on large reads
+            k = os.preadv(self._fd, [buf[got:]], begin + got)
+            if k <= 0:
+                raise ValueError(f"{self.path}: truncated while reading tensor {name}")
+            got += k
         if dt == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return raw if dt == "F32" else raw.astype(np.float32)
 
     def close(self) -> None:
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:

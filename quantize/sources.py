@@ -14,6 +14,7 @@ than one such part is ever in memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -114,8 +115,7 @@ class _Shards:
             raise ValueError(f"{f.path}: tensor {name} has shape {list(f.shape(name))}, expected {list(expect)} from the config")
 
         def read() -> np.ndarray:
-            a = f.get(name)
-            a = a[rows] if rows is not None else a
+            a = f.get(name, None if rows is None else (rows.start, rows.stop))
             a = np.ascontiguousarray(a, dtype=np.float32)
             return fix(a) if fix is not None else a
         return read
@@ -441,8 +441,11 @@ def _open_gguf(path: str) -> Source:
                 shp = shape
                 rows = int(np.prod(shp[:-1], dtype=np.int64)) if len(shp) > 1 else 1
                 byte_shape = (rows, shp[-1] // block * tsize)
-                a = gq.dequantize(raw.reshape(byte_shape), qt)
-                return np.ascontiguousarray(a, dtype=np.float32).reshape(rows, shp[-1])
+                a = np.array(gq.dequantize(raw.reshape(byte_shape), qt), dtype=np.float32).reshape(rows, shp[-1])
+                # drop the mapped pages just read, so the converter's RSS does not grow with the file
+                start = t.offset + (0 if index is None else index * per)
+                f.madvise(start, raw.nbytes, mmap.MADV_DONTNEED)
+                return a
             return read
 
         plans = []

@@ -394,6 +394,9 @@ def test_cli_quantize_and_info(tmp_path, capsys):
     assert main(["quantize", TINY, "-o", out, "-t", "q4_0", "-q"]) == 0
     line = capsys.readouterr().out
     assert "23 tensors" in line and "bits per weight" in line
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask        # a normal file, not mkstemp's 0600
     assert main(["info", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_expert"] == 8 and info["n_expert_used"] == 2
