@@ -31,6 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed, for repeatable sampling")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when this text is generated (repeatable)")
+    p.add_argument("--policy", choices=("lru", "lfu", "layer"), default="layer",
+                   help="expert cache policy: lru, lfu, or layer (an equal share of slots per layer; default)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="guess the next layer's experts with its router and read them early (default on)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="read a layer's other experts while the first computes (default on)")
+    p.add_argument("--read", choices=("direct", "buffered"), default="direct",
+                   help="expert reads: direct (O_DIRECT, bypassing the page cache; default) or buffered")
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +47,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_args(p, 128)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and every stat instead")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="write the experts chosen per token and layer to FILE (JSON lines; see runtime/trace.py)")
     p.set_defaults(func=cmd_run)
     return p
 
@@ -65,17 +75,20 @@ def _sampling(args) -> dict:
 
 def _load(args, quiet: bool):
     from runtime.model import load_model
-    model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty())
+    model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty(),
+                       policy=args.policy, prefetch=args.prefetch, overlap=args.overlap, read=args.read)
     if not quiet:
         print(model.plan.describe(), file=sys.stderr)
     return model
 
 
 def format_stats(s: dict) -> str:
+    prefetch = (f", prefetch {s['prefetch_issued']} issued, {s['prefetch_useful']} useful, recall "
+                f"{100 * s['prefetch_recall']:.0f}%") if s.get("prefetch_issued") or s.get("prefetch_recall") else ""
     return (f"prompt {s['prompt_tokens']} tokens at {s['prompt_tok_per_s']:.1f} tok/s, generated "
             f"{s['generated_tokens']} at {s['gen_tok_per_s']:.2f} tok/s, first token after "
             f"{s['time_to_first_token_s']:.2f} s; experts hit {100 * s['hit_rate']:.0f}% "
-            f"(generation {100 * s['gen_hit_rate']:.0f}%), {s['mb_read_per_token']:.1f} MB read per token; "
+            f"(generation {100 * s['gen_hit_rate']:.0f}%), {s['mb_read_per_token']:.1f} MB read per token{prefetch}; "
             f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB of {s['ram_budget_bytes'] / 2**20:.0f} MiB budget")
 
 
@@ -84,6 +97,8 @@ def cmd_run(args) -> int:
         raise ValueError("the prompt is empty")
     opts = _sampling(args)
     model = _load(args, quiet=args.json)
+    if args.trace:
+        model.trace = []
     try:
         pieces = model.generate(args.prompt, **opts)
         text = []
@@ -93,6 +108,9 @@ def cmd_run(args) -> int:
             else:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        if args.trace:
+            from runtime.trace import write_trace
+            write_trace(args.trace, model, model.trace, model.stats["prompt_tokens"])
         if args.json:
             out = {"text": "".join(text), "tokens": model.generated_ids, **model.stats,
                    "plan": model.plan.as_dict(), "cache": model.experts.counters() if model.experts else None}

@@ -1,22 +1,67 @@
 """The expert cache: a fixed pool of slots holding the experts the router asked for.
 
 An expert is its three matrices (ffn_gate, ffn_up, ffn_down) of one layer. The pool is
-allocated once (n_slots x slot_bytes of anonymous memory). A miss reads the expert
-with os.preadv straight into a slot, never through the file mapping, so the file's
-pages never count in the process's RSS. Which slot to give up is a small policy
-object (`touch`, `victim`, `forget`); LRU to start.
+allocated once (n_slots x slot_bytes of anonymous memory). Experts are read with pread
+straight into a slot, never through the file mapping, so the file's pages never count in
+the process's RSS. By default the file is opened with O_DIRECT: reads bypass the page
+cache (no copy, no CPU, nothing left behind in RAM), which is what a model larger than
+RAM gets anyway; each matrix is read as one 4096-aligned range and its view starts at the
+matrix's offset inside that range.
+
+One background thread does all reading, through a numba function that calls pread
+without the GIL (the kernels hold the GIL while they compute, so a Python read loop
+would stall between calls). Requests are either demand (`want`, `get`: this layer needs
+the expert) or speculative (`prefetch`: a guess for a later layer); demand goes first,
+preempting a speculative read between 8 MiB chunks, and `settle` cancels the guesses
+that turned out wrong. Slots of pinned experts (in use by the current layer) and of
+experts still being read are never given up. Which slot to give up is a small policy
+object (`touch`, `admit`, `victim`, `forget`): LRU, LFU or LayerShare.
 """
 from __future__ import annotations
 
+import ctypes
 import os
-from collections import OrderedDict
+import threading
+import time
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from kernels.qtypes import QType
 
-ALIGN = 64      # each matrix in a slot starts on a cache line (float views need >= 4)
+IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
+CHUNK = 8 << 20             # bytes per pread; the reader checks for cancel / preemption between chunks
+IDLE_S = 2.0                # the reader thread exits after this long without work (and restarts on demand)
+READ_BATCH = 4              # jobs the reader takes per GIL-free call, so it never waits for the GIL between them
+POLL_S = 0.001              # how often a caller waiting for a job inside that call checks its progress
+READ_MODES = ("direct", "buffered")
+DEFAULT_READ = "direct"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_longlong]
+_pread.restype = ctypes.c_ssize_t
+
+
+@njit(nogil=True)
+def _read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
+    """Read range i (sizes[i] bytes at file offset offs[i] to address addrs[i]) from done[i] on, GIL released.
+    Returns 0 when all are read (a range ending at end of file may stop early once need[i] bytes are in),
+    1 if flag[0] was set (interrupted; done[] says where to resume), -1 on a read error or a short file."""
+    for i in range(len(sizes)):
+        while done[i] < sizes[i]:
+            if flag[0] != 0:
+                return 1
+            n = min(chunk, sizes[i] - done[i])
+            r = _pread(fd, addrs[i] + done[i], n, offs[i] + done[i])
+            if r <= 0:
+                if r == 0 and done[i] >= need[i]:
+                    break
+                return -1
+            done[i] += r
+    return 0
 
 
 @dataclass(frozen=True)
@@ -27,21 +72,125 @@ class ExpertPart:
     nbytes: int
 
 
-class LRU:
-    """Least recently used: the victim is the key touched longest ago."""
+def part_region(p: ExpertPart) -> int:
+    """Bytes a part takes in a slot: room for its aligned read range, wherever it starts in a block."""
+    return -(-p.nbytes // IO_ALIGN) * IO_ALIGN + IO_ALIGN
 
-    def __init__(self):
+
+def slot_size(parts) -> int:
+    """Bytes of one slot (the three matrices of an expert, each in its aligned region)."""
+    return sum(part_region(p) for p in parts)
+
+
+# --- policies ------------------------------------------------------------------------
+# touch(key): the expert was used; admit(key): it was read without being used (a prefetch);
+# victim(incoming, skip): a resident key to give up for `incoming`, never one in skip (None: none);
+# forget(key): it left the cache. Keys are (layer, expert).
+
+class LRU:
+    """Least recently used over all layers."""
+    name = "lru"
+
+    def __init__(self, n_slots: int = 0, n_layer: int = 0):
         self.order: OrderedDict = OrderedDict()
 
     def touch(self, key) -> None:
         self.order[key] = None
         self.order.move_to_end(key)
 
-    def victim(self):
-        return next(iter(self.order))
+    admit = touch
+
+    def victim(self, incoming, skip=()):
+        return next((k for k in self.order if k not in skip), None)
 
     def forget(self, key) -> None:
         self.order.pop(key, None)
+
+
+class LFU:
+    """Least frequently used; use counts outlive eviction, ties go to the least recently used."""
+    name = "lfu"
+
+    def __init__(self, n_slots: int = 0, n_layer: int = 0):
+        self.count: dict = defaultdict(int)
+        self.order: OrderedDict = OrderedDict()
+
+    def touch(self, key) -> None:
+        self.count[key] += 1
+        self.admit(key)
+
+    def admit(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def victim(self, incoming, skip=()):
+        best, low = None, None
+        for k in self.order:                      # oldest first, so the first minimum is the LRU among equals
+            if k not in skip and (low is None or self.count[k] < low):
+                best, low = k, self.count[k]
+        return best
+
+    def forget(self, key) -> None:
+        self.order.pop(key, None)
+
+
+class LayerShare:
+    """Each layer keeps an equal share of the slots (at least 1), LRU within a layer. A layer at or over its
+    share gives up its own least recent expert; one under it takes from the layer holding the most."""
+    name = "layer"
+
+    def __init__(self, n_slots: int, n_layer: int):
+        self.share = max(1, n_slots // max(1, n_layer))
+        self.layers: dict = defaultdict(OrderedDict)     # layer -> keys, least recent first
+
+    def touch(self, key) -> None:
+        od = self.layers[key[0]]
+        od[key] = None
+        od.move_to_end(key)
+
+    admit = touch
+
+    def victim(self, incoming, skip=()):
+        own = self.layers[incoming[0]]
+        mine = next((k for k in own if k not in skip), None)
+        if mine is not None and len(own) >= self.share:
+            return mine
+        best, most = None, 0
+        for layer, od in self.layers.items():
+            if layer != incoming[0] and len(od) > most:
+                k = next((k for k in od if k not in skip), None)
+                if k is not None:
+                    best, most = k, len(od)
+        return best if best is not None else mine
+
+    def forget(self, key) -> None:
+        self.layers[key[0]].pop(key, None)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "layer": LayerShare}
+DEFAULT_POLICY = "layer"
+
+
+def make_policy(policy, n_slots: int, n_layer: int):
+    """A policy object from a name in POLICIES, or the object itself."""
+    if policy is None:
+        policy = DEFAULT_POLICY
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
+        return POLICIES[policy](n_slots, n_layer)
+    return policy
+
+
+# --- the cache -----------------------------------------------------------------------
+
+class _Job:
+    """One expert being read into a slot."""
+    __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "cancelled")
+
+    def __init__(self, key, slot, kind, seq):
+        self.key, self.slot, self.kind, self.seq = key, slot, kind, seq
+        self.cancelled = False
 
 
 class ExpertCache:
@@ -49,80 +198,277 @@ class ExpertCache:
 
     parts: the 3 ExpertParts (gate, up, down), the same for every layer.
     offsets[layer][expert] -> 3 absolute file offsets of that expert's matrices.
+    policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT) or "buffered".
     """
 
-    def __init__(self, path: str, parts: tuple[ExpertPart, ...], offsets, n_slots: int, policy=None):
+    def __init__(self, path: str, parts: tuple[ExpertPart, ...], offsets, n_slots: int, policy=None,
+                 read: str | None = None):
         if n_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
+        read = DEFAULT_READ if read is None else read
+        if read not in READ_MODES:
+            raise ValueError(f"read mode {read!r} is not one of {', '.join(READ_MODES)}")
         self.path = path
         self.parts = parts
         self.offsets = offsets
-        self.starts = []                      # byte offset of each part inside a slot
+        self.starts = []                      # byte offset of each part's region inside a slot
         pos = 0
         for p in parts:
             self.starts.append(pos)
-            pos += -(-p.nbytes // ALIGN) * ALIGN
+            pos += part_region(p)
         self.slot_bytes = pos
         self.n_slots = n_slots
-        self.policy = policy if policy is not None else LRU()
-        self.pool = np.empty(n_slots * self.slot_bytes, dtype=np.uint8)   # [n_slots * slot_bytes], pages appear as filled
-        self.views = [self._slot_views(i) for i in range(n_slots)]        # per slot: (gate, up, down) stored arrays
-        self.slot_of: dict[tuple[int, int], int] = {}                     # (layer, expert) -> slot
-        self.free = list(range(n_slots - 1, -1, -1))
-        self.fd = os.open(path, os.O_RDONLY)
-        self.hits = self.misses = self.evictions = self.bytes_read = 0
+        self.policy = make_policy(policy, n_slots, len(offsets))
+        raw = np.empty(n_slots * self.slot_bytes + IO_ALIGN, dtype=np.uint8)   # pages appear as filled
+        a = -raw.ctypes.data % IO_ALIGN
+        self.pool = raw[a:a + n_slots * self.slot_bytes]                        # [n_slots * slot_bytes], aligned
+        self.fd, self.read = self._open(path, read)
 
-    def _slot_views(self, i: int):
-        out = []
-        for p, s in zip(self.parts, self.starts):
-            raw = self.pool[i * self.slot_bytes + s:i * self.slot_bytes + s + p.nbytes]
-            out.append(raw.view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape)))
-        return tuple(out)
+        self.slot_of: dict[tuple[int, int], int] = {}     # (layer, expert) -> slot, resident or being read
+        self.views: dict = {}                             # resident key -> (gate, up, down) stored arrays
+        self.loading: dict = {}                           # key -> _Job being read
+        self.source: dict = {}                            # key -> "demand" | "spec" until its first use
+        self.pinned: set = set()                          # keys the current layer uses: never evicted
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.queue: list[_Job] = []
+        self.running: list[_Job] = []                     # the jobs of the reader's current call, in order
+        self.flag = np.zeros(1, np.int32)                 # set to interrupt the reader's current job
+        self.cv = threading.Condition()
+        self.error: Exception | None = None
+        self.closing = False
+        self.seq = 0
+        self.worker: threading.Thread | None = None
+        self.hits = self.misses = self.evictions = self.bytes_read = 0
+        self.prefetch_issued = self.prefetch_useful = self.prefetch_cancelled = self.prefetch_bytes = 0
+        self.wait_s = 0.0                                 # time the caller spent waiting for reads
+
+    @staticmethod
+    def _open(path, read):
+        if read == "direct" and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT), "direct"
+            except OSError:                               # tmpfs and some filesystems refuse O_DIRECT
+                pass
+        return os.open(path, os.O_RDONLY), "buffered"
 
     @property
     def resident_bytes(self) -> int:
-        return len(self.slot_of) * self.slot_bytes
+        return len(self.views) * self.slot_bytes
+
+    # --- requests (caller's thread) -------------------------------------------------
+    def want(self, layer: int, experts) -> None:
+        """Demand reads, in order, for experts this layer is about to use, as far as slots allow; pins them."""
+        with self.cv:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self.slot_of:
+                    self._promote(key)
+                elif not self._issue(key, "demand"):
+                    break
+                self.pinned.add(key)
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Speculative reads for a later layer into free or evictable slots (never pinned or loading ones)."""
+        with self.cv:
+            keys = [(layer, int(e)) for e in experts]
+            for key in keys:
+                if key not in self.slot_of and self._issue(key, "spec", skip=set(keys)):
+                    self.prefetch_issued += 1
+
+    def settle(self, layer: int, experts) -> None:
+        """The router chose `experts` for `layer`: cancel guesses for this or earlier layers that are not among them."""
+        keep = {(layer, int(e)) for e in experts}
+        with self.cv:
+            for key, job in list(self.loading.items()):
+                if job.kind == "spec" and key[0] <= layer and key not in keep:
+                    self._cancel(job)
 
     def get(self, layer: int, expert: int):
-        """(gate [F, D], up [F, D], down [D, F]) stored arrays of one expert, read on a miss."""
-        key = (layer, expert)
-        slot = self.slot_of.get(key)
-        if slot is not None:
-            self.hits += 1
+        """(gate [F, D], up [F, D], down [D, F]) stored arrays of one expert, read first if needed; pins it."""
+        key = (layer, int(expert))
+        t0 = time.perf_counter()
+        with self.cv:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                timeout = None                            # the reader notifies after every call
+                if key in self.slot_of:
+                    job = self.loading.get(key)
+                    if job is None:
+                        break
+                    if job in self.running:
+                        if (job.done >= job.need).all():  # read, though the reader has not returned yet
+                            self._finish(job)
+                            continue
+                        timeout = POLL_S
+                    self._promote(key)
+                    self.pinned.add(key)
+                elif self._issue(key, "demand"):
+                    self.pinned.add(key)
+                self.cv.wait(timeout)
+            src = self.source.pop(key, None)
+            if src == "demand":
+                self.misses += 1
+            else:
+                self.hits += 1
+                self.prefetch_useful += src == "spec"
+            self.pinned.add(key)
             self.policy.touch(key)
-            return self.views[slot]
-        self.misses += 1
+            views = self.views[key]
+        self.wait_s += time.perf_counter() - t0
+        return views
+
+    def unpin(self, layer: int, expert: int | None = None) -> None:
+        """The caller is done with an expert (None: with every expert)."""
+        with self.cv:
+            if expert is None:
+                self.pinned.clear()
+            else:
+                self.pinned.discard((layer, int(expert)))
+
+    # --- bookkeeping (lock held) --------------------------------------------------------
+    def _issue(self, key, kind, skip=()) -> bool:
         if self.free:
             slot = self.free.pop()
         else:
-            old = self.policy.victim()
+            old = self.policy.victim(key, self.pinned | self.loading.keys() | set(skip))
+            if old is None:
+                return False
             self.policy.forget(old)
             slot = self.slot_of.pop(old)
+            del self.views[old]
+            self.source.pop(old, None)
             self.evictions += 1
-        base = slot * self.slot_bytes
-        for p, s, off in zip(self.parts, self.starts, self.offsets[layer][expert]):
-            self._read_into(self.pool[base + s:base + s + p.nbytes], off)
+        job = _Job(key, slot, kind, self.seq)
+        self.seq += 1
+        self._plan_reads(job)
         self.slot_of[key] = slot
-        self.policy.touch(key)
-        return self.views[slot]
+        self.loading[key] = job
+        self.source[key] = kind
+        self.policy.admit(key)
+        self.queue.append(job)
+        self._preempt_for(job)
+        if self.worker is None:
+            self.worker = threading.Thread(target=self._work, name="lazymoe-reader", daemon=True)
+            self.worker.start()
+        self.cv.notify_all()
+        return True
 
-    def _read_into(self, buf: np.ndarray, offset: int) -> None:
-        mv = memoryview(buf)
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise ValueError(f"{self.path}: truncated: expert data at offset {offset + done} could not be read")
-            done += n
-        self.bytes_read += done
+    def _plan_reads(self, job: _Job) -> None:
+        layer, expert = job.key
+        base = job.slot * self.slot_bytes
+        addr0 = self.pool.ctypes.data + base
+        addrs, sizes, need, offs, views = [], [], [], [], []
+        for p, s, off in zip(self.parts, self.starts, self.offsets[layer][expert]):
+            lo = off // IO_ALIGN * IO_ALIGN
+            hi = -(-(off + p.nbytes) // IO_ALIGN) * IO_ALIGN
+            addrs.append(addr0 + s)
+            sizes.append(hi - lo)
+            need.append(off + p.nbytes - lo)
+            offs.append(lo)
+            raw = self.pool[base + s + off - lo:base + s + off - lo + p.nbytes]
+            views.append(raw.view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape)))
+        job.addrs, job.sizes = np.array(addrs, np.int64), np.array(sizes, np.int64)
+        job.need, job.offs = np.array(need, np.int64), np.array(offs, np.int64)
+        job.done = np.zeros(len(sizes), np.int64)
+        job.views = tuple(views)
+
+    def _promote(self, key) -> None:
+        job = self.loading.get(key)
+        if job is not None and job.kind == "spec":
+            job.kind = "demand"
+            self._preempt_for(job)
+
+    def _preempt_for(self, job: _Job) -> None:
+        """Interrupt the reader if a speculative job of its current call comes before this demand."""
+        if job.kind != "demand":
+            return
+        end = self.running.index(job) if job in self.running else len(self.running)
+        if any(r.kind == "spec" for r in self.running[:end]):
+            self.flag[0] = 1
+
+    def _finish(self, job: _Job) -> None:
+        self.queue.remove(job)
+        del self.loading[job.key]
+        self.views[job.key] = job.views
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled = True
+        self.prefetch_cancelled += 1
+        if job in self.running:
+            self.flag[0] = 1                              # the reader drops it when it stops
+        else:
+            self.queue.remove(job)
+            self._drop(job)
+
+    def _drop(self, job: _Job) -> None:
+        del self.loading[job.key]
+        del self.slot_of[job.key]
+        self.source.pop(job.key, None)
+        self.policy.forget(job.key)
+        self.free.append(job.slot)
+
+    # --- the reader thread -----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue and not self.closing:
+                    if not self.cv.wait(timeout=IDLE_S) and not self.queue:
+                        self.worker = None                # idle: exit, so a dropped cache is not kept alive
+                        return
+                if self.closing:
+                    return
+                batch = sorted(self.queue, key=lambda j: (j.kind != "demand", j.seq))[:READ_BATCH]
+                self.running = batch
+                self.flag[0] = 0
+                before = [int(j.done.sum()) for j in batch]
+                arrays = [np.concatenate([getattr(j, a) for j in batch]) for a in ("addrs", "sizes", "need", "offs", "done")]
+                done = arrays[-1]
+                at = 0
+                for j in batch:                              # the jobs' progress becomes views of the shared array
+                    j.done, at = done[at:at + len(j.sizes)], at + len(j.sizes)
+            rc = _read_ranges(self.fd, *arrays, self.flag, CHUNK)
+            with self.cv:
+                self.running = []
+                failed = False
+                for j, b in zip(batch, before):
+                    n = int(j.done.sum()) - b
+                    self.bytes_read += n
+                    if j.cancelled or self.source.get(j.key) == "spec":
+                        self.prefetch_bytes += n
+                    if self.loading.get(j.key) is not j:      # finished by a waiting caller
+                        continue
+                    if j.cancelled:
+                        self.queue.remove(j)
+                        self._drop(j)
+                    elif (j.done >= j.need).all():
+                        self._finish(j)
+                    elif rc < 0 and not failed:
+                        failed = True
+                        self.queue.remove(j)
+                        self._drop(j)
+                        self.error = ValueError(f"{self.path}: truncated or unreadable: expert {j.key[1]} of layer "
+                                                f"{j.key[0]} could not be read")
+                self.cv.notify_all()
 
     def counters(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "bytes_read": self.bytes_read, "hit_rate": self.hits / total if total else 0.0,
-                "resident_bytes": self.resident_bytes, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes}
+                "resident_bytes": self.resident_bytes, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes,
+                "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
+                "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
+                "wait_s": self.wait_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
+                "read": self.read}
 
     def close(self) -> None:
+        with self.cv:
+            self.closing = True
+            self.flag[0] = 1
+            self.cv.notify_all()
+            worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.join()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

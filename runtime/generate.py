@@ -12,9 +12,12 @@ MB = 1e6
 
 
 def _counters(model) -> dict:
-    if model.experts is None:
-        return {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "resident_bytes": 0}
-    return model.experts.counters()
+    c = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "resident_bytes": 0, "prefetch_issued": 0,
+         "prefetch_useful": 0, "prefetch_bytes": 0, "wait_s": 0.0}
+    if model.experts is not None:
+        c.update(model.experts.counters())
+    c["predicted"], c["predicted_right"] = getattr(model, "predicted", 0), getattr(model, "predicted_right", 0)
+    return c
 
 
 def generate(model, ids: list[int], sampler: Sampler, max_tokens: int, stop=(), reuse: bool = False):
@@ -104,6 +107,12 @@ def _run(model, ids, common, sampler, max_tokens, stops):
             "mb_read_prompt": (c1["bytes_read"] - c0["bytes_read"]) / MB,
             "mb_read_per_token": (c2["bytes_read"] - c1["bytes_read"]) / MB / n_dec if n_dec else 0.0,
             "expert_cache_bytes": c2["resident_bytes"],
+            "prefetch_issued": c2["prefetch_issued"] - c0["prefetch_issued"],
+            "prefetch_useful": c2["prefetch_useful"] - c0["prefetch_useful"],
+            "prefetch_recall": ((c2["predicted_right"] - c0["predicted_right"]) / (c2["predicted"] - c0["predicted"])
+                                if c2["predicted"] > c0["predicted"] else 0.0),
+            "mb_prefetched_per_token": (c2["prefetch_bytes"] - c1["prefetch_bytes"]) / MB / n_dec if n_dec else 0.0,
+            "expert_wait_s": c2["wait_s"] - c0["wait_s"],
             "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": _peak(),
             "ram_budget_bytes": model.plan.budget,

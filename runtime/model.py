@@ -18,7 +18,7 @@ from gguf import quants
 import kernels
 from kernels.qtypes import QType
 from runtime.config import ModelConfig, config_from_metadata
-from runtime.expert_cache import ExpertCache, ExpertPart
+from runtime.expert_cache import ExpertCache, ExpertPart, slot_size
 from runtime.gguf_file import GGUFFile
 from runtime.memory import MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
 from runtime.tokenizer import Tokenizer
@@ -88,7 +88,8 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
 class Model:
     """A loaded model: `logits(ids)`, `generate(prompt, ...)`, `tokenizer`, `stats`, `plan`."""
 
-    def __init__(self, path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None):
+    def __init__(self, path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None,
+                 prefetch: bool = True, overlap: bool = True, read: str | None = None):
         self.path = os.fspath(path)
         self.file = g = GGUFFile(self.path)
         self.cfg = cfg = config_from_metadata(g.metadata, self.path)
@@ -138,7 +139,12 @@ class Model:
         ang = np.arange(self.ctx, dtype=np.float64)[:, None] * inv                   # [N, hd/2]
         self.rope_cos = np.cos(ang).astype(np.float32)                               # [N, hd/2]
         self.rope_sin = np.sin(ang).astype(np.float32)                               # [N, hd/2]
-        self.experts = ExpertCache(self.path, parts, offsets, self.plan.n_slots, policy) if cfg.is_moe else None
+        self.experts = ExpertCache(self.path, parts, offsets, self.plan.n_slots, policy, read) if cfg.is_moe else None
+        self.prefetch = bool(prefetch)       # guess layer l+1's experts during layer l and start reading them
+        self.overlap = bool(overlap)         # ask for all of a layer's experts before computing the first
+        self.predicted = self.predicted_right = 0   # for prefetch recall: |actual| and |predicted & actual|
+        self.trace: list | None = None       # a list to record routes into: one [T, L, A] int16 array per forward
+        self._guess = None                   # experts guessed for the next layer, [A]
         self.tokens: list[int] = []          # ids whose K/V are in the cache, in order
         self.stats: dict = {}
 
@@ -156,7 +162,7 @@ class Model:
 
     def _plan(self, ram_budget, parts) -> MemoryPlan:
         resident = sum(self.file.tensors[n].nbytes for n in self._resident_names)
-        slot = sum(-(-p.nbytes // 64) * 64 for p in parts)
+        slot = slot_size(parts) if parts else 0
         return plan_memory(self.cfg, resident, slot, self.ctx, ram_budget, process_baseline(), self.path)
 
     def _touch_resident(self, progress: bool) -> None:
@@ -218,30 +224,56 @@ class Model:
             out[:, g * R:(g + 1) * R] = (s @ self.v_cache[il, g, :N]).transpose(1, 0, 2)   # [T, R, hd]
         return lin(L.attn_output, out.reshape(T, H * hd))                   # [T, D]
 
-    def _moe(self, il: int, L: Layer, h: np.ndarray) -> np.ndarray:
+    def _route(self, L: Layer, h: np.ndarray):
+        """Router for h [T, D] -> chosen experts [T, A] best first, and their weights [T, A]."""
         A = self.cfg.n_expert_used
-        T = h.shape[0]
         r = lin(L.ffn_gate_inp, h)                                          # [T, E] router logits
         top = np.argsort(-r, axis=1, kind="stable")[:, :A]                  # [T, A] chosen experts, best first
         sel = np.take_along_axis(r, top, axis=1)                            # [T, A]
         wt = np.exp(sel - sel[:, :1])                                       # [T, A] softmax over the chosen A
         wt /= wt.sum(axis=1, keepdims=True)
-        out = np.zeros_like(h)                                              # [T, D]
+        return top, wt
+
+    def _moe(self, il: int, L: Layer, h: np.ndarray, x: np.ndarray, routes: list) -> np.ndarray:
+        """The expert FFN for h [T, D] (x [T, D]: the residual it came from, for the next layer's guess)."""
+        T = h.shape[0]
+        top, wt = self._route(L, h)                                         # [T, A], [T, A]
+        routes.append(top)
+        cache = self.experts
         # Experts in increasing id, so each token's sum has one fixed order whatever the cache holds.
-        if T == 1:
-            for a in np.argsort(top[0]):
-                gate, up, down = self.experts.get(il, int(top[0, a]))
-                p = self.experts.parts
+        order = np.unique(top)                                              # [<=E]
+        cache.settle(il, order)
+        if self._guess is not None:                                         # recall of the guess made one layer up
+            self.predicted += len(order)
+            self.predicted_right += len(set(self._guess.tolist()) & set(order.tolist()))
+            self._guess = None
+        if self.overlap:
+            cache.want(il, order)                                           # read the rest while the first computes
+        if self.prefetch and T == 1 and il + 1 < self.cfg.n_layer:
+            self._prefetch_next(il + 1, x)
+        p = cache.parts
+        out = np.zeros_like(h)                                              # [T, D]
+        for i, e in enumerate(order):
+            if self.overlap and i:
+                cache.want(il, order[i:])                                   # slots freed by finished experts
+            gate, up, down = cache.get(il, int(e))
+            if T == 1:
+                a = int(np.nonzero(top[0] == e)[0][0])
                 out[0] += wt[0, a] * kernels.expert_ffn(p[0].qt, gate, p[1].qt, up, p[2].qt, down, h[0])  # [D]
-            return out
-        for e in np.unique(top):
-            rows, rank = np.nonzero(top == e)                               # tokens routed to e, and at which rank
-            gate, up, down = self.experts.get(il, int(e))
-            p = self.experts.parts
-            y = kernels.expert_ffn_batch(p[0].qt, gate, p[1].qt, up, p[2].qt, down,
-                                         np.ascontiguousarray(h[rows]))     # [t_e, D]
-            out[rows] += wt[rows, rank][:, None] * y
+            else:
+                rows, rank = np.nonzero(top == e)                           # tokens routed to e, and at which rank
+                y = kernels.expert_ffn_batch(p[0].qt, gate, p[1].qt, up, p[2].qt, down,
+                                             np.ascontiguousarray(h[rows]))  # [t_e, D]
+                out[rows] += wt[rows, rank][:, None] * y
+            cache.unpin(il, int(e))
         return out
+
+    def _prefetch_next(self, nl: int, x: np.ndarray) -> None:
+        """Guess layer nl's experts by its router on this layer's residual x [1, D]; start reading them."""
+        Ln = self.layers[nl]
+        top, _ = self._route(Ln, rmsnorm(x, Ln.ffn_norm, self.cfg.rms_eps))  # [1, A]
+        self._guess = top[0]
+        self.experts.prefetch(nl, top[0])
 
     def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
         (q1, w1), (q3, w3), (q2, w2) = L.ffn_gate, L.ffn_up, L.ffn_down
@@ -254,11 +286,17 @@ class Model:
         Returns logits [T, V] (all_logits) or [1, V] for the last token."""
         cfg = self.cfg
         x = self._embed(ids)                                                # [T, D]
+        routes: list = []                                                   # per layer [T, A]
+        self._guess = None
+        if self.experts is not None:
+            self.experts.unpin(0)                                           # nothing in use between forwards
         for il, L in enumerate(self.layers):
             h = rmsnorm(x, L.attn_norm, cfg.rms_eps)                        # [T, D]
             x += self._attention(il, L, h, pos)                             # [T, D]
             h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)                         # [T, D]
-            x += self._moe(il, L, h) if cfg.is_moe else self._dense_ffn(L, h)  # [T, D]
+            x += self._moe(il, L, h, x, routes) if cfg.is_moe else self._dense_ffn(L, h)  # [T, D]
+        if self.trace is not None and routes:
+            self.trace.append(np.stack(routes, axis=1).astype(np.int16))    # [T, L, A]
         if not all_logits:
             x = x[-1:]                                                      # [1, D]
         return lin(self.output, rmsnorm(x, self.output_norm, cfg.rms_eps))  # [T or 1, V]
@@ -321,7 +359,11 @@ class Model:
             self.experts.close()
 
 
-def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None) -> Model:
+def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None,
+               prefetch: bool = True, overlap: bool = True, read: str | None = None) -> Model:
     """Open a GGUF model within `ram_budget` (bytes or "8G"; default a safe share of available RAM)
-    with a KV cache of `ctx` tokens. ValueError with one sentence for any bad input."""
-    return Model(path, ram_budget=ram_budget, ctx=ctx, progress=progress, policy=policy)
+    with a KV cache of `ctx` tokens. Expert cache: `policy` "lru" | "lfu" | "layer" (default), `prefetch`
+    guesses the next layer's experts, `overlap` reads a layer's experts while the first computes, `read`
+    "direct" (O_DIRECT, default) | "buffered". ValueError with one sentence for any bad input."""
+    return Model(path, ram_budget=ram_budget, ctx=ctx, progress=progress, policy=policy, prefetch=prefetch,
+                 overlap=overlap, read=read)
