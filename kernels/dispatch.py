@@ -13,8 +13,8 @@ import numba
 import numpy as np
 
 from .matmul import dequant_f16, dequant_q4_0, dequant_q8_0, tiled_matmul
-from .matvec import (gate_up_q4_0, gate_up_q8_0, matmul_q4_0, matmul_q8_0, matvec_f16, matvec_f32, matvec_q4_0,
-                     matvec_q8_0, quantize_q8, quantize_q8_rows)
+from .matvec import (_rows_f16, _rows_f32, _rows_q4_0, _rows_q8_0, gate_up_q4_0, gate_up_q8_0, matmul_q4_0,
+                     matmul_q8_0, matvec_f16, matvec_f32, matvec_q4_0, matvec_q8_0, quantize_q8, quantize_q8_rows)
 from .qtypes import QType, qtype
 
 
@@ -26,14 +26,24 @@ class TypeKernels:
     gate_up: Optional[Callable]      # fused silu(W1 x) * (W3 x) driver, or None
     q8_activations: bool             # x is quantized to Q8 blocks before the dot products
     view: np.dtype                   # dtype the kernels see (f16 bits as uint16: Numba has no f16)
+    rows: Callable                   # serial body (w, x, xq, xd, xc, y, r0, r1) for small matrices
 
 
 KERNELS: dict[str, TypeKernels] = {
-    "f32": TypeKernels(matvec_f32, None, None, None, False, np.dtype(np.float32)),
-    "f16": TypeKernels(matvec_f16, None, dequant_f16, None, False, np.dtype(np.uint16)),
-    "q8_0": TypeKernels(matvec_q8_0, matmul_q8_0, dequant_q8_0, gate_up_q8_0, True, np.dtype(np.uint8)),
-    "q4_0": TypeKernels(matvec_q4_0, matmul_q4_0, dequant_q4_0, gate_up_q4_0, True, np.dtype(np.uint8)),
+    "f32": TypeKernels(matvec_f32, None, None, None, False, np.dtype(np.float32), _rows_f32),
+    "f16": TypeKernels(matvec_f16, None, dequant_f16, None, False, np.dtype(np.uint16), _rows_f16),
+    "q8_0": TypeKernels(matvec_q8_0, matmul_q8_0, dequant_q8_0, gate_up_q8_0, True, np.dtype(np.uint8), _rows_q8_0),
+    "q4_0": TypeKernels(matvec_q4_0, matmul_q4_0, dequant_q4_0, gate_up_q4_0, True, np.dtype(np.uint8), _rows_q4_0),
 }
+
+# Below this many weights a matvec runs serially in the calling thread: a parallel region costs
+# tens of microseconds to start and join, more than a 256x512 Q4_0 matvec takes on one core (~10 us).
+PARALLEL_MIN_WEIGHTS = 1 << 18
+
+
+def threads_for(n_weights: int) -> int:
+    """Threads to use for a product over n_weights weights."""
+    return 1 if n_weights < PARALLEL_MIN_WEIGHTS else numba.get_num_threads()
 
 # Up to this many tokens the integer kernels (weights unpacked per token, each row read from
 # DRAM once; ~65-75 GFLOP/s at any T on a quiet moment here) beat dequantize + sgemm, which is
@@ -115,7 +125,10 @@ def run_matvec(k: TypeKernels, wk, x, y, nt, q8=None):
         q8 = q8_buffers(k, x.shape[0])
         if k.q8_activations:
             quantize_q8(x, *q8)
-    k.matvec(wk, x, *q8, y, nt)
+    if nt == 1:
+        k.rows(wk, x, *q8, y, 0, y.shape[0])
+    else:
+        k.matvec(wk, x, *q8, y, nt)
     return y
 
 
@@ -125,7 +138,7 @@ def matvec(qt, w, x, out=None) -> np.ndarray:
     wk, rows, cols = check_weight(q, k, w)
     check_vector(x, cols, f"{q.name} weights [{rows}, {cols}]")
     y = check_out(out, (rows,))
-    return run_matvec(k, wk, x, y, numba.get_num_threads())
+    return run_matvec(k, wk, x, y, threads_for(rows * cols))
 
 
 def run_matmul(k: TypeKernels, wk, X, rows, cols, Y, nt):
@@ -147,4 +160,4 @@ def matmul(qt, w, X, out=None) -> np.ndarray:
     wk, rows, cols = check_weight(q, k, w)
     check_tokens(X, cols, f"{q.name} weights [{rows}, {cols}]")
     Y = check_out(out, (X.shape[0], rows))
-    return run_matmul(k, wk, X, rows, cols, Y, numba.get_num_threads())
+    return run_matmul(k, wk, X, rows, cols, Y, threads_for(rows * cols * X.shape[0]))

@@ -5,11 +5,10 @@ w1 (gate) and w3 (up) are [F, D], w2 (down) is [D, F], each stored in its own ty
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .dispatch import (check_out, check_tokens, check_vector, check_weight, q8_buffers, resolve,
-                       run_matmul, run_matvec)
+                       run_matmul, run_matvec, threads_for)
 from .matvec import quantize_q8
 
 
@@ -39,9 +38,9 @@ def expert_ffn(qt1, w1, qt3, w3, qt2, w2, x) -> np.ndarray:
     """y [D] = W2 (silu(W1 x) * (W3 x)) for one token x [D]; w1, w3 [F, D], w2 [D, F] as stored."""
     (k1, w1k), (k3, w3k), (k2, w2k), f, d = _check_expert(qt1, w1, qt3, w3, qt2, w2)
     check_vector(x, d, f"expert with hidden size {d}")
-    nt = numba.get_num_threads()
+    nt = threads_for(f * d)
     h = np.empty(f, np.float32)                                       # [F]
-    if k1 is k3 and k1.gate_up is not None:
+    if k1 is k3 and k1.gate_up is not None and nt > 1:
         # fused: x quantized once, one parallel pass computes both rows and silu * up
         q8 = q8_buffers(k1, d)
         quantize_q8(x, *q8)
@@ -58,8 +57,8 @@ def expert_ffn_batch(qt1, w1, qt3, w3, qt2, w2, X) -> np.ndarray:
     check_tokens(X, d, f"expert with hidden size {d}")
     if X.shape[0] == 1:
         return expert_ffn(qt1, w1, qt3, w3, qt2, w2, X[0])[None]
-    nt = numba.get_num_threads()
     t = X.shape[0]
+    nt = threads_for(f * d * t)
     g = run_matmul(k1, w1k, X, f, d, np.empty((t, f), np.float32), nt)   # [T, F]
     u = run_matmul(k3, w3k, X, f, d, np.empty((t, f), np.float32), nt)   # [T, F]
     h = _silu_mul(g, u)                                                 # [T, F]

@@ -37,9 +37,7 @@ def cmd_demo(args) -> int:
         argv += ["--ram", args.ram]
     if args.json:
         argv.append("--json")
-    else:
-        print(f"lazymoe demo: {os.path.basename(DEMO_MODEL)} ({os.path.getsize(DEMO_MODEL) / 2**20:.1f} MiB, "
-              "Mixtral architecture, 8 experts, top-2, trained on Python source)", file=sys.stderr)
-        sys.stdout.write(args.prompt)
     run = build_parser().parse_args(argv)
+    if not args.json:
+        sys.stdout.write(args.prompt)          # the continuation follows the prompt, as llama.cpp prints it
     return run.func(run)

@@ -141,8 +141,8 @@ def ffn_bound(types, X):
 
 
 @pytest.mark.parametrize("types", FFN_TYPES)
-def test_expert_ffn(types):
-    d, f = 128, 352
+@pytest.mark.parametrize("d,f", [(128, 352), (256, 1056)])   # serial (small) and parallel, fused for q4_0/q4_0
+def test_expert_ffn(types, d, f):
     (w1, W1), (w3, W3), (w2, W2) = weights(types[0], (f, d)), weights(types[1], (f, d)), weights(types[2], (d, f))
     x = RNG.standard_normal(d).astype(np.float32)
     y = K.expert_ffn(types[0], w1, types[1], w3, types[2], w2, x)

@@ -1,0 +1,55 @@
+"""The demo model shipped in the package: it runs offline, and it is the Hugging Face model it came from."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from runtime.cli import main
+from runtime.demo import DEMO_MODEL
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "demo_golden.json")
+
+
+def test_demo_model_is_packaged_and_small():
+    assert os.path.isfile(DEMO_MODEL)
+    assert os.path.getsize(DEMO_MODEL) < 10 * 2**20
+
+
+def test_greedy_ids_equal_hugging_face():
+    """benchmarks/train_demo.py ran transformers' MixtralForCausalLM on this GGUF's dequantized weights
+    and recorded its greedy continuation; lazymoe must produce the same ids (up to EOS)."""
+    from runtime import load_model
+
+    gold = json.load(open(GOLDEN))
+    model = load_model(DEMO_MODEL, progress=False, ctx=256)
+    try:
+        assert model.tokenizer.encode(gold["prompt"], bos=True) == gold["prompt_ids"]
+        list(model.generate(gold["prompt"], max_tokens=len(gold["greedy_ids"])))
+        ours = model.generated_ids
+    finally:
+        model.close()
+    want = gold["greedy_ids"]
+    if model.tokenizer.eos_id in want:
+        want = want[: want.index(model.tokenizer.eos_id) + 1]
+    assert ours[: len(want)] == want
+
+
+def test_demo_command_runs_in_a_small_budget(capsys):
+    assert main(["demo", "-n", "16", "--ram", "400M", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["generated_tokens"] >= 1 and out["text"]
+    assert out["peak_rss_bytes"] <= out["ram_budget_bytes"]
+
+
+def test_demo_bad_budget(capsys):
+    assert main(["demo", "--ram", "1M"]) == 2
+    err = capsys.readouterr().err
+    assert "too small" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["demo", "-n", "0"], ["demo", "--temp", "-1"]])
+def test_demo_bad_flags(argv, capsys):
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
