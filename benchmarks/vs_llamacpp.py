@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -206,7 +207,7 @@ def one_run(engine: str, args, ids, text, repack: bool, cap_name: str | None) ->
             return run_llama(args.model, ids, text, args.gen, args.threads, repack, not args.no_all_logits,
                              preexec_fn, args.timeout)
         return run_lazymoe(args.model, text, args.gen, ram=args.ram, ctx=len(ids) + args.gen, threads=args.threads,
-                           preexec_fn=preexec_fn, timeout=args.timeout)
+                           extra=shlex.split(args.lazymoe_args), preexec_fn=preexec_fn, timeout=args.timeout)
 
     if args.mem_limit is None:
         res = go(None)
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repack", choices=("auto", "on", "off"), default="auto",
                    help="llama.cpp's CPU weight repack (default auto: off when the file is over half the memory)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before every run (always with --mem-limit)")
+    p.add_argument("--lazymoe-args", default="", metavar="ARGS",
+                   help="extra flags for `lazymoe run`, e.g. \"--read buffered\"")
     p.add_argument("--no-all-logits", action="store_true", help="skip llama.cpp's second, all-logits prompt pass")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up on a run after S seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
