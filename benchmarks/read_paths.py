@@ -8,12 +8,12 @@ them under the same conditions; the median MB/s per way is reported, with the CP
 process spent (user + sys) per GB, since those are taken from the compute on a 2-core machine.
 
 Ways:
-  seq-direct     the disk's sequential speed: the file's first bytes in 16 MiB O_DIRECT reads (the bound)
+  seq-16M/32M    the disk's sequential speed: as many bytes from the file's start in 16 / 32 MiB O_DIRECT reads
   preadv         os.preadv of each whole matrix into the slot, buffered (the runtime before this change)
   buffered-8M    the runtime's reader (numba pread loop, GIL released) in 8 MiB chunks, buffered
   direct-8M      the same with O_DIRECT: aligned ranges, no page cache, no copy (the runtime's default)
-  direct-32M     O_DIRECT in 32 MiB chunks
-  direct-2x      O_DIRECT, two threads reading two experts at once (queue depth 2)
+  direct-32M/64M O_DIRECT in 32 / 64 MiB chunks (64 MiB: one pread per matrix)
+  direct-2x-8M/32M  O_DIRECT, two threads reading two experts at once, 8 / 32 MiB chunks
   mmap-willneed  mmap the file, madvise(WILLNEED) the expert's ranges, copy them into the slot
 """
 from __future__ import annotations
@@ -101,10 +101,10 @@ def read_numba(path, experts, buf, direct: bool, chunk: int):
         os.close(fd)
 
 
-def read_direct_2x(path, experts, buf):
+def read_direct_2x(path, experts, buf, chunk):
     half = len(buf) // 2 // IO_ALIGN * IO_ALIGN
     bufs = (buf[:half], buf[half:2 * half])
-    ts = [threading.Thread(target=read_numba, args=(path, experts[k::2], bufs[k], True, 8 << 20)) for k in (0, 1)]
+    ts = [threading.Thread(target=read_numba, args=(path, experts[k::2], bufs[k], True, chunk)) for k in (0, 1)]
     for t in ts:
         t.start()
     for t in ts:
@@ -129,9 +129,8 @@ def read_mmap(path, experts, buf):
         mm.close()
 
 
-def read_seq(path, nbytes, buf):
+def read_seq(path, nbytes, buf, blk):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    blk = 16 << 20
     flag = np.zeros(1, np.int32)
     try:
         size = min(nbytes, os.fstat(fd).st_size) // blk * blk
@@ -155,12 +154,15 @@ def main(argv=None) -> int:
     slot = sum(-(-nb // IO_ALIGN) * IO_ALIGN + IO_ALIGN for _, nb in experts[0])
     buf = _aligned(max(2 * slot, 16 << 20))
     ways = {
-        "seq-direct": lambda: read_seq(args.model, nbytes, buf),
+        "seq-16M": lambda: read_seq(args.model, nbytes, buf, 16 << 20),
+        "seq-32M": lambda: read_seq(args.model, nbytes, buf, 32 << 20),
         "preadv": lambda: read_preadv(args.model, experts, buf),
         "buffered-8M": lambda: read_numba(args.model, experts, buf, False, 8 << 20),
         "direct-8M": lambda: read_numba(args.model, experts, buf, True, 8 << 20),
         "direct-32M": lambda: read_numba(args.model, experts, buf, True, 32 << 20),
-        "direct-2x": lambda: read_direct_2x(args.model, experts, buf),
+        "direct-64M": lambda: read_numba(args.model, experts, buf, True, 64 << 20),
+        "direct-2x-8M": lambda: read_direct_2x(args.model, experts, buf, 8 << 20),
+        "direct-2x-32M": lambda: read_direct_2x(args.model, experts, buf, 32 << 20),
         "mmap-willneed": lambda: read_mmap(args.model, experts, buf),
     }
     read_numba(args.model, experts[:1], buf, True, 8 << 20)          # compile the reader
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
             c0, t0 = os.times(), time.perf_counter()
             got = f()
             dt, c1 = time.perf_counter() - t0, os.times()
-            n = max(1, got if w == "seq-direct" else nbytes)
+            n = max(1, got if w.startswith("seq") else nbytes)
             res[w]["mb_s"].append(n / MB / dt)
             res[w]["cpu_s_per_gb"].append((c1.user + c1.system - c0.user - c0.system) / (n / 1e9))
     rows = [{"way": w, "mb_s": statistics.median(r["mb_s"]), "cpu_s_per_gb": statistics.median(r["cpu_s_per_gb"]),

@@ -12,7 +12,7 @@ One background thread does all reading, through a numba function that calls prea
 without the GIL (the kernels hold the GIL while they compute, so a Python read loop
 would stall between calls). Requests are either demand (`want`, `get`: this layer needs
 the expert) or speculative (`prefetch`: a guess for a later layer); demand goes first,
-preempting a speculative read between 8 MiB chunks, and `settle` cancels the guesses
+preempting a speculative read between 32 MiB chunks, and `settle` cancels the guesses
 that turned out wrong. Slots of pinned experts (in use by the current layer) and of
 experts still being read are never given up. Which slot to give up is a small policy
 object (`touch`, `admit`, `victim`, `forget`): LRU, LFU or LayerShare.
@@ -32,9 +32,9 @@ from numba import njit
 from kernels.qtypes import QType
 
 IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
-CHUNK = 8 << 20             # bytes per pread; the reader checks for cancel / preemption between chunks
+CHUNK = 32 << 20            # bytes per pread: cold O_DIRECT reads 8 MiB at ~1.0 GB/s, 32 MiB at ~2.2 GB/s here
 IDLE_S = 2.0                # the reader thread exits after this long without work (and restarts on demand)
-READ_BATCH = 4              # jobs the reader takes per GIL-free call, so it never waits for the GIL between them
+READ_BATCH = 1              # jobs the reader takes per GIL-free call (4 measured no faster: RESULTS.md)
 POLL_S = 0.001              # how often a caller waiting for a job inside that call checks its progress
 READ_MODES = ("direct", "buffered")
 DEFAULT_READ = "direct"
@@ -62,6 +62,12 @@ def _read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
                 return -1
             done[i] += r
     return 0
+
+
+def compile_reader() -> None:
+    """Compile the reader (its ctypes call keeps it out of numba's cache) so the first expert read does not wait."""
+    z = np.zeros(0, np.int64)
+    _read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
 
 
 @dataclass(frozen=True)
@@ -258,14 +264,17 @@ class ExpertCache:
     # --- requests (caller's thread) -------------------------------------------------
     def want(self, layer: int, experts) -> None:
         """Demand reads, in order, for experts this layer is about to use, as far as slots allow; pins them."""
+        keys = [(layer, int(e)) for e in experts]
         with self.cv:
-            for e in experts:
-                key = (layer, int(e))
+            for key in keys:                              # pin what is already here first: misses must not evict it
                 if key in self.slot_of:
                     self._promote(key)
-                elif not self._issue(key, "demand"):
-                    break
-                self.pinned.add(key)
+                    self.pinned.add(key)
+            for key in keys:
+                if key not in self.slot_of:
+                    if not self._issue(key, "demand"):
+                        break
+                    self.pinned.add(key)
 
     def prefetch(self, layer: int, experts) -> None:
         """Speculative reads for a later layer into free or evictable slots (never pinned or loading ones)."""

@@ -18,7 +18,7 @@ from gguf import quants
 import kernels
 from kernels.qtypes import QType
 from runtime.config import ModelConfig, config_from_metadata
-from runtime.expert_cache import ExpertCache, ExpertPart, slot_size
+from runtime.expert_cache import ExpertCache, ExpertPart, compile_reader, slot_size
 from runtime.gguf_file import GGUFFile
 from runtime.memory import MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
 from runtime.tokenizer import Tokenizer
@@ -151,6 +151,8 @@ class Model:
     # --- load -------------------------------------------------------------
     def _warm_up(self, qts) -> None:
         """Compile every kernel the model will call, so the baseline includes the JIT."""
+        if self.cfg.is_moe:
+            compile_reader()
         n = 256
         x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
         for qt in qts:
