@@ -22,7 +22,8 @@ from runtime.memory import GiB, MiB, parse_size
 
 WORD_STRIDE = 7919        # a prime: visits every id of any vocabulary it does not divide
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-RANDOM_NOTE = ("random weights route almost uniformly: hit rates here are a lower bound for a trained model")
+RANDOM_NOTE = ("random weights: routing is not a trained model's, so these hit rates do not predict one "
+               "(see benchmarks/RESULTS.md)")
 COLUMNS = ["budget", "budget_bytes", "status", "cold", "n_slots", "n_experts", "load_s", "prompt_tokens",
            "prompt_tok_per_s", "generated_tokens", "gen_tok_per_s", "time_to_first_token_s", "hit_rate",
            "gen_hit_rate", "mb_read_per_token", "mb_read_prompt", "peak_rss_bytes", "wall_s", "note"]
@@ -253,7 +254,7 @@ def plot(path: str, rows: list[dict], title: str, synthetic: bool) -> str | None
     a1.set_title(title, fontsize=9)
     a2.plot(x, [100 * r["gen_hit_rate"] for r in ok], "o-", color="C2", label="generation")
     a2.plot(x, [100 * r["hit_rate"] for r in ok], "s--", color="C3", label="whole run")
-    a2.set_ylabel("expert hit rate %" + (" (lower bound)" if synthetic else ""))
+    a2.set_ylabel("expert hit rate %" + (" (random weights)" if synthetic else ""))
     a2.set_xlabel("RAM budget (GiB)")
     a2.set_ylim(0, 100)
     a2.legend()

@@ -73,7 +73,7 @@ def test_table_text():
     assert "gen tok/s" in lines[0]
     assert lines[1].split() == ["2G", "10/256", "3.2", "4.50", "0.250", "7.10", "10", "5", "5900", "2.00G", "ok", "(cold)"]
     assert lines[2].split()[0] == "1G" and lines[2].endswith("too small")
-    assert "lower bound" in lines[-1]
+    assert "random weights" in lines[-1]
 
 
 def test_plot_without_matplotlib(monkeypatch, tmp_path):
