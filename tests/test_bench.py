@@ -50,6 +50,7 @@ def test_table_csv_json(bench_run, capsys):
     assert ok["status"] == "ok" and int(ok["prompt_tokens"]) == 20 and int(ok["generated_tokens"]) <= 4
     assert float(ok["gen_tok_per_s"]) > 0 and float(ok["prompt_tok_per_s"]) > 0 and float(ok["load_s"]) > 0
     assert 0 <= float(ok["hit_rate"]) <= 1 and int(ok["n_slots"]) == int(ok["n_experts"]) == 16
+    assert 0 < int(ok["expert_misses"]) <= 16          # every expert fits: each is read at most once
     assert 0 < int(ok["peak_rss_bytes"]) <= 600 << 20
 
     doc = json.load(open(out / "bench.json"))
@@ -62,16 +63,16 @@ def test_table_csv_json(bench_run, capsys):
 def test_table_text():
     rows = [{"budget": "2G", "budget_bytes": 2 << 30, "status": "ok", "cold": True, "n_slots": 10, "n_experts": 256,
              "load_s": 3.21, "prompt_tokens": 32, "prompt_tok_per_s": 4.5, "generated_tokens": 16, "gen_tok_per_s": 0.25,
-             "time_to_first_token_s": 7.1, "hit_rate": 0.1, "gen_hit_rate": 0.05, "mb_read_per_token": 5900.0,
+             "time_to_first_token_s": 7.1, "hit_rate": 0.1, "gen_hit_rate": 0.05, "expert_misses": 700, "mb_read_per_token": 5900.0,
              "mb_read_prompt": 1.0, "peak_rss_bytes": 2 << 30, "wall_s": 80.0, "note": ""},
             {"budget": "1G", "budget_bytes": 1 << 30, "status": "too small", "cold": None, "n_slots": None,
              "n_experts": None, "load_s": None, "prompt_tokens": None, "prompt_tok_per_s": None, "generated_tokens": None,
              "gen_tok_per_s": None, "time_to_first_token_s": None, "hit_rate": None, "gen_hit_rate": None,
-             "mb_read_per_token": None, "mb_read_prompt": None, "peak_rss_bytes": None, "wall_s": None, "note": ""}]
+             "expert_misses": None, "mb_read_per_token": None, "mb_read_prompt": None, "peak_rss_bytes": None, "wall_s": None, "note": ""}]
     text = format_table(rows, synthetic=True)
     lines = text.splitlines()
     assert "gen tok/s" in lines[0]
-    assert lines[1].split() == ["2G", "10/256", "3.2", "4.50", "0.250", "7.10", "10", "5", "5900", "2.00G", "ok", "(cold)"]
+    assert lines[1].split() == ["2G", "10/256", "3.2", "4.50", "0.250", "7.10", "10", "5", "700", "5900", "2.00G", "ok", "(cold)"]
     assert lines[2].split()[0] == "1G" and lines[2].endswith("too small")
     assert "random weights" in lines[-1]
 
