@@ -54,9 +54,13 @@ def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> n
         return (rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD).astype(qt.dtype)
     nb = rows * cols // qt.block_size
     blocks = np.frombuffer(rng.bytes(nb * qt.type_size), np.uint8).reshape(nb, qt.type_size).copy()
-    # uniform codes: Q4_0 (q-8) has std 4.61, Q8_0 (int8) std 73.9; the f16 scale d sets the weight std
+    # uniform codes: Q4_0 (q-8) has std 4.61, Q8_0 (int8) std 73.9; the f16 scale d sets the weight std.
+    # Both code ranges have mean -0.5: with one sign for every d, each matrix would carry a common
+    # rank-one part that lines every hidden state up and makes every token pick the same experts.
+    # A random sign per block makes the weights zero-mean.
     code_std = {"q4_0": 4.61, "q8_0": 73.9}[qt.name]
-    d = np.full(nb, WEIGHT_STD / code_std, np.float16)
+    sign = np.where(rng.integers(0, 2, nb, dtype=np.uint8) == 1, 1.0, -1.0)
+    d = (sign * (WEIGHT_STD / code_std)).astype(np.float16)
     blocks[:, :2] = d.view(np.uint8).reshape(nb, 2)
     return blocks.reshape(rows, cols // qt.block_size * qt.type_size)
 

@@ -70,3 +70,22 @@ def test_bad_synth_args(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--layers must be between 1 and 32" in err and len(err.strip().splitlines()) == 1
     assert not os.listdir(tmp_path)
+
+
+def test_random_weights_route_almost_uniformly(one_layer_8x7b):
+    """Zero-mean random weights: tokens spread over the experts (a biased synth made every token pick the same two)."""
+    from benchmarks.routing import expert_load, repeated_assignment
+    from runtime import load_model
+
+    path, _ = one_layer_8x7b
+    model = load_model(path, progress=False, ctx=64)
+    try:
+        model.trace = []
+        model.logits([1] + [(97 * i + 13) % 32000 for i in range(47)])
+        ids = np.concatenate(model.trace)                      # [48, 1, 2]
+    finally:
+        model.close()
+    first, _ = repeated_assignment(ids)
+    # random attention averages over the prompt, which still skews routing (seen: one expert at 37 %)
+    assert expert_load(ids, 8).max() < 0.5 and (expert_load(ids, 8) > 0).sum() >= 6
+    assert first[0] < 0.6
