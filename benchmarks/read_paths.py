@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from runtime.bench import drop_page_cache
+
 from runtime.expert_cache import IO_ALIGN, _read_ranges
 from runtime.gguf_file import GGUFFile
 
@@ -48,16 +50,6 @@ def expert_ranges(path: str, n: int):
             infos = [g.tensors[f"blk.{layer}.{name}.weight"] for name in NAMES]
             out.append([(t.offset + e * (t.nbytes // E), t.nbytes // E) for t in infos])
     return out
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -170,7 +162,7 @@ def main(argv=None) -> int:
     res = {w: {"mb_s": [], "cpu_s_per_gb": []} for w in ways}
     for _ in range(args.trials):
         for w, f in ways.items():
-            cold &= drop_caches()
+            cold &= drop_page_cache()
             c0, t0 = os.times(), time.perf_counter()
             got = f()
             dt, c1 = time.perf_counter() - t0, os.times()

@@ -50,6 +50,15 @@ def test_llama_cpp_runs_our_files_like_hf(tmp_path, fixture, qt):
     assert (got.argmax(1) == want.argmax(1)).mean() >= top1
 
 
+def lazymoe_logits(path: str, ids: list[int]) -> np.ndarray:
+    from runtime import load_model
+    model = load_model(path, progress=False)
+    try:
+        return model.logits(ids)
+    finally:
+        model.close()
+
+
 def llama_quantize(src: str, dst: str, ftype: int, pure: bool) -> None:
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype
@@ -60,8 +69,6 @@ def llama_quantize(src: str, dst: str, ftype: int, pure: bool) -> None:
 
 
 def test_we_run_what_llama_cpp_writes(tmp_path):
-    from runtime import load_model
-
     f32 = str(tmp_path / "f32.gguf")
     convert(os.path.join(FIX, "tiny-mixtral"), f32, "f32", progress=False)
     theirs = str(tmp_path / "llama-q4_0.gguf")
@@ -73,11 +80,7 @@ def test_we_run_what_llama_cpp_writes(tmp_path):
             assert bytes(g.raw(name)) == gguf.quants.quantize(a.reshape(-1, a.shape[-1]), gguf.GGMLQuantizationType.Q4_0).tobytes()
     golden = np.load(os.path.join(FIX, "golden", "tiny-mixtral-f32.npz"))
     ids = [int(i) for i in golden["ids"]]
-    model = load_model(theirs, progress=False)
-    try:
-        ours = model.logits(ids)
-    finally:
-        model.close()
+    ours = lazymoe_logits(theirs, ids)
     ref = llama_logits(theirs, ids)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.1
     assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.9
@@ -113,8 +116,6 @@ def wide_checkpoint(folder) -> None:
 
 def test_requantize_llama_cpp_k_quants(tmp_path):
     """A Q4_K_M file as most downloads are (Q4_K, Q6_K, ...): `lazymoe quantize` turns it into Q4_0 we run."""
-    from runtime import load_model
-
     wide_checkpoint(str(tmp_path / "wide"))
     f32 = str(tmp_path / "f32.gguf")
     convert(str(tmp_path / "wide"), f32, "f32", progress=False)
@@ -132,10 +133,6 @@ def test_requantize_llama_cpp_k_quants(tmp_path):
             got = gguf.quants.dequantize(f.tensor(n), gguf.GGMLQuantizationType(f.tensors[n].ggml_type))
             assert np.abs(got.reshape(t.shape) - want.reshape(t.shape)).max() <= 0.15 * np.abs(want).max(), n
     ids = [1, 5, 77, 300, 12, 9, 400, 33]
-    model = load_model(out, progress=False)
-    try:
-        ours = model.logits(ids)
-    finally:
-        model.close()
+    ours = lazymoe_logits(out, ids)
     ref = llama_logits(out, ids)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.05

@@ -10,16 +10,7 @@ import pytest
 from runtime.expert_cache import ExpertCache, ExpertPart
 from runtime.model import load_model
 from runtime.trace import read_trace
-from tests.test_runtime import min_budget, run_cli, synth_gguf
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import numba
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
+from tests.test_runtime import _one_thread, min_budget, run_cli, synth_gguf  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
