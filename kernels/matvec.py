@@ -152,21 +152,27 @@ def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
 
 
+# Each thread computes its rows of W1, then the same rows of W3, then silu * up: one weight stream at a
+# time. Alternating W1 row r and W3 row r (two streams per thread) measured 9.1-9.9 GB/s against 11.8-12.3
+# GB/s for this order and for two separate matvecs (2 threads, 14336 x 4096 Q4_0, this machine, 2026-11-27).
+
 @njit(parallel=True, cache=True)
 def gate_up_q4_0(w1, w3, x, xq, xd, xc, h, nt):
-    f1, f3 = w1.reshape(-1), w3.reshape(-1)
-    rb = w1.shape[1]
+    u = np.empty(w1.shape[0], np.float32)
     for t in prange(nt):
         r0, r1 = split(w1.shape[0], nt, t)
+        _rows_q4_0(w1, x, xq, xd, xc, h, r0, r1)
+        _rows_q4_0(w3, x, xq, xd, xc, u, r0, r1)
         for r in range(r0, r1):
-            h[r] = _silu_mul(dot_q4_0(f1, r * rb, xq, xd, xc), dot_q4_0(f3, r * rb, xq, xd, xc))
+            h[r] = _silu_mul(h[r], u[r])
 
 
 @njit(parallel=True, cache=True)
 def gate_up_q8_0(w1, w3, x, xq, xd, xc, h, nt):
-    f1, f3 = w1.reshape(-1), w3.reshape(-1)
-    rb = w1.shape[1]
+    u = np.empty(w1.shape[0], np.float32)
     for t in prange(nt):
         r0, r1 = split(w1.shape[0], nt, t)
+        _rows_q8_0(w1, x, xq, xd, xc, h, r0, r1)
+        _rows_q8_0(w3, x, xq, xd, xc, u, r0, r1)
         for r in range(r0, r1):
-            h[r] = _silu_mul(dot_q8_0(f1, r * rb, xq, xd, xc), dot_q8_0(f3, r * rb, xq, xd, xc))
+            h[r] = _silu_mul(h[r], u[r])

@@ -16,6 +16,7 @@ import psutil
 from runtime.config import ModelConfig
 
 N_BATCH = 256             # prompt tokens per forward chunk; bounds the working buffers
+ATTN_CHUNK_FLOATS = 1 << 20  # attention scores per batched product: KV heads are taken in chunks under this
 BUDGET_SHARE = 0.75       # default budget: what the process holds now + this share of available RAM
 MiB = 1 << 20
 GiB = 1 << 30
@@ -92,8 +93,8 @@ def work_bytes(cfg: ModelConfig, ctx: int) -> int:
     D, F, V, E = cfg.n_embd, cfg.n_ff, cfg.n_vocab, max(cfg.n_expert, 1)
     R = cfg.n_head // cfg.n_head_kv
     # Per chunk token: ~24 [D] activations and temporaries, K/V, 4 [F] (gate, up, product, copy), router, logits;
-    # attention scores and their exponentials for one KV head; RoPE tables.
-    return 4 * (N_BATCH * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * R * N_BATCH * ctx
+    # attention scores and their exponentials for one chunk of KV heads (runtime/model.py); RoPE tables.
+    return 4 * (N_BATCH * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * max(R * N_BATCH * ctx, ATTN_CHUNK_FLOATS)
                 + ctx * cfg.head_dim) + 16 * MiB
 
 

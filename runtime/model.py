@@ -20,7 +20,7 @@ from kernels.qtypes import QType
 from runtime.config import ModelConfig, config_from_metadata
 from runtime.expert_cache import ExpertCache, ExpertPart, compile_reader, slot_size
 from runtime.gguf_file import GGUFFile
-from runtime.memory import MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
+from runtime.memory import ATTN_CHUNK_FLOATS, MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
 from runtime.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -214,17 +214,23 @@ class Model:
         scale = np.float32(1.0 / np.sqrt(hd))
         # query t (position pos+t) sees keys 0..pos+t
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
-        out = np.empty((T, H, hd), dtype=np.float32)                        # [T, H, hd]
-        for g in range(G):
-            qg = np.ascontiguousarray(q[:, g * R:(g + 1) * R].transpose(1, 0, 2))   # [R, T, hd]; contiguous for BLAS
-            s = qg @ self.k_cache[il, g, :N].T                              # [R, T, N]
+        qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3)                   # [G, R, T, hd]
+        out = np.empty((G, R, T, hd), dtype=np.float32)                     # [G, R, T, hd]
+        # groups in chunks of gs: one batched product per chunk (decoding: all groups at once), with the
+        # scores of a chunk bounded to ATTN_CHUNK_FLOATS
+        gs = max(1, min(G, ATTN_CHUNK_FLOATS // (R * T * N)))
+        for g0 in range(0, G, gs):
+            g1 = min(G, g0 + gs)
+            qc = np.ascontiguousarray(qg[g0:g1]).reshape(g1 - g0, R * T, hd)  # [g, R*T, hd]; contiguous for BLAS
+            s = qc @ self.k_cache[il, g0:g1, :N].transpose(0, 2, 1)         # [g, R*T, N]
             s *= scale
-            s += mask
+            s.reshape(g1 - g0, R, T, N)[...] += mask
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-            out[:, g * R:(g + 1) * R] = (s @ self.v_cache[il, g, :N]).transpose(1, 0, 2)   # [T, R, hd]
-        return lin(L.attn_output, out.reshape(T, H * hd))                   # [T, D]
+            out[g0:g1] = (s @ self.v_cache[il, g0:g1, :N]).reshape(g1 - g0, R, T, hd)
+        out = out.transpose(2, 0, 1, 3)                                     # [T, G, R, hd] = [T, H, hd]
+        return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))                   # [T, D]
 
     def _route(self, L: Layer, h: np.ndarray):
         """Router for h [T, D] -> chosen experts [T, A] best first, and their weights [T, A]."""
