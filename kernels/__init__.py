@@ -15,6 +15,11 @@ import os
 # matvec took 2.2 ms with libgomp's default spinning and 43 us with PASSIVE. Set before numba's
 # OpenMP layer starts; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS's workers spin for 2^28 cycles (~0.1 s) after each sgemm before they sleep, so every sgemm
+# took a core from the Numba kernels that follow it: an int matmul right after an sgemm measured 60-80
+# GFLOP/s with the default and 92-102 with 2^4 cycles (2 cores, 2026-11-27). Only read when OpenBLAS
+# loads (numpy's import), so runtime/__init__.py sets it too, before the CLI imports numpy.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .dispatch import KERNELS, matmul, matvec  # noqa: E402
 from .ffn import expert_ffn, expert_ffn_batch  # noqa: E402

@@ -45,11 +45,11 @@ def threads_for(n_weights: int) -> int:
     """Threads to use for a product over n_weights weights."""
     return 1 if n_weights < PARALLEL_MIN_WEIGHTS else numba.get_num_threads()
 
-# Up to this many tokens the integer kernels (weights unpacked per token, each row read from
-# DRAM once; ~65-75 GFLOP/s at any T on a quiet moment here) beat dequantize + sgemm, which is
-# memory-bound on few tokens: 1.2-6x faster at 16 tokens in every benchmark run. At 64 tokens
-# they lost whenever OpenBLAS ran at full speed (0.19-0.47 of it), so the switch is at 32.
-INT_MATMUL_MAX_TOKENS = 32
+# Up to this many tokens the integer kernels (matvec.matmul_*: 1 row x 4 token tiles, each weight row read
+# from DRAM once) beat dequantize + sgemm, which is memory-bound on few tokens. Side by side (2 threads,
+# Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
+# at 64, 0.85-0.87x at 128.
+INT_MATMUL_MAX_TOKENS = 64
 
 _NO_Q8 = (np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32))
 

@@ -3,6 +3,10 @@
 load_model is imported on first use, so modules that only read GGUF files or
 tokenize do not pay for importing the numba kernels.
 """
+import os
+
+# Before anything imports numpy (and with it OpenBLAS): see kernels/__init__.py.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 def __getattr__(name):

@@ -83,7 +83,7 @@ def test_matvec(name, rows, cols, heavy):
 
 
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("tokens", [1, 3, INT_MATMUL_MAX_TOKENS + 6])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 13, INT_MATMUL_MAX_TOKENS + 6])   # tile edges: 4 tokens a tile
 def test_matmul(name, tokens):
     w, Wd = weights(name, (203, 512), heavy=True)
     X = RNG.standard_normal((tokens, 512)).astype(np.float32)
@@ -123,6 +123,23 @@ def test_portable_dots_match_avx2(name):
     y = np.array([dot(flat, r * w.shape[1], xq, xd, xc) for r in range(7)], np.float32)
     check_product(name, Wd, x[None], y[None])
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_tiles_match_dots(name):
+    """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
+    from kernels.matvec import _matmul_dots, _matmul_tiles, quantize_q8_rows
+    w, Wd = weights(name, (37, 512), heavy=True)
+    for tokens in (2, 5, 9):
+        X = RNG.standard_normal((tokens, 512)).astype(np.float32)
+        xq, xd, xc = np.empty((tokens, 512), np.int8), np.empty((tokens, 16), np.float32), np.empty((tokens, 16), np.float32)
+        quantize_q8_rows(X, xq, xd, xc)
+        a, b = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
+        _matmul_dots(w, xq, xd, xc, a, 2, name == "q8_0")
+        if simd.HAVE_AVX2:
+            _matmul_tiles(w, xq, xd, xc, b, 2, name == "q8_0")
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+        check_product(name, Wd, X, a)
 
 
 def ffn_reference(W1, W3, W2, X):
