@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=n_default, metavar="N",
                    help=f"most tokens to generate (default {n_default})")
     p.add_argument("--ram", default=None, metavar="SIZE",
-                   help="RAM budget for the whole process, e.g. 8G or 512M (default: 75%% of available RAM)")
+                   help="RAM budget for the whole process, e.g. 8G or 512M (default: available RAM minus max(1G, 5%% of RAM))")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="context length in tokens: KV cache size (default: the model's, at most 4096)")
     p.add_argument("--temp", type=float, default=CLI_DEFAULTS["temperature"], metavar="T",
@@ -37,8 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="guess the next layer's experts with its router and read them early (default on)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's other experts while the first computes (default on)")
-    p.add_argument("--read", choices=("direct", "buffered"), default="direct",
-                   help="expert reads: direct (O_DIRECT, bypassing the page cache; default) or buffered")
+    p.add_argument("--read", choices=("auto", "direct", "buffered"), default="auto",
+                   help="expert reads: direct (O_DIRECT, bypassing the page cache), buffered, or auto (default): "
+                        "buffered when most of the experts are in the page cache already, else direct")
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:

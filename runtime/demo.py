@@ -19,7 +19,7 @@ def add_demo_parser(subparsers) -> None:
                                           "package (8 experts, top-2, trained on Python source) and print the stats.")
     p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="the prompt (default: a Python function header)")
     p.add_argument("-n", "--n-predict", type=int, default=96, metavar="N", help="most tokens to generate (default 96)")
-    p.add_argument("--ram", default=None, metavar="SIZE", help="RAM budget, e.g. 512M (default: 75%% of available RAM)")
+    p.add_argument("--ram", default=None, metavar="SIZE", help="RAM budget, e.g. 512M (default: available RAM minus max(1G, 5%% of RAM))")
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="temperature; 0 is greedy (default 0)")
     p.add_argument("-s", "--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and every stat")

@@ -20,6 +20,7 @@ object (`touch`, `admit`, `victim`, `forget`): LRU, LFU or LayerShare.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 import time
@@ -36,13 +37,36 @@ CHUNK = 32 << 20            # bytes per pread: cold O_DIRECT reads 8 MiB at ~1.0
 IDLE_S = 2.0                # the reader thread exits after this long without work (and restarts on demand)
 READ_BATCH = 1              # jobs the reader takes per GIL-free call (4 measured no faster: RESULTS.md)
 POLL_S = 0.001              # how often a caller waiting for a job inside that call checks its progress
-READ_MODES = ("direct", "buffered")
-DEFAULT_READ = "direct"
+READ_MODES = ("auto", "direct", "buffered")
+DEFAULT_READ = "auto"       # direct, unless most expert bytes are already in the page cache (then buffered)
+WARM_SHARE = 0.5            # auto reads buffered from this share of expert pages in the page cache
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
 _pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_longlong]
 _pread.restype = ctypes.c_ssize_t
+_mincore = getattr(_libc, "mincore", None)
+
+
+def page_cache_share(path: str, lo: int, hi: int) -> float:
+    """Share of the file's pages in [lo, hi) that the OS page cache holds now (mincore); 0.0 if unknown."""
+    if _mincore is None or hi <= lo:
+        return 0.0
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            page = mmap.PAGESIZE
+            lo -= lo % page
+            hi = min(hi, len(mm))
+            if hi <= lo:
+                return 0.0
+            view = np.frombuffer(mm, np.uint8)
+            addr = view.ctypes.data               # valid while mm is open; the buffer export ends here
+            del view
+            vec = np.zeros((hi - lo + page - 1) // page, np.uint8)
+            r = _mincore(ctypes.c_void_p(addr + lo), ctypes.c_size_t(hi - lo), vec.ctypes.data_as(ctypes.c_void_p))
+            return float((vec & 1).mean()) if r == 0 else 0.0
+    except (OSError, ValueError):
+        return 0.0
 
 
 @njit(nogil=True)
@@ -204,7 +228,9 @@ class ExpertCache:
 
     parts: the 3 ExpertParts (gate, up, down), the same for every layer.
     offsets[layer][expert] -> 3 absolute file offsets of that expert's matrices.
-    policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT) or "buffered".
+    policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT), "buffered" or "auto": buffered
+    when at least WARM_SHARE of the expert pages are in the page cache already (a model that fits in RAM and
+    was just used: O_DIRECT would read from disk what RAM holds), direct otherwise.
     """
 
     def __init__(self, path: str, parts: tuple[ExpertPart, ...], offsets, n_slots: int, policy=None,
@@ -228,6 +254,11 @@ class ExpertCache:
         raw = np.empty(n_slots * self.slot_bytes + IO_ALIGN, dtype=np.uint8)   # pages appear as filled
         a = -raw.ctypes.data % IO_ALIGN
         self.pool = raw[a:a + n_slots * self.slot_bytes]                        # [n_slots * slot_bytes], aligned
+        self.warm_share = None                            # auto: the share of expert pages found cached
+        if read == "auto":
+            o = np.asarray(offsets, dtype=np.int64)       # [L, E, 3]
+            self.warm_share = page_cache_share(path, int(o.min()), int(o.max()) + max(p.nbytes for p in parts))
+            read = "buffered" if self.warm_share >= WARM_SHARE else "direct"
         self.fd, self.read = self._open(path, read)
 
         self.slot_of: dict[tuple[int, int], int] = {}     # (layer, expert) -> slot, resident or being read
@@ -468,7 +499,7 @@ class ExpertCache:
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
                 "wait_s": self.wait_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
-                "read": self.read}
+                "read": self.read, "warm_share": self.warm_share}
 
     def close(self) -> None:
         with self.cv:

@@ -369,7 +369,7 @@ class Model:
 
 def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None,
                prefetch: bool = True, overlap: bool = True, read: str | None = None) -> Model:
-    """Open a GGUF model within `ram_budget` (bytes or "8G"; default a safe share of available RAM)
+    """Open a GGUF model within `ram_budget` (bytes or "8G"; default: available RAM minus a reserve, see memory.default_budget)
     with a KV cache of `ctx` tokens. Expert cache: `policy` "lru" | "lfu" | "layer" (default), `prefetch`
     guesses the next layer's experts, `overlap` reads a layer's experts while the first computes, `read`
     "direct" (O_DIRECT, default) | "buffered". ValueError with one sentence for any bad input."""

@@ -80,3 +80,33 @@ def test_peak_rss_under_budget(big_experts):
     assert roomy["plan"]["n_slots"] == 32 and roomy["cache"]["evictions"] == 0
     assert roomy["stats"]["peak_rss_bytes"] <= roomy["plan"]["budget"]
     assert roomy["ids"] == small["ids"]
+
+
+def test_default_budget(monkeypatch):
+    """No --ram: what the process holds + available memory (lowered by a cgroup limit) - the reserve."""
+    import runtime.memory as mem
+    GiB = mem.GiB
+
+    class VM:
+        total, available = 32 * GiB, 20 * GiB
+    monkeypatch.setattr(mem.psutil, "virtual_memory", lambda: VM)
+    monkeypatch.setattr(mem, "_cgroup_room", lambda: None)
+    reserve = max(mem.RESERVE_MIN, int(mem.RESERVE_SHARE * 32 * GiB))
+    assert mem.default_budget(GiB // 4) == GiB // 4 + 20 * GiB - reserve
+    monkeypatch.setattr(mem, "_cgroup_room", lambda: 6 * GiB)            # a container capped tighter than RAM
+    assert mem.default_budget(0) == 6 * GiB - reserve
+    monkeypatch.setattr(mem, "_cgroup_room", lambda: GiB // 2)            # less room than the reserve
+    assert mem.default_budget(123) == 123
+
+
+def test_cgroup_room_under_a_cap():
+    """A child in a 3 GiB memory cgroup sees at most 3 GiB of room and plans at most that by default."""
+    from benchmarks.cgroup import MemCap, available
+    if available() is None:
+        pytest.skip("no writable cgroup memory controller")
+    code = "from runtime.memory import _cgroup_room, default_budget; print(_cgroup_room(), default_budget(0))"
+    with MemCap(3 << 30, f"lazymoe-test-room-{os.getpid()}") as cap:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, preexec_fn=cap.join, capture_output=True,
+                             text=True, check=True).stdout.split()
+    room, budget = int(out[0]), int(out[1])
+    assert 2 << 30 < room <= 3 << 30 and budget < room

@@ -3,11 +3,12 @@ wrong guesses cancelled, pinned experts kept, read errors surfaced."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from runtime.expert_cache import ExpertCache, ExpertPart
+from runtime.expert_cache import ExpertCache, ExpertPart, page_cache_share
 from runtime.model import load_model
 from runtime.trace import read_trace
 from tests.test_runtime import _one_thread, min_budget, run_cli, synth_gguf  # noqa: F401 (autouse fixture)
@@ -118,6 +119,31 @@ def test_cache_reads_cancels_and_pins(tmp_path, read):
     assert int(v[2].view(np.uint8).ravel()[0]) == 16 * 3 + 2 and cache.prefetch_useful == 1
     assert cache.counters()["bytes_read"] >= 3 * nbytes * 3
     cache.close()
+
+
+def test_auto_read_follows_the_page_cache(tmp_path):
+    """auto: buffered when the expert pages are cached (a file just written), direct once they are evicted."""
+    cache, nbytes = _cache(tmp_path)
+    cache.close()
+    with open(cache.path, "rb") as f:
+        f.read()                                      # every page cached
+    warm = ExpertCache(cache.path, cache.parts, cache.offsets, 3, "lru", read="auto")
+    assert warm.read == "buffered" and warm.warm_share == 1.0
+    warm.close()
+    fd = os.open(cache.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if page_cache_share(cache.path, 0, os.path.getsize(cache.path)) > 0.1:
+        pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+    direct = ExpertCache(cache.path, cache.parts, cache.offsets, 3, "lru", read="direct")
+    direct.close()                                    # (buffered where the filesystem refuses O_DIRECT)
+    cold = ExpertCache(cache.path, cache.parts, cache.offsets, 3, "lru", read="auto")
+    assert cold.warm_share < 0.5 and cold.read == direct.read
+    assert [int(v.view(np.uint8).max()) for v in cold.get(0, 1)] == [16, 17, 18]
+    cold.close()
 
 
 def test_read_error_is_a_value_error(tmp_path):
