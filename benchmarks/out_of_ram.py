@@ -32,12 +32,12 @@ waited for reads: prompt and generation together, as `lazymoe run --json` gives 
 cgroup's peak (page cache included).
 
 Disk bound: the cold sequential read speed of the model file is measured once
-(runtime.bench.disk_read_speed: 2 GiB in 16 MiB reads after dropping the cache; root and a file of at least
-1 GiB) and, per configuration, bound = MB read per token / disk MB/s + compute s/token. `lazymoe run
---json` does not give the wait time of generation alone, so the compute time is not derived from it:
-it is the s/token of the in-RAM reference run (--inram-ram SIZE: `all` with a budget that holds every
-expert, no cap), which still reads each expert once, so it is slightly high. Without --inram-ram only
-the read time per token is printed. s/token / bound below 1 means reads overlap compute.
+(runtime.bench.disk_read_speed: 2 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
+the cache; root and a file of at least 1 GiB) and, per configuration, bound = MB read per token / disk MB/s + compute s/token. The compute
+time per token is each run's own decode time not spent waiting for expert reads ((gen_s -
+gen_expert_wait_s) / decode steps, from `lazymoe run --json`), or with --inram-ram SIZE the s/token of an
+in-RAM reference run (`all` with a budget that holds every expert, no cap), which still reads each expert
+once, so it is slightly high. s/token / bound below 1 means reads overlap compute.
 
 Routing: random-weight `lazymoe synth` files (since 72ed619) route nearly uniformly, with none of the
 locality of a trained model, so hit rates, recall and bytes per token are a lower bound for a real
@@ -92,6 +92,10 @@ METRICS = {
     "gen_hit_rate": lambda r: r.get("gen_hit_rate"),
     "prefetch_recall": lambda r: r.get("prefetch_recall"),
     "expert_wait_s": lambda r: r.get("expert_wait_s"),
+    # decode time not spent waiting for expert reads, per step: the run's own compute time per token
+    "own_compute_s_per_token": lambda r: ((r["gen_s"] - r["gen_expert_wait_s"]) / (r["generated_tokens"] - 1)
+                                          if r.get("gen_expert_wait_s") is not None and r.get("generated_tokens", 0) > 1
+                                          else None),
     "prompt_s": lambda r: r.get("prompt_s"),
     "gen_s": lambda r: r.get("gen_s"),
     "generated_tokens": lambda r: r.get("generated_tokens"),
@@ -155,12 +159,14 @@ def summarize_all(runs: list[dict], names: list[str], flags: dict, disk_bytes_pe
         rows.append({"config": name, "flags": flags[name], **s})
     ref = next((r for r in rows if r["config"] == INRAM), None)
     compute_s = ref["s_per_token"] if ref else None
-    compute = {"source": "inram" if compute_s is not None else None, "s_per_token": compute_s,
+    compute = {"source": "inram" if compute_s is not None else "own", "s_per_token": compute_s,
                "mb_read_per_token": ref["mb_read_per_token"] if ref else None}
     first = rows[0]["s_per_token"] if rows else None
     for r in rows:
         r["speed_vs_first"] = first / r["s_per_token"] if first and r["s_per_token"] else None
-        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk_bytes_per_s, compute_s))
+        own = r.get("own_compute_s_per_token")
+        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk_bytes_per_s,
+                            compute_s if compute_s is not None else own))
     return rows, compute
 
 
@@ -190,8 +196,8 @@ def format_table(res: dict) -> str:
                                                "not measured (needs root and a file of at least 1 GiB)"),
              "compute s/token: " + (f"{comp['s_per_token']:.3f}, the in-RAM reference run (`all`, --ram "
                                     f"{res['args']['inram_ram']}, no cap; it read {comp['mb_read_per_token']:.0f} MB/token)"
-                                    if comp["source"] else "not measured (lazymoe's JSON gives no generation-only wait "
-                                    "time; pass --inram-ram SIZE for the in-RAM reference)"),
+                                    if comp["source"] == "inram" else "each run's own: (gen_s - gen_expert_wait_s) / "
+                                    "decode steps, the decode time not spent waiting for expert reads"),
              ""]
     head = (f"{'config':<8} {'s/token':>8} {'tok/s':>6} {'x first':>7} {'MB/tok':>7} {'(spec)':>7} {'gen hit':>7} "
             f"{'recall':>6} {'waited s':>14} {'slots':>5} {'peak RSS':>8} {'cg peak':>8}  status")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -128,22 +129,30 @@ def drop_page_cache() -> bool:
         return False
 
 
-def disk_read_speed(path: str, nbytes: int = 2 * GiB, block: int = 16 * MiB) -> float | None:
-    """Cold sequential read speed of `path` in bytes/s (16 MiB reads after dropping the page cache);
-    None when the cache cannot be dropped (the figure would be the cache's) or the file is under 1 GiB."""
-    if os.path.getsize(path) < GiB or not drop_page_cache():
+def disk_read_speed(path: str, nbytes: int = 2 * GiB, block: int = 32 * MiB) -> float | None:
+    """Cold sequential read speed of `path` in bytes/s, read the way the expert cache reads (O_DIRECT, 32 MiB
+    requests; buffered where the filesystem refuses O_DIRECT) after dropping the page cache; None when the
+    cache cannot be dropped (the figure would be the cache's) or the file is under 1 GiB."""
+    size = os.path.getsize(path)
+    if size < GiB or not drop_page_cache():
         return None
-    fd = os.open(path, os.O_RDONLY)
+    nbytes = min(nbytes, size - size % 4096)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, block)                         # page-aligned, as O_DIRECT needs
     try:
         done, t0 = 0, time.perf_counter()
         while done < nbytes:
-            b = os.pread(fd, min(block, nbytes - done), done)
-            if not b:
+            n = os.preadv(fd, [memoryview(buf)[:min(block, nbytes - done)]], done)
+            if n <= 0:
                 break
-            done += len(b)
+            done += n
         return done / (time.perf_counter() - t0)
     finally:
         os.close(fd)
+        buf.close()
         drop_page_cache()
 
 

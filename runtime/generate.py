@@ -113,6 +113,7 @@ def _run(model, ids, common, sampler, max_tokens, stops):
                                 if c2["predicted"] > c0["predicted"] else 0.0),
             "mb_prefetched_per_token": (c2["prefetch_bytes"] - c1["prefetch_bytes"]) / MB / n_dec if n_dec else 0.0,
             "expert_wait_s": c2["wait_s"] - c0["wait_s"],
+            "gen_expert_wait_s": c2["wait_s"] - c1["wait_s"],
             "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": _peak(),
             "ram_budget_bytes": model.plan.budget,

@@ -85,7 +85,16 @@ def test_bound_without_compute_or_disk():
     assert b["vs_bound"] is None and b["vs_max_read_compute"] is None
     assert disk_bound(0.4, 641, None, 0.2)["read_s_per_token"] is None
     rows, compute = summarize_all([_run("all", 1, 2.0, 10)], ["all"], FLAGS, None)
-    assert compute["source"] is None and rows[0]["compute_s_per_token"] is None and rows[0]["vs_bound"] is None
+    assert compute["source"] == "own" and rows[0]["compute_s_per_token"] is None and rows[0]["vs_bound"] is None
+
+
+def test_own_compute_time():
+    """No in-RAM reference: each run's decode time not spent waiting for reads, per decode step."""
+    r = _run("all", 1, 1 / 0.5, 641) | {"gen_s": 7.5, "gen_expert_wait_s": 3.0, "generated_tokens": 16}
+    rows, compute = summarize_all([r], ["all"], FLAGS, 2257e6)
+    assert compute["source"] == "own"
+    assert rows[0]["compute_s_per_token"] == pytest.approx(4.5 / 15)
+    assert rows[0]["bound_s_per_token"] == pytest.approx(641 / 2257 + 0.3)
 
 
 def test_table(fabricated):
@@ -141,7 +150,8 @@ def test_demo_end_to_end(tmp_path):
     assert res["configs"][0]["prefetch_recall"] is None and res["configs"][1]["prefetch_recall"] is not None
     assert res["configs"][0]["speed_vs_first"] == 1
     assert res["cap"]["bytes"] is None and "--no-cap" in res["cap"]["note"] and res["cache_dropped"] is None
-    assert res["compute"]["source"] is None and res["disk_read_bytes_per_s"] is None      # demo file under 1 GiB
+    assert res["compute"]["source"] == "own" and res["disk_read_bytes_per_s"] is None     # demo file under 1 GiB
+    assert all(c["compute_s_per_token"] > 0 for c in res["configs"])
     runs = res["runs"]
     assert [(x["config"], x["round"], x["status"]) for x in runs] == [("direct", 1, "ok"), ("all", 1, "ok")]
     assert runs[0]["flags"] == CONFIGS["direct"].split() and runs[0]["tokens"] == runs[1]["tokens"]  # same seed
