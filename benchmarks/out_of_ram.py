@@ -15,10 +15,10 @@ has no run that finished; 2 on bad input).
 
 Configurations (flags of `lazymoe run`; --extra is appended to every run, after them):
   old      --no-prefetch --no-overlap --policy lru --read buffered   (the runtime before the out-of-RAM work)
-  direct   --no-prefetch --no-overlap --policy lru                   (O_DIRECT reads)
-  layer    --no-prefetch --no-overlap --policy layer                 (+ the per-layer share of slots)
-  overlap  --no-prefetch --policy layer                              (+ a layer's misses read while it computes)
-  all      (the defaults: prefetch, overlap, layer policy, direct reads)
+  direct   --no-prefetch --no-overlap --policy lru --read direct     (O_DIRECT reads)
+  layer    --no-prefetch --no-overlap --policy layer --read direct   (+ the per-layer share of slots)
+  overlap  --no-prefetch --policy layer --read direct                (+ a layer's misses read while it computes)
+  all      (the defaults: prefetch, overlap, layer policy, --read auto: direct on a cold cache)
   lfu      --policy lfu                                              (all, with LFU)
   lru      --policy lru                                              (all, with LRU)
 The default --extra is sampled decoding with a fixed seed, so every configuration generates the same
@@ -73,9 +73,9 @@ from runtime.memory import GiB, parse_size
 
 CONFIGS = {
     "old": "--no-prefetch --no-overlap --policy lru --read buffered",
-    "direct": "--no-prefetch --no-overlap --policy lru",
-    "layer": "--no-prefetch --no-overlap --policy layer",
-    "overlap": "--no-prefetch --policy layer",
+    "direct": "--no-prefetch --no-overlap --policy lru --read direct",
+    "layer": "--no-prefetch --no-overlap --policy layer --read direct",
+    "overlap": "--no-prefetch --policy layer --read direct",
     "all": "",
     "lfu": "--policy lfu",
     "lru": "--policy lru",
