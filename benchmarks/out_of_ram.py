@@ -31,13 +31,14 @@ generation hit rate (a prefetched expert counts as a hit), prefetch recall, expe
 waited for reads: prompt and generation together, as `lazymoe run --json` gives it), peak RSS and the
 cgroup's peak (page cache included).
 
-Disk bound: the cold sequential read speed of the model file is measured once
-(runtime.bench.disk_read_speed: 2 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
-the cache; root and a file of at least 1 GiB) and, per configuration, bound = MB read per token / disk MB/s + compute s/token. The compute
-time per token is each run's own decode time not spent waiting for expert reads ((gen_s -
-gen_expert_wait_s) / decode steps, from `lazymoe run --json`), or with --inram-ram SIZE the s/token of an
-in-RAM reference run (`all` with a budget that holds every expert, no cap), which still reads each expert
-once, so it is slightly high. s/token / bound below 1 means reads overlap compute.
+Disk bound: the cold sequential read speed of the model file is measured right before every run
+(runtime.bench.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
+the cache; root and a file of at least 1 GiB; on this shared machine it drifted from 0.5 to 2.5 GB/s within
+minutes, so a single figure per invocation misled) and, per configuration, bound = MB read per token /
+(median disk MB/s of its runs) + compute s/token. The compute time per token is each run's own decode time
+not spent waiting for expert reads ((gen_s - gen_expert_wait_s) / decode steps, from `lazymoe run
+--json`), or with --inram-ram SIZE the s/token of an in-RAM reference run (`all` with a budget that holds
+every expert, no cap), which still reads each expert once, so it is slightly high. s/token / bound below 1 means reads overlap compute.
 
 Routing: random-weight `lazymoe synth` files (since 72ed619) route nearly uniformly, with none of the
 locality of a trained model, so hit rates, recall and bytes per token are a lower bound for a real
@@ -102,7 +103,9 @@ METRICS = {
     "peak_rss_bytes": lambda r: r.get("peak_rss_bytes"),
     "cgroup_peak_bytes": lambda r: r.get("cgroup_peak_bytes"),
     "n_slots": lambda r: (r.get("plan") or {}).get("n_slots"),
+    "disk_read_bytes_per_s": lambda r: r.get("disk_read_bytes_per_s"),
 }
+DISK_PROBE_BYTES = 1 << 30           # cold sequential read measured right before each run
 
 
 # --- pure pieces -------------------------------------------------------------------
@@ -165,7 +168,8 @@ def summarize_all(runs: list[dict], names: list[str], flags: dict, disk_bytes_pe
     for r in rows:
         r["speed_vs_first"] = first / r["s_per_token"] if first and r["s_per_token"] else None
         own = r.get("own_compute_s_per_token")
-        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk_bytes_per_s,
+        disk = r["disk_read_bytes_per_s"] or disk_bytes_per_s     # measured next to this config's runs, else once
+        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk,
                             compute_s if compute_s is not None else own))
     return rows, compute
 
@@ -181,6 +185,16 @@ def _status(s: dict) -> str:
     return f"ok {s['ok']}/{s['runs']}, " + ", ".join(f"{x} {bad.count(x)}" for x in dict.fromkeys(bad))
 
 
+def _disk_note(res: dict, disk) -> str:
+    per_run = [r["disk_read_bytes_per_s"] for r in res["runs"] if r.get("disk_read_bytes_per_s")]
+    if per_run:
+        return (f"{min(per_run) / MB:.0f}-{max(per_run) / MB:.0f} MB/s, 1 GiB in O_DIRECT 32 MiB reads right before "
+                f"each run (runtime.bench.disk_read_speed); each config's bound uses the median of its runs' figures")
+    if disk:
+        return f"{disk / MB:.0f} MB/s (runtime.bench.disk_read_speed)"
+    return "not measured (needs root and a file of at least 1 GiB)"
+
+
 def format_table(res: dict) -> str:
     """The header lines, the per-configuration table and the disk-bound table."""
     m, cap, disk, comp = res["machine"], res["cap"], res["disk_read_bytes_per_s"], res["compute"]
@@ -192,8 +206,7 @@ def format_table(res: dict) -> str:
              f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / GiB:.1f} GiB RAM, load "
              + (" ".join(f"{x:.2f}" for x in m["load_avg"]) if m["load_avg"] else "-"),
              f"cap: {cap['note']}; page cache dropped before each run: {cold[res['cache_dropped']]}",
-             "disk: cold sequential read " + (f"{disk / MB:.0f} MB/s (runtime.bench.disk_read_speed)" if disk else
-                                               "not measured (needs root and a file of at least 1 GiB)"),
+             "disk: cold sequential read " + _disk_note(res, disk),
              "compute s/token: " + (f"{comp['s_per_token']:.3f}, the in-RAM reference run (`all`, --ram "
                                     f"{res['args']['inram_ram']}, no cap; it read {comp['mb_read_per_token']:.0f} MB/token)"
                                     if comp["source"] == "inram" else "each run's own: (gen_s - gen_expert_wait_s) / "
@@ -213,10 +226,11 @@ def format_table(res: dict) -> str:
     lines += [("(medians over ok runs; s/token = gen_s / decode steps; x first = speed relative to the first row; "
                "MB/tok read during generation, (spec) of it prefetched; waited = expert_wait_s / (prompt_s + gen_s))"),
               ""]
-    lines.append(f"{'config':<8} {'s/token':>8} {'MB/tok':>7} {'read s/tok':>10} {'compute':>8} {'bound':>8} "
-                 f"{'÷ bound':>8} {'÷ max(read, compute)':>21}")
+    lines.append(f"{'config':<8} {'s/token':>8} {'MB/tok':>7} {'disk MB/s':>9} {'read s/tok':>10} {'compute':>8} "
+                 f"{'bound':>8} {'÷ bound':>8} {'÷ max(read, compute)':>21}")
     for r in res["configs"]:
         lines.append(f"{r['config']:<8} {_f(r['s_per_token'], '.3f'):>8} {_f(r['mb_read_per_token'], '.0f'):>7} "
+                     f"{_f(r['disk_read_bytes_per_s'], '.0f', 1 / MB):>9} "
                      f"{_f(r['read_s_per_token'], '.3f'):>10} {_f(r['compute_s_per_token'], '.3f'):>8} "
                      f"{_f(r['bound_s_per_token'], '.3f'):>8} {_f(r['vs_bound'], '.2f'):>8} "
                      f"{_f(r['vs_max_read_compute'], '.2f'):>21}")
@@ -245,6 +259,8 @@ def run_one(args, name: str, flags: list[str], rnd: int, text: str, err_path: st
     """One `lazymoe run` of one configuration: page cache dropped, in a fresh cgroup unless uncapped; the child's
     whole stderr goes to err_path."""
     from benchmarks.cgroup import MemCap
+    # the disk's speed drifts several-fold within minutes on a shared machine: measure it next to every run
+    disk = None if args.no_drop else disk_read_speed(args.model, DISK_PROBE_BYTES)
     cold = None if args.no_drop else drop_page_cache()
     capped = args.cap_bytes is not None and name != INRAM
     ram = args.inram_ram if name == INRAM else args.ram
@@ -256,7 +272,7 @@ def run_one(args, name: str, flags: list[str], rnd: int, text: str, err_path: st
         res = run_lazymoe(args.model, text, args.gen, ram=ram, ctx=args.ctx, threads=args.threads,
                           extra=flags + shlex.split(args.extra), preexec_fn=child, timeout=args.timeout)
         cg = cap.stats()
-    res.update(config=name, round=rnd, cold=cold, flags=flags, cgroup_peak_bytes=cg["peak_bytes"],
+    res.update(config=name, round=rnd, cold=cold, flags=flags, disk_read_bytes_per_s=disk, cgroup_peak_bytes=cg["peak_bytes"],
                cgroup_limit_hits=cg["limit_hits"], oom_kills=cg["oom_kills"])
     if res["status"] != "ok":
         line = last_line(err_path)
@@ -364,7 +380,7 @@ def main(argv=None) -> int:
 
 def measure(args, argv, facts, text, ids) -> int:
     machine = machine_info()
-    disk = disk_read_speed(args.model) if not args.no_drop else None
+    disk = None                            # measured before every run instead (run_one)
     flags = {n: shlex.split(CONFIGS[n]) for n in args.names}
     flags[INRAM] = []
     order = args.names + ([INRAM] if args.inram_ram else [])

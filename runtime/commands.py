@@ -35,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="expert cache policy: lru, lfu, or layer (an equal share of slots per layer; default)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="guess the next layer's experts with its router and read them early (default on)")
+    p.add_argument("--prefetch-depth", type=int, default=1, metavar="N",
+                   help="how many layers ahead to guess and read experts (default 1)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's other experts while the first computes (default on)")
     p.add_argument("--read", choices=("auto", "direct", "buffered"), default="auto",
@@ -77,7 +79,8 @@ def _sampling(args) -> dict:
 def _load(args, quiet: bool):
     from runtime.model import load_model
     model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty(),
-                       policy=args.policy, prefetch=args.prefetch, overlap=args.overlap, read=args.read)
+                       policy=args.policy, prefetch=args.prefetch, overlap=args.overlap, read=args.read,
+                       prefetch_depth=args.prefetch_depth)
     if not quiet:
         print(model.plan.describe(), file=sys.stderr)
     return model

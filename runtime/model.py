@@ -16,6 +16,7 @@ import numpy as np
 from gguf import quants
 
 import kernels
+from kernels.attention import attend_one
 from kernels.qtypes import QType
 from runtime.config import ModelConfig, config_from_metadata
 from runtime.expert_cache import ExpertCache, ExpertPart, compile_reader, slot_size
@@ -89,7 +90,7 @@ class Model:
     """A loaded model: `logits(ids)`, `generate(prompt, ...)`, `tokenizer`, `stats`, `plan`."""
 
     def __init__(self, path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None,
-                 prefetch: bool = True, overlap: bool = True, read: str | None = None):
+                 prefetch: bool = True, overlap: bool = True, read: str | None = None, prefetch_depth: int = 1):
         self.path = os.fspath(path)
         self.file = g = GGUFFile(self.path)
         self.cfg = cfg = config_from_metadata(g.metadata, self.path)
@@ -140,7 +141,10 @@ class Model:
         self.rope_cos = np.cos(ang).astype(np.float32)                               # [N, hd/2]
         self.rope_sin = np.sin(ang).astype(np.float32)                               # [N, hd/2]
         self.experts = ExpertCache(self.path, parts, offsets, self.plan.n_slots, policy, read) if cfg.is_moe else None
-        self.prefetch = bool(prefetch)       # guess layer l+1's experts during layer l and start reading them
+        self.prefetch = bool(prefetch)       # guess layers l+1.. experts during layer l and start reading them
+        if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, (int, np.integer)) or prefetch_depth < 1:
+            raise ValueError(f"prefetch depth must be a whole number of layers >= 1, got {prefetch_depth!r}")
+        self.prefetch_depth = int(prefetch_depth)   # how many layers ahead
         self.overlap = bool(overlap)         # ask for all of a layer's experts before computing the first
         self.predicted = self.predicted_right = 0   # for prefetch recall: |actual| and |predicted & actual|
         self.trace: list | None = None       # a list to record routes into: one [T, L, A] int16 array per forward
@@ -161,6 +165,8 @@ class Model:
             kernels.matmul(qt, w, X)
             kernels.expert_ffn(qt, w, qt, w, qt, w, x)
             kernels.expert_ffn_batch(qt, w, qt, w, qt, w, X)
+        kv = np.zeros((1, 2, 8), np.float32)
+        attend_one(np.ones((2, 8), np.float32), kv, kv, 2, np.float32(1.0), np.empty((2, 8), np.float32))
 
     def _plan(self, ram_budget, parts) -> MemoryPlan:
         resident = sum(self.file.tensors[n].nbytes for n in self._resident_names)
@@ -212,6 +218,10 @@ class Model:
         self.k_cache[il, :, pos:N] = k.transpose(1, 0, 2)                   # [G, T, hd]
         self.v_cache[il, :, pos:N] = v.transpose(1, 0, 2)                   # [G, T, hd]
         scale = np.float32(1.0 / np.sqrt(hd))
+        if T == 1:                                                          # decoding: one Numba pass
+            out1 = np.empty((H, hd), dtype=np.float32)                      # [H, hd]
+            attend_one(q[0], self.k_cache[il], self.v_cache[il], N, scale, out1)
+            return lin(L.attn_output, out1.reshape(1, H * hd))              # [1, D]
         # query t (position pos+t) sees keys 0..pos+t
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
         qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3)                   # [G, R, T, hd]
@@ -257,8 +267,9 @@ class Model:
             self._guess = None
         if self.overlap:
             cache.want(il, order)                                           # read the rest while the first computes
-        if self.prefetch and T == 1 and il + 1 < self.cfg.n_layer:
-            self._prefetch_next(il + 1, x)
+        if self.prefetch and T == 1:
+            for nl in range(il + 1, min(self.cfg.n_layer, il + 1 + self.prefetch_depth)):
+                self._prefetch_next(nl, x)
         p = cache.parts
         out = np.zeros_like(h)                                              # [T, D]
         for i, e in enumerate(order):
@@ -277,10 +288,12 @@ class Model:
         return out
 
     def _prefetch_next(self, nl: int, x: np.ndarray) -> None:
-        """Guess layer nl's experts by its router on this layer's residual x [1, D]; start reading them."""
+        """Guess layer nl's experts by its router on this layer's residual x [1, D]; start reading them.
+        (Recall is counted for the next layer's guess only.)"""
         Ln = self.layers[nl]
         top, _ = self._route(Ln, rmsnorm(x, Ln.ffn_norm, self.cfg.rms_eps))  # [1, A]
-        self._guess = top[0]
+        if self._guess is None:
+            self._guess = top[0]
         self.experts.prefetch(nl, top[0])
 
     def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
@@ -368,10 +381,11 @@ class Model:
 
 
 def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True, policy=None,
-               prefetch: bool = True, overlap: bool = True, read: str | None = None) -> Model:
+               prefetch: bool = True, overlap: bool = True, read: str | None = None, prefetch_depth: int = 1) -> Model:
     """Open a GGUF model within `ram_budget` (bytes or "8G"; default: available RAM minus a reserve, see memory.default_budget)
     with a KV cache of `ctx` tokens. Expert cache: `policy` "lru" | "lfu" | "layer" (default), `prefetch`
-    guesses the next layer's experts, `overlap` reads a layer's experts while the first computes, `read`
-    "direct" (O_DIRECT, default) | "buffered". ValueError with one sentence for any bad input."""
+    guesses the experts of the next `prefetch_depth` layers, `overlap` reads a layer's experts while the first
+    computes, `read` "auto" (default) | "direct" (O_DIRECT) | "buffered". ValueError with one sentence for any
+    bad input."""
     return Model(path, ram_budget=ram_budget, ctx=ctx, progress=progress, policy=policy, prefetch=prefetch,
-                 overlap=overlap, read=read)
+                 overlap=overlap, read=read, prefetch_depth=prefetch_depth)

@@ -88,6 +88,13 @@ def test_bound_without_compute_or_disk():
     assert compute["source"] == "own" and rows[0]["compute_s_per_token"] is None and rows[0]["vs_bound"] is None
 
 
+def test_disk_speed_measured_per_run():
+    """Each config's bound uses the median of the disk speeds measured right before its runs."""
+    runs = [_run("all", k, 1 / 0.5, 1000) | {"disk_read_bytes_per_s": v} for k, v in ((1, 1e9), (2, 2e9), (3, 4e9))]
+    rows, _ = summarize_all(runs, ["all"], FLAGS, 500e6)
+    assert rows[0]["disk_read_bytes_per_s"] == 2e9 and rows[0]["read_s_per_token"] == pytest.approx(0.5)
+
+
 def test_own_compute_time():
     """No in-RAM reference: each run's decode time not spent waiting for reads, per decode step."""
     r = _run("all", 1, 1 / 0.5, 641) | {"gen_s": 7.5, "gen_expert_wait_s": 3.0, "generated_tokens": 16}
@@ -115,7 +122,7 @@ def test_table(fabricated):
                                         "12", "1.00G", "2.00G", "ok", "2/3,", "OOM", "1"]
     assert lines[first + 2].split()[:7] == ["all", "0.390", "2.56", "2.14", "641", "(320)", "50%"]
     bound = lines.index(next(l for l in lines if l.startswith("config") and "÷ bound" in l))
-    assert lines[bound + 2].split() == ["all", "0.390", "641", "0.284", "0.231", "0.515", "0.76", "1.37"]
+    assert lines[bound + 2].split() == ["all", "0.390", "641", "-", "0.284", "0.231", "0.515", "0.76", "1.37"]
     assert "direct round 2: OOM: exit code -9" in text and "random weights" in lines[-1]
     assert "check:" not in text
     res["disk_read_bytes_per_s"] = 1000e6          # 1586 and 641 MB at 1000 MB/s: longer than 0.834 and 0.390 s

@@ -41,11 +41,12 @@ def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monk
                        (small, dict(prefetch=True, overlap=True, policy="lru")),
                        (small, dict(prefetch=True, overlap=False, policy="lfu", read="buffered")),
                        (small, dict(prefetch=True, overlap=True, policy="layer")),
+                       (small + 2 * 73728, dict(prefetch=True, overlap=True, prefetch_depth=3)),
                        ("4G", dict(prefetch=True, overlap=True))]:
         m = load_model(moe, ram_budget=budget, ctx=64, progress=False, **kw)
         got = decode_logits(m, prompt, 12)
         batch = m.logits(prompt + [7, 8])
-        if budget == small:
+        if budget != "4G":
             assert m.plan.n_slots < m.plan.n_experts and m.experts.evictions > 0
         if ref is None:
             ref, ref_batch = got, batch
@@ -68,6 +69,17 @@ def test_prefetch_counters_and_stats(moe, monkeypatch):
     assert c["prefetch_cancelled"] <= c["prefetch_issued"] and c["bytes_read"] > 0
     assert s["expert_wait_s"] >= 0 and "mb_prefetched_per_token" in s
     m.close()
+    deep = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, prefetch_depth=3)
+    asked, ask = [], deep.experts.prefetch
+    monkeypatch.setattr(deep.experts, "prefetch", lambda layer, experts: (asked.append(layer), ask(layer, experts)))
+    deep.trace = []
+    "".join(deep.generate(list(range(3, 12)), max_tokens=16))
+    assert deep.predicted == m.predicted                       # recall still counts the next layer's guess only
+    steps = len(deep.trace) - 1                                # layers 0, 1, 2 guess (1, 2, 3), (2, 3), (3)
+    assert sorted(asked) == sorted([1, 2, 3, 2, 3, 3] * steps)
+    deep.close()
+    with pytest.raises(ValueError, match="prefetch depth"):
+        load_model(moe, ctx=64, progress=False, prefetch_depth=0)
     off = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, prefetch=False)
     "".join(off.generate(list(range(3, 12)), max_tokens=16))
     assert off.stats["prefetch_issued"] == 0 and off.stats["prefetch_recall"] == 0.0
