@@ -21,6 +21,8 @@ Configurations (flags of `lazymoe run`; --extra is appended to every run, after 
   all      (the defaults: prefetch, overlap, layer policy, --read auto: direct on a cold cache)
   lfu      --policy lfu                                              (all, with LFU)
   lru      --policy lru                                              (all, with LRU)
+  depth2   --prefetch-depth 2                                        (all, guessing 2 layers ahead)
+  depth3   --prefetch-depth 3                                        (all, guessing 3 layers ahead)
 The default --extra is sampled decoding with a fixed seed, so every configuration generates the same
 tokens (logits are bit-identical whatever the flags) and does the same work.
 
@@ -80,6 +82,8 @@ CONFIGS = {
     "all": "",
     "lfu": "--policy lfu",
     "lru": "--policy lru",
+    "depth2": "--prefetch-depth 2",
+    "depth3": "--prefetch-depth 3",
 }
 INRAM = "inram"                      # the in-RAM reference: `all` with --inram-ram, no cap
 DEFAULT_EXTRA = "--temp 1 --top-k 0 --top-p 1 --min-p 0 --seed 7"
