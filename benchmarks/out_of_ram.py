@@ -108,6 +108,10 @@ METRICS = {
     "cgroup_peak_bytes": lambda r: r.get("cgroup_peak_bytes"),
     "n_slots": lambda r: (r.get("plan") or {}).get("n_slots"),
     "disk_read_bytes_per_s": lambda r: r.get("disk_read_bytes_per_s"),
+    # the reader's busy share of decoding, and the speed it read at while busy (this run's own disk figure)
+    "reader_busy": lambda r: r["gen_read_s"] / r["gen_s"] if r.get("gen_read_s") is not None and r.get("gen_s") else None,
+    "own_read_bytes_per_s": lambda r: (r["mb_read_per_token"] * MB * (r["generated_tokens"] - 1) / r["gen_read_s"]
+                                       if r.get("gen_read_s") and r.get("generated_tokens", 0) > 1 else None),
 }
 DISK_PROBE_BYTES = 1 << 30           # cold sequential read measured right before each run
 
@@ -173,8 +177,9 @@ def summarize_all(runs: list[dict], names: list[str], flags: dict, disk_bytes_pe
         r["speed_vs_first"] = first / r["s_per_token"] if first and r["s_per_token"] else None
         own = r.get("own_compute_s_per_token")
         disk = r["disk_read_bytes_per_s"] or disk_bytes_per_s     # measured next to this config's runs, else once
-        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk,
-                            compute_s if compute_s is not None else own))
+        comp = compute_s if compute_s is not None else own
+        r.update(disk_bound(r["s_per_token"], r["mb_read_per_token"], disk, comp))
+        r["vs_own_bound"] = disk_bound(r["s_per_token"], r["mb_read_per_token"], r["own_read_bytes_per_s"], comp)["vs_bound"]
     return rows, compute
 
 
@@ -231,13 +236,17 @@ def format_table(res: dict) -> str:
                "MB/tok read during generation, (spec) of it prefetched; waited = expert_wait_s / (prompt_s + gen_s))"),
               ""]
     lines.append(f"{'config':<8} {'s/token':>8} {'MB/tok':>7} {'disk MB/s':>9} {'read s/tok':>10} {'compute':>8} "
-                 f"{'bound':>8} {'÷ bound':>8} {'÷ max(read, compute)':>21}")
+                 f"{'bound':>8} {'÷ bound':>8} {'÷ max(read, compute)':>21}  {'reader busy':>11} {'at MB/s':>8} "
+                 f"{'÷ own bound':>11}")
     for r in res["configs"]:
         lines.append(f"{r['config']:<8} {_f(r['s_per_token'], '.3f'):>8} {_f(r['mb_read_per_token'], '.0f'):>7} "
                      f"{_f(r['disk_read_bytes_per_s'], '.0f', 1 / MB):>9} "
                      f"{_f(r['read_s_per_token'], '.3f'):>10} {_f(r['compute_s_per_token'], '.3f'):>8} "
                      f"{_f(r['bound_s_per_token'], '.3f'):>8} {_f(r['vs_bound'], '.2f'):>8} "
-                     f"{_f(r['vs_max_read_compute'], '.2f'):>21}")
+                     f"{_f(r['vs_max_read_compute'], '.2f'):>21}  {_f(r.get('reader_busy'), '.0f', 100, '%'):>11} "
+                     f"{_f(r.get('own_read_bytes_per_s'), '.0f', 1 / MB):>8} {_f(r.get('vs_own_bound'), '.2f'):>11}")
+    lines.append("(reader busy: share of decoding the reader thread spent in reads; at MB/s: its speed while busy; "
+                 "own bound: the bound with that speed instead of the cold sequential probe)")
     fast = [r["config"] for r in res["configs"] if r["read_s_per_token"] and r["s_per_token"] < r["read_s_per_token"]]
     if fast:
         lines.append(f"check: {', '.join(fast)} decoded faster than its reads take at the measured disk speed: "

@@ -278,6 +278,7 @@ class ExpertCache:
         self.hits = self.misses = self.evictions = self.bytes_read = 0
         self.prefetch_issued = self.prefetch_useful = self.prefetch_cancelled = self.prefetch_bytes = 0
         self.wait_s = 0.0                                 # time the caller spent waiting for reads
+        self.read_s = 0.0                                 # time the reader spent inside its reads (disk busy)
 
     @staticmethod
     def _open(path, read):
@@ -467,8 +468,11 @@ class ExpertCache:
                 at = 0
                 for j in batch:                              # the jobs' progress becomes views of the shared array
                     j.done, at = done[at:at + len(j.sizes)], at + len(j.sizes)
+            t_read = time.perf_counter()
             rc = _read_ranges(self.fd, *arrays, self.flag, CHUNK)
+            t_read = time.perf_counter() - t_read
             with self.cv:
+                self.read_s += t_read
                 self.running = []
                 failed = False
                 for j, b in zip(batch, before):
@@ -498,7 +502,7 @@ class ExpertCache:
                 "resident_bytes": self.resident_bytes, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes,
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
-                "wait_s": self.wait_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
+                "wait_s": self.wait_s, "read_s": self.read_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
                 "read": self.read, "warm_share": self.warm_share}
 
     def close(self) -> None:

@@ -13,7 +13,8 @@ MB = 1e6
 
 def _counters(model) -> dict:
     c = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "resident_bytes": 0, "prefetch_issued": 0,
-         "prefetch_useful": 0, "prefetch_bytes": 0, "wait_s": 0.0}
+         "prefetch_useful": 0, "prefetch_bytes": 0, "wait_s": 0.0,
+         "read_s": 0.0}
     if model.experts is not None:
         c.update(model.experts.counters())
     c["predicted"], c["predicted_right"] = getattr(model, "predicted", 0), getattr(model, "predicted_right", 0)
@@ -114,6 +115,7 @@ def _run(model, ids, common, sampler, max_tokens, stops):
             "mb_prefetched_per_token": (c2["prefetch_bytes"] - c1["prefetch_bytes"]) / MB / n_dec if n_dec else 0.0,
             "expert_wait_s": c2["wait_s"] - c0["wait_s"],
             "gen_expert_wait_s": c2["wait_s"] - c1["wait_s"],
+            "gen_read_s": c2["read_s"] - c1["read_s"],                    # the reader's busy time while decoding
             "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": _peak(),
             "ram_budget_bytes": model.plan.budget,

@@ -95,6 +95,15 @@ def test_disk_speed_measured_per_run():
     assert rows[0]["disk_read_bytes_per_s"] == 2e9 and rows[0]["read_s_per_token"] == pytest.approx(0.5)
 
 
+def test_reader_busy_and_own_bound():
+    """The reader's busy share of decoding and its speed while busy give a second bound, per run."""
+    r = _run("all", 1, 1 / 0.5, 1000) | {"gen_s": 7.5, "gen_expert_wait_s": 3.0, "gen_read_s": 6.0, "generated_tokens": 16}
+    rows, _ = summarize_all([r], ["all"], FLAGS, 500e6)
+    assert rows[0]["reader_busy"] == pytest.approx(0.8)
+    assert rows[0]["own_read_bytes_per_s"] == pytest.approx(1000e6 * 15 / 6.0)
+    assert rows[0]["vs_own_bound"] == pytest.approx(0.5 / (1000 / 2500 + 4.5 / 15))
+
+
 def test_own_compute_time():
     """No in-RAM reference: each run's decode time not spent waiting for reads, per decode step."""
     r = _run("all", 1, 1 / 0.5, 641) | {"gen_s": 7.5, "gen_expert_wait_s": 3.0, "generated_tokens": 16}
@@ -122,7 +131,7 @@ def test_table(fabricated):
                                         "12", "1.00G", "2.00G", "ok", "2/3,", "OOM", "1"]
     assert lines[first + 2].split()[:7] == ["all", "0.390", "2.56", "2.14", "641", "(320)", "50%"]
     bound = lines.index(next(l for l in lines if l.startswith("config") and "÷ bound" in l))
-    assert lines[bound + 2].split() == ["all", "0.390", "641", "-", "0.284", "0.231", "0.515", "0.76", "1.37"]
+    assert lines[bound + 2].split() == ["all", "0.390", "641", "-", "0.284", "0.231", "0.515", "0.76", "1.37", "-", "-", "-"]
     assert "direct round 2: OOM: exit code -9" in text and "random weights" in lines[-1]
     assert "check:" not in text
     res["disk_read_bytes_per_s"] = 1000e6          # 1586 and 641 MB at 1000 MB/s: longer than 0.834 and 0.390 s
