@@ -35,8 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="expert cache policy: lru, lfu, or layer (an equal share of slots per layer; default)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="guess the next layer's experts with its router and read them early (default on)")
-    p.add_argument("--prefetch-depth", type=int, default=1, metavar="N",
-                   help="how many layers ahead to guess and read experts (default 1)")
+    p.add_argument("--prefetch-depth", type=int, default=None, metavar="N",
+                   help="how many layers ahead to guess and read experts (default: 2 when the cache holds at "
+                        "least 3/4 of the experts, else 1)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's other experts while the first computes (default on)")
     p.add_argument("--read", choices=("auto", "direct", "buffered"), default="auto",

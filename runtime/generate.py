@@ -116,6 +116,7 @@ def _run(model, ids, common, sampler, max_tokens, stops):
             "expert_wait_s": c2["wait_s"] - c0["wait_s"],
             "gen_expert_wait_s": c2["wait_s"] - c1["wait_s"],
             "gen_read_s": c2["read_s"] - c1["read_s"],                    # the reader's busy time while decoding
+            "prefetch_depth": getattr(model, "prefetch_depth", None),
             "rss_bytes": psutil.Process().memory_info().rss,
             "peak_rss_bytes": _peak(),
             "ram_budget_bytes": model.plan.budget,

@@ -80,6 +80,10 @@ def test_prefetch_counters_and_stats(moe, monkeypatch):
     deep.close()
     with pytest.raises(ValueError, match="prefetch depth"):
         load_model(moe, ctx=64, progress=False, prefetch_depth=0)
+    assert m.prefetch_depth == 1                               # auto: a few slots of 32 experts
+    roomy = load_model(moe, ram_budget=min_budget(moe, 64) + 30 * 73728, ctx=64, progress=False)
+    assert roomy.plan.n_slots >= 24 and roomy.prefetch_depth == 2   # auto: >= 3/4 of the experts fit
+    roomy.close()
     off = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, prefetch=False)
     "".join(off.generate(list(range(3, 12)), max_tokens=16))
     assert off.stats["prefetch_issued"] == 0 and off.stats["prefetch_recall"] == 0.0
