@@ -3,10 +3,11 @@
 An expert is its three matrices (ffn_gate, ffn_up, ffn_down) of one layer. The pool is
 allocated once (n_slots x slot_bytes of anonymous memory). Experts are read with pread
 straight into a slot, never through the file mapping, so the file's pages never count in
-the process's RSS. By default the file is opened with O_DIRECT: reads bypass the page
-cache (no copy, no CPU, nothing left behind in RAM), which is what a model larger than
-RAM gets anyway; each matrix is read as one 4096-aligned range and its view starts at the
-matrix's offset inside that range.
+the process's RSS. Unless most expert pages are already in the page cache (read "auto",
+the default, checks with mincore; then reads are buffered copies), the file is opened with
+O_DIRECT: reads bypass the page cache (no copy, no CPU, nothing left behind in RAM), which
+is what a model larger than RAM gets anyway; each matrix is read as one 4096-aligned range
+and its view starts at the matrix's offset inside that range.
 
 One background thread does all reading, through a numba function that calls pread
 without the GIL (the kernels hold the GIL while they compute, so a Python read loop
