@@ -21,6 +21,37 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # loads (numpy's import), so runtime/__init__.py sets it too, before the CLI imports numpy.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+
+def sources_key(folder: str) -> str:
+    """16 hex digits of a hash over the names and contents of the .py files in folder."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _numba_cache_dir() -> None:
+    """Numba's on-disk cache checks only the source file of each cached function, so kernels that inline
+    intrinsics from simd.py kept their stale compiled code after simd.py changed. Key the cache directory by
+    a hash of all of this package's sources instead (a user cache directory; Numba's default if it cannot
+    be made). A user's own NUMBA_CACHE_DIR wins."""
+    if "NUMBA_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "lazymoe", "numba-" + sources_key(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    if os.access(path, os.W_OK):
+        os.environ["NUMBA_CACHE_DIR"] = path
+
+
+_numba_cache_dir()
+
 from .dispatch import KERNELS, matmul, matvec  # noqa: E402
 from .ffn import expert_ffn, expert_ffn_batch  # noqa: E402
 from .qtypes import QTYPES, QType, qtype, qtype_of_ggml  # noqa: E402

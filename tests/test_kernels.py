@@ -13,6 +13,8 @@ dequantized weight and x' the dequantized activation. Two checks follow:
     error is ~0.5 %, i.e. ~1/127 per block as expected.
 Float types (f16, f32) and the dequantize+sgemm path take x as is: rel. error <= 1e-5.
 """
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
@@ -217,3 +219,23 @@ def test_bad_inputs():
         except ValueError as err:
             msg = str(err)
             assert msg and "\n" not in msg, (i, msg)
+
+
+def test_numba_cache_dir_follows_the_sources(tmp_path):
+    """The compiled-kernel cache lives in a directory keyed by the kernels' sources, so editing simd.py (whose
+    intrinsics are inlined into matvec.py's cached functions) cannot leave stale machine code in use."""
+    import subprocess
+    import sys
+    from kernels import sources_key
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.txt").write_text("ignored\n")
+    k1 = sources_key(str(tmp_path))
+    (tmp_path / "b.txt").write_text("still ignored\n")
+    assert sources_key(str(tmp_path)) == k1
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert sources_key(str(tmp_path)) != k1 and len(k1) == 16
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "import kernels, os, numba; print(os.environ['NUMBA_CACHE_DIR']); "
+                          "print(numba.config.CACHE_DIR)"], env=env, capture_output=True, text=True, check=True)
+    want = os.path.join(str(tmp_path), "lazymoe", "numba-" + sources_key(os.path.dirname(K.__file__)))
+    assert out.stdout.split() == [want, want]
