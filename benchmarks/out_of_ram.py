@@ -1,7 +1,7 @@
 """Out-of-RAM decode speed of `lazymoe run`, each speed-up switched on and off.
 
     sudo python -m benchmarks.out_of_ram MODEL.gguf --ram 2G [--mem-limit 2G] [-n 16] [--rounds 3]
-                                         [--configs old,direct,layer,overlap,all,lfu,lru] [--inram-ram 12G]
+                                         [--configs old,direct,layer,overlap,all,lfu,lru,depth2,depth3] [--inram-ram 12G]
                                          [--extra "FLAGS"] [-P TOKENS|TEXT] [--ctx 1024] [-t THREADS]
                                          [--no-cap] [--no-drop] [--timeout S] [--json] [--out DIR]
 
@@ -35,12 +35,14 @@ cgroup's peak (page cache included).
 
 Disk bound: the cold sequential read speed of the model file is measured right before every run
 (runtime.bench.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
-the cache; root and a file of at least 1 GiB; on this shared machine it drifted from 0.5 to 2.5 GB/s within
-minutes, so a single figure per invocation misled) and, per configuration, bound = MB read per token /
-(median disk MB/s of its runs) + compute s/token. The compute time per token is each run's own decode time
-not spent waiting for expert reads ((gen_s - gen_expert_wait_s) / decode steps, from `lazymoe run
---json`), or with --inram-ram SIZE the s/token of an in-RAM reference run (`all` with a budget that holds
-every expert, no cap), which still reads each expert once, so it is slightly high. s/token / bound below 1 means reads overlap compute.
+the cache; root and a file of at least 1 GiB; on this shared machine it read 0.5-1.0 GB/s on one day and
+2.2 GB/s hours earlier, so one figure per invocation misled) and, per configuration, bound = MB read per
+token / (median disk MB/s of its runs) + compute s/token. The compute time per token is each run's own
+decode time not spent waiting for expert reads ((gen_s - gen_expert_wait_s) / decode steps, from `lazymoe
+run --json`), or with --inram-ram SIZE the s/token of an in-RAM reference run (`all` with a budget that
+holds every expert, no cap), which still reads each expert once, so it is slightly high. s/token / bound
+below 1 means reads overlap compute. Each run also reports its reader thread's busy time (gen_read_s), so
+the table shows the reader's busy share of decoding, the speed it read at, and the bound at that speed.
 
 Routing: random-weight `lazymoe synth` files (since 72ed619) route nearly uniformly, with none of the
 locality of a trained model, so hit rates, recall and bytes per token are a lower bound for a real

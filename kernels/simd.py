@@ -54,6 +54,11 @@ def _hsum8(builder, v):
     return tot
 
 
+def _bcast(builder, s, n=8):
+    v = builder.insert_element(ir.Constant(_V(_F32, n), None), s, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_V(_I32, n), [0] * n))
+
+
 def _data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val)
 
@@ -99,9 +104,7 @@ def _block_dot_codegen(kind):
             p = builder.call(maddwd, [builder.call(maddubs, [u, x]), _splat(_I16, 16, 1)])
             dx = builder.load(builder.gep(xda.data, [b]))
             s = builder.fmul(d, dx)
-            sv = builder.insert_element(ir.Constant(_V(_F32, 8), None), s, ir.Constant(_I32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(_V(_I32, 8), [0] * 8))
-            builder.store(builder.call(fma, [builder.sitofp(p, _V(_F32, 8)), sv, builder.load(acc)]), acc)
+            builder.store(builder.call(fma, [builder.sitofp(p, _V(_F32, 8)), _bcast(builder, s), builder.load(acc)]), acc)
             if kind == "q4_0":
                 c = builder.load(builder.gep(xca.data, [b]))
                 builder.store(builder.fadd(builder.load(corr), builder.fmul(d, c)), corr)
@@ -144,11 +147,6 @@ def dot_f16(typingctx, w, wo, x, n8):
             builder.store(builder.call(fma, [wv, xv, builder.load(acc)]), acc)
         return _hsum8(builder, builder.load(acc))
     return types.float32(w, wo, x, types.int64), codegen
-
-
-def _bcast(builder, s, n=8):
-    v = builder.insert_element(ir.Constant(_V(_F32, n), None), s, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(_V(_I32, n), [0] * n))
 
 
 def _tile_codegen(kind, rr, kk):
@@ -260,8 +258,7 @@ def _dequant_codegen(kind):
                 q = builder.sub(builder.zext(q, _V(_I32, 32)), _splat(_I32, 32, 8))
             else:
                 q = builder.sext(_load(builder, wp, o2, _V(_I8, 32)), _V(_I32, 32))
-            dv = builder.insert_element(ir.Constant(_V(_F32, 32), None), d, ir.Constant(_I32, 0))
-            dv = builder.shuffle_vector(dv, dv, ir.Constant(_V(_I32, 32), [0] * 32))
+            dv = _bcast(builder, d, 32)
             dst = builder.bitcast(builder.gep(op, [builder.mul(b, ir.Constant(_I64, 32))]), _V(_F32, 32).as_pointer())
             builder.store(builder.fmul(builder.sitofp(q, _V(_F32, 32)), dv), dst, align=4)
         return context.get_dummy_value()

@@ -137,10 +137,8 @@ def disk_read_speed(path: str, nbytes: int = 2 * GiB, block: int = 32 * MiB) -> 
     if size < GiB or not drop_page_cache():
         return None
     nbytes = min(nbytes, size - size % 4096)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        fd = os.open(path, os.O_RDONLY)
+    from runtime.expert_cache import open_for_reads
+    fd, _ = open_for_reads(path, "direct")
     buf = mmap.mmap(-1, block)                         # page-aligned, as O_DIRECT needs
     try:
         done, t0 = 0, time.perf_counter()

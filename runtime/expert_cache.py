@@ -49,6 +49,17 @@ _pread.restype = ctypes.c_ssize_t
 _mincore = getattr(_libc, "mincore", None)
 
 
+def open_for_reads(path: str, read: str) -> tuple[int, str]:
+    """(fd, mode): read "direct" opens with O_DIRECT, falling back to buffered where the filesystem refuses it
+    (tmpfs and others); "buffered" opens plainly."""
+    if read == "direct" and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), "direct"
+        except OSError:
+            pass
+    return os.open(path, os.O_RDONLY), "buffered"
+
+
 def page_cache_share(path: str, lo: int, hi: int) -> float:
     """Share of the file's pages in [lo, hi) that the OS page cache holds now (mincore); 0.0 if unknown."""
     if _mincore is None or hi <= lo:
@@ -260,7 +271,7 @@ class ExpertCache:
             o = np.asarray(offsets, dtype=np.int64)       # [L, E, 3]
             self.warm_share = page_cache_share(path, int(o.min()), int(o.max()) + max(p.nbytes for p in parts))
             read = "buffered" if self.warm_share >= WARM_SHARE else "direct"
-        self.fd, self.read = self._open(path, read)
+        self.fd, self.read = open_for_reads(path, read)
 
         self.slot_of: dict[tuple[int, int], int] = {}     # (layer, expert) -> slot, resident or being read
         self.views: dict = {}                             # resident key -> (gate, up, down) stored arrays
@@ -280,15 +291,6 @@ class ExpertCache:
         self.prefetch_issued = self.prefetch_useful = self.prefetch_cancelled = self.prefetch_bytes = 0
         self.wait_s = 0.0                                 # time the caller spent waiting for reads
         self.read_s = 0.0                                 # time the reader spent inside its reads (disk busy)
-
-    @staticmethod
-    def _open(path, read):
-        if read == "direct" and hasattr(os, "O_DIRECT"):
-            try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT), "direct"
-            except OSError:                               # tmpfs and some filesystems refuse O_DIRECT
-                pass
-        return os.open(path, os.O_RDONLY), "buffered"
 
     @property
     def resident_bytes(self) -> int:

@@ -250,7 +250,7 @@ class Model:
             s /= s.sum(axis=-1, keepdims=True)
             out[g0:g1] = (s @ self.v_cache[il, g0:g1, :N]).reshape(g1 - g0, R, T, hd)
         out = out.transpose(2, 0, 1, 3)                                     # [T, G, R, hd] = [T, H, hd]
-        return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))                   # [T, D]
+        return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))  # [T, D]
 
     def _route(self, L: Layer, h: np.ndarray):
         """Router for h [T, D] -> chosen experts [T, A] best first, and their weights [T, A]."""
