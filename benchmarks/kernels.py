@@ -1,9 +1,9 @@
 """Kernel benchmark: quantized matvec against the machine's streaming bandwidth, matmul
 against OpenBLAS on the same shape, the fused expert FFN against three matvecs.
 
-    python -m benchmarks.kernels            # full run (~2 GiB RAM, a few minutes)
-    python -m benchmarks.kernels --quick    # smoke run
-    python -m benchmarks.kernels --json     # one JSON object on stdout
+    python -m lazymoe.benchmarks.kernels            # full run (~2 GiB RAM, a few minutes)
+    python -m lazymoe.benchmarks.kernels --quick    # smoke run
+    python -m lazymoe.benchmarks.kernels --json     # one JSON object on stdout
 
 Matvec weights cycle through >= 1 GiB of distinct matrices so every byte comes from DRAM;
 each trial times one stream pass and one matvec pass back to back, and the ratio is the
@@ -67,8 +67,8 @@ def bench(quick: bool, trials: int) -> dict:
     import numba
     from numba import njit, prange
 
-    import kernels as K
-    from kernels.dispatch import KERNELS
+    from lazymoe import kernels as K
+    from lazymoe.kernels.dispatch import KERNELS
 
     @njit(fastmath=True, cache=True)
     def sum_range(a, lo, hi):
@@ -210,7 +210,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lazymoe.benchmarks.kernels", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quick", action="store_true", help="smoke run: 256 MiB of weights, fewer shapes")
     p.add_argument("-n", "--trials", type=int, default=None, help="timed trials per measurement (default 5, quick 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -1,6 +1,6 @@
 """Out-of-RAM decode speed of `lazymoe run`, each speed-up switched on and off.
 
-    sudo python -m benchmarks.out_of_ram MODEL.gguf --ram 2G [--mem-limit 2G] [-n 16] [--rounds 3]
+    sudo python -m lazymoe.benchmarks.out_of_ram MODEL.gguf --ram 2G [--mem-limit 2G] [-n 16] [--rounds 3]
                                          [--configs old,direct,layer,overlap,all,lfu,lru,depth2,depth3] [--inram-ram 12G]
                                          [--extra "FLAGS"] [-P TOKENS|TEXT] [--ctx 1024] [-t THREADS]
                                          [--no-cap] [--no-drop] [--timeout S] [--json] [--out DIR]
@@ -50,10 +50,10 @@ model. Synth files made before 72ed619 (e.g. a /work/bench-models file dated bef
 route almost every token to the same two experts per layer: on those they are an upper bound.
 
 Examples:
-    sudo python -m benchmarks.out_of_ram /work/bench-models/mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
+    sudo python -m lazymoe.benchmarks.out_of_ram /work/bench-models/mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
         --rounds 3 --inram-ram 12G --out /tmp/oor
-    sudo python -m benchmarks.out_of_ram MODEL.gguf --ram 2G --configs overlap,all --extra "--temp 0" --json
-    python -m benchmarks.out_of_ram runtime/data/lazymoe-demo-q4_0.gguf --ram 260M -n 4 --no-cap --no-drop
+    sudo python -m lazymoe.benchmarks.out_of_ram MODEL.gguf --ram 2G --configs overlap,all --extra "--temp 0" --json
+    python -m lazymoe.benchmarks.out_of_ram runtime/data/lazymoe-demo-q4_0.gguf --ram 260M -n 4 --no-cap --no-drop
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ import statistics
 import sys
 import tempfile
 
-from runtime.bench import (
+from lazymoe.benchmarks.sweep import (
     RANDOM_NOTE,
     bench_prompt,
     disk_read_speed,
@@ -74,7 +74,7 @@ from runtime.bench import (
     model_facts,
     run_lazymoe,
 )
-from runtime.memory import GiB, parse_size
+from lazymoe.runtime.memory import GiB, parse_size
 
 CONFIGS = {
     "old": "--no-prefetch --no-overlap --policy lru --read buffered",
@@ -273,7 +273,7 @@ def last_line(path: str) -> str:
 def run_one(args, name: str, flags: list[str], rnd: int, text: str, err_path: str) -> dict:
     """One `lazymoe run` of one configuration: page cache dropped, in a fresh cgroup unless uncapped; the child's
     whole stderr goes to err_path."""
-    from benchmarks.cgroup import MemCap
+    from lazymoe.benchmarks.cgroup import MemCap
     # the disk's speed drifts several-fold within minutes on a shared machine: measure it next to every run
     disk = None if args.no_drop else disk_read_speed(args.model, DISK_PROBE_BYTES)
     cold = None if args.no_drop else drop_page_cache()
@@ -316,7 +316,7 @@ class _NoCap:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.out_of_ram", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m lazymoe.benchmarks.out_of_ram", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="configurations:\n" + "\n".join(f"  {k:<8} {v or '(defaults)'}"
                                                                        for k, v in CONFIGS.items()))
@@ -362,7 +362,7 @@ def check_args(args) -> None:
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     shlex.split(args.extra)
-    from benchmarks.cgroup import available
+    from lazymoe.benchmarks.cgroup import available
     version = available()
     limit = parse_size(args.mem_limit if args.mem_limit is not None else args.ram)
     args.cap_bytes = None if args.no_cap or version is None else limit
@@ -414,7 +414,7 @@ def measure(args, argv, facts, text, ids) -> int:
                 print(f"round {rnd} {name}: {r['status']}: {brief}", file=sys.stderr, flush=True)
     rows, compute = summarize_all(runs, args.names, {n: flags[n] + shlex.split(args.extra) for n in flags}, disk)
     dropped = [r["cold"] for r in runs]
-    res = {"command": shlex.join(["python", "-m", "benchmarks.out_of_ram"] + argv), "model": args.model,
+    res = {"command": shlex.join(["python", "-m", "lazymoe.benchmarks.out_of_ram"] + argv), "model": args.model,
            "name": facts["name"], "synthetic": facts["synthetic"], "file_bytes": facts["file_bytes"],
            "prompt_text": text, "prompt_tokens": len(ids),
            "args": {k: v for k, v in vars(args).items() if k not in ("cap", "cap_bytes", "names")},

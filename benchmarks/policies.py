@@ -1,6 +1,6 @@
 """Replay routing traces through each expert-cache policy and print hit rates per cache size.
 
-    python -m benchmarks.policies TRACE.jsonl [TRACE ...] --slots 8,16,32 [--json]
+    python -m lazymoe.benchmarks.policies TRACE.jsonl [TRACE ...] --slots 8,16,32 [--json]
 
 Traces come from `lazymoe run --trace FILE` (format in runtime/trace.py). Each trace is replayed from an
 empty cache in the order the runtime asks for experts: prompt tokens in chunks of N_BATCH, each layer's
@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 
-from runtime.expert_cache import POLICIES, make_policy
-from runtime.memory import N_BATCH
-from runtime.trace import read_trace
+from lazymoe.runtime.expert_cache import POLICIES, make_policy
+from lazymoe.runtime.memory import N_BATCH
+from lazymoe.runtime.trace import read_trace
 
 
 def accesses(ids: np.ndarray, is_prompt: np.ndarray):

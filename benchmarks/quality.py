@@ -1,7 +1,7 @@
 """Quantization quality of the demo model, measured with lazymoe's own runtime.
 
-    python -m benchmarks.train_demo --out DIR          # once: writes DIR/hf (the float checkpoint)
-    python -m benchmarks.quality DIR/hf [--tokens 16384] [--json]
+    python -m lazymoe.benchmarks.train_demo --out DIR          # once: writes DIR/hf (the float checkpoint)
+    python -m lazymoe.benchmarks.quality DIR/hf [--tokens 16384] [--json]
 
 Converts the float checkpoint to F32, Q8_0, our Q4_0 (error-minimising scales) and the
 reference Q4_0 (gguf.quants.quantize, i.e. llama.cpp's quantize_row_q4_0_ref), runs each
@@ -50,7 +50,7 @@ def summarize(stats: list[dict]) -> dict:
 
 
 def held_out_ids(tokenizer, n_tokens: int) -> np.ndarray:
-    from benchmarks.train_demo import read, source_files
+    from lazymoe.benchmarks.train_demo import read, source_files
 
     _, held = source_files()
     ids: list[int] = []
@@ -65,7 +65,7 @@ def reference_q4_0(rows: np.ndarray, qt) -> np.ndarray:
     """llama.cpp's reference quantizer for Q4_0 rows; lazymoe's for every other type."""
     import gguf
 
-    from kernels.quantizers import quantize
+    from lazymoe.kernels.quantizers import quantize
     if qt.name == "q4_0":
         return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), gguf.GGMLQuantizationType.Q4_0)
     return quantize(rows, qt)
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens to evaluate (default 16384)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from quantize.convert import convert
-    from runtime import load_model
+    from lazymoe.quantize.convert import convert
+    from lazymoe import load_model
 
     variants = {"F32": ("f32", None), "Q8_0": ("q8_0", None), "Q4_0 (lazymoe)": ("q4_0", None),
                 "Q4_0 (llama.cpp reference)": ("q4_0", reference_q4_0)}

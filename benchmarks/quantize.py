@@ -1,7 +1,7 @@
 """Quantizer benchmarks: Q4_0 error against llama.cpp's reference, and streaming memory.
 
-    python -m benchmarks.quantize error [--json]
-    python -m benchmarks.quantize stream [--layers 1] [--dir DIR] [--json]
+    python -m lazymoe.benchmarks.quantize error [--json]
+    python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--json]
 
 `error`: RMSE of our Q4_0 (error-minimising scale per block) and of gguf.quants' Q4_0
 (llama.cpp's reference, scale = max/-8) on gaussian, Student-t(3) and Laplace weights of a
@@ -29,7 +29,7 @@ import numpy as np
 def bench_error(rows: int = 512, cols: int = 4096, seed: int = 0) -> list[dict]:
     import gguf
 
-    from kernels.quantizers import quantize
+    from lazymoe.kernels.quantizers import quantize
 
     rng = np.random.default_rng(seed)
     dists = {"gaussian": lambda: rng.standard_normal((rows, cols)),
@@ -58,7 +58,7 @@ MIXTRAL_8X7B = dict(hidden=4096, ffn=14336, heads=32, kv=8, experts=8, used=2, v
 
 def write_checkpoint(folder: str, layers: int) -> int:
     """An HF Mixtral-8x7B-shaped checkpoint of `layers` layers (bf16, one shard per layer); returns bytes."""
-    from quantize.safetensors_file import write_safetensors
+    from lazymoe.quantize.safetensors_file import write_safetensors
 
     c = MIXTRAL_8X7B
     D, F, V, kvd = c["hidden"], c["ffn"], c["vocab"], c["hidden"] // c["heads"] * c["kv"]
@@ -105,12 +105,12 @@ def bench_stream(folder: str, layers: int, qtype: str = "q4_0") -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         # in a child: generating the weights leaves this process large, and a converter forked from a
         # large parent would report the parent's pages as its own peak RSS
-        subprocess.run([sys.executable, "-c", f"from benchmarks.quantize import write_checkpoint; "
+        subprocess.run([sys.executable, "-c", f"from lazymoe.benchmarks.quantize import write_checkpoint; "
                         f"write_checkpoint({folder!r}, {layers})"], check=True)
         open(marker, "w").close()
     src_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
     out = os.path.join(folder, f"out-{qtype}.gguf")
-    cmd = [sys.executable, "-m", "runtime.cli", "quantize", folder, "-o", out, "-t", qtype, "--force", "-q"]
+    cmd = [sys.executable, "-m", "lazymoe.cli", "quantize", folder, "-o", out, "-t", qtype, "--force", "-q"]
     import psutil
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd)

@@ -1,6 +1,6 @@
 """Cold read speed of experts, each way the runtime could read them, side by side.
 
-    sudo python -m benchmarks.read_paths MODEL.gguf [--experts 12] [--trials 3] [--json]
+    sudo python -m lazymoe.benchmarks.read_paths MODEL.gguf [--experts 12] [--trials 3] [--json]
 
 Each trial drops the page cache (root), then reads the same N experts (3 matrices each, from
 different layers) into one slot-sized buffer per way, the ways interleaved so each trial compares
@@ -30,10 +30,10 @@ import time
 
 import numpy as np
 
-from runtime.bench import drop_page_cache
+from lazymoe.benchmarks.sweep import drop_page_cache
 
-from runtime.expert_cache import IO_ALIGN, _read_ranges
-from runtime.gguf_file import GGUFFile
+from lazymoe.runtime.expert_cache import IO_ALIGN, _read_ranges
+from lazymoe.format.gguf_file import GGUFFile
 
 NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MB = 1e6

@@ -1,6 +1,6 @@
 """Real routing: the demo model's expert choices on held-out text, and what they mean for a cache.
 
-    python -m benchmarks.routing [--tokens 4096] [--trace-out FILE] [--slots 4,8,12,16,24] [--json]
+    python -m lazymoe.benchmarks.routing [--tokens 4096] [--trace-out FILE] [--slots 4,8,12,16,24] [--json]
 
 Runs the packaged demo model (runtime/data, trained on Python source) over the held-out
 standard-library files that benchmarks/train_demo.py kept out of training, records which
@@ -41,9 +41,9 @@ def expert_load(ids: np.ndarray, n_expert: int) -> np.ndarray:
 
 def record(tokens: int) -> tuple[dict, np.ndarray]:
     """Route `tokens` held-out tokens through the demo model; (header, ids [T, L, A])."""
-    from benchmarks.quality import WINDOW, held_out_ids
-    from runtime import load_model
-    from runtime.demo import DEMO_MODEL
+    from lazymoe.benchmarks.quality import WINDOW, held_out_ids
+    from lazymoe import load_model
+    from lazymoe.runtime import DEMO_MODEL
 
     model = load_model(DEMO_MODEL, progress=False, ctx=WINDOW)
     try:
@@ -67,14 +67,14 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-out", default=None, help="also write the trace (lazymoe trace format) here")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from benchmarks.policies import replay
-    from runtime.expert_cache import POLICIES
+    from lazymoe.benchmarks.policies import replay
+    from lazymoe.runtime.expert_cache import POLICIES
 
     head, ids = record(a.tokens)
     if a.trace_out:
         from types import SimpleNamespace
 
-        from runtime.trace import write_trace
+        from lazymoe.runtime.trace import write_trace
         model = SimpleNamespace(path=head["model"], cfg=SimpleNamespace(**{k: head[k] for k in ("n_layer", "n_expert", "n_expert_used")}))
         write_trace(a.trace_out, model, [ids], 0)
     E, A = head["n_expert"], head["n_expert_used"]

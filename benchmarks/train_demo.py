@@ -1,6 +1,6 @@
 """Train lazymoe's demo model: a small Mixtral (top-2 of 8 experts per layer) on Python's own source.
 
-    python -m benchmarks.train_demo [--minutes 30] [--out DIR]
+    python -m lazymoe.benchmarks.train_demo [--minutes 30] [--out DIR]
 
 Needs the `ref` extra (torch, transformers, sentencepiece); CPU only. Steps:
 1. Text: the .py files of this Python's standard library (every fresh machine has them),
@@ -169,9 +169,9 @@ def golden(gguf_path: str) -> dict:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from runtime.config import config_from_metadata
-    from runtime.gguf_file import GGUFFile
-    from runtime.tokenizer import Tokenizer
+    from lazymoe.format.config import config_from_metadata
+    from lazymoe.format.gguf_file import GGUFFile
+    from lazymoe.runtime.tokenizer import Tokenizer
     from tests.make_golden import hf_state_dict
 
     g = GGUFFile(gguf_path)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     a = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from quantize.convert import convert
+    from lazymoe.quantize.convert import convert
 
     out = a.out or tempfile.mkdtemp(prefix="lazymoe-demo-")
     os.makedirs(out, exist_ok=True)

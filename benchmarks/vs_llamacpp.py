@@ -1,6 +1,6 @@
 """lazymoe against llama.cpp (llama-cpp-python) on the same GGUF file, side by side.
 
-    python -m benchmarks.vs_llamacpp MODEL.gguf [--mem-limit 12G] [--prompt-tokens 256] [--gen 64]
+    python -m lazymoe.benchmarks.vs_llamacpp MODEL.gguf [--mem-limit 12G] [--prompt-tokens 256] [--gen 64]
                                      [--threads 2] [--trials 3] [--ram SIZE] [--json]
 
 Each run is its own process; the two engines alternate (which goes first flips every trial) and
@@ -41,9 +41,9 @@ import sys
 import tempfile
 import time
 
-from runtime.bench import (bench_prompt, disk_read_speed, drop_page_cache, machine_info, model_facts, run_lazymoe,
+from lazymoe.benchmarks.sweep import (bench_prompt, disk_read_speed, drop_page_cache, machine_info, model_facts, run_lazymoe,
                            thread_env)
-from runtime.memory import GiB, MiB, parse_size
+from lazymoe.runtime.memory import GiB, MiB, parse_size
 
 METRICS = ("load_s", "prompt_tok_per_s", "prompt_all_logits_tok_per_s", "gen_tok_per_s", "time_to_first_token_s",
            "peak_rss_bytes", "cgroup_peak_bytes")
@@ -102,7 +102,7 @@ def run_llama(model: str, ids, text: str, gen: int, threads: int, repack: bool, 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"model": model, "ids": list(ids), "gen": gen, "threads": threads, "repack": repack,
                    "all_logits": all_logits, "text": text}, f)
-    cmd = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--worker", f.name]
+    cmd = [sys.executable, "-m", "lazymoe.benchmarks.vs_llamacpp", "--worker", f.name]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads), preexec_fn=preexec_fn,
@@ -132,7 +132,7 @@ def profile_worker(model: str, ids: list[int], gen: int, ram, top: int = 14) -> 
 
     import numpy as np
 
-    from runtime.model import load_model
+    from lazymoe.runtime.model import load_model
     m = load_model(model, ram_budget=ram, ctx=len(ids) + gen, progress=False)
 
     def table(pr) -> list:
@@ -173,7 +173,7 @@ def run_profile(args, ids) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"model": args.model, "ids": list(ids), "gen": args.gen, "ram": args.ram}, f)
     try:
-        r = subprocess.run([sys.executable, "-m", "benchmarks.vs_llamacpp", "--profile-worker", f.name],
+        r = subprocess.run([sys.executable, "-m", "lazymoe.benchmarks.vs_llamacpp", "--profile-worker", f.name],
                            capture_output=True, text=True, env=thread_env(args.threads))
     finally:
         os.unlink(f.name)
@@ -199,7 +199,7 @@ def run_profile(args, ids) -> int:
 
 def one_run(engine: str, args, ids, text, repack: bool, cap_name: str | None) -> dict:
     """One run of one engine, under a fresh memory cap if asked; cgroup figures merged in."""
-    from benchmarks.cgroup import MemCap
+    from lazymoe.benchmarks.cgroup import MemCap
     cold = drop_page_cache() if (args.cold or args.mem_limit) else None
 
     def go(preexec_fn):
@@ -269,7 +269,7 @@ def format_table(res: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.vs_llamacpp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lazymoe.benchmarks.vs_llamacpp", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a GGUF file both engines load")
     p.add_argument("--mem-limit", default=None, metavar="SIZE", help="run each process in a cgroup capped at SIZE")
     p.add_argument("--ram", default=None, metavar="SIZE",
@@ -311,7 +311,7 @@ def compare(args) -> int:
         if getattr(args, k) < (2 if k in ("prompt_tokens", "gen") else 1):
             raise ValueError(f"--{k.replace('_', '-')} is too small: {getattr(args, k)}")
     if args.mem_limit:
-        from benchmarks.cgroup import available
+        from lazymoe.benchmarks.cgroup import available
         if available() is None:
             raise ValueError("--mem-limit needs a writable cgroup memory controller (root, cgroup v1 or v2)")
         if args.ram is None:

@@ -16,7 +16,7 @@ import numpy as np
 from gguf import quants as gq
 from numba import njit, prange
 
-from kernels.qtypes import QType, qtype
+from lazymoe.kernels.qtypes import QType, qtype
 
 QK = 32
 ROWS_PER_CHUNK = 256   # rows quantized per call: bounds the float temporaries

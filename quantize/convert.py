@@ -16,9 +16,9 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
-from kernels.qtypes import QType, qtype
-from kernels.quantizers import quantize
-from quantize.sources import Source, TensorPlan, open_source
+from lazymoe.kernels.qtypes import QType, qtype
+from lazymoe.kernels.quantizers import quantize
+from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
               "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}

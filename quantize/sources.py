@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.qtypes import QType
-from quantize.safetensors_file import SafetensorsFile
-from runtime.config import ModelConfig, check_config, config_from_metadata
+from lazymoe.kernels.qtypes import QType
+from lazymoe.quantize.safetensors_file import SafetensorsFile
+from lazymoe.format.config import ModelConfig, check_config, config_from_metadata
 
 ROW_CHUNK = 4096   # rows of a 2-D matrix read at once (4096 x 4096 f32 = 64 MiB)
 
@@ -182,7 +182,7 @@ def _read_json(path: str) -> dict:
 
 def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) -> dict:
     """tokenizer.ggml.* keys from a SentencePiece tokenizer.model, padded to n_vocab like llama.cpp."""
-    from quantize.spm_model import load_spm_model
+    from lazymoe.quantize.spm_model import load_spm_model
 
     path = next((os.path.join(folder, c) for c in candidates if os.path.isfile(os.path.join(folder, c))), None)
     if path is None:
@@ -409,7 +409,7 @@ def _open_gguf(path: str) -> Source:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf import quants as gq
 
-    from runtime.gguf_file import GGUFFile
+    from lazymoe.format.gguf_file import GGUFFile
 
     f = GGUFFile(path)
     try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.qtypes import QType, qtype
-from quantize.sources import Source, TensorPlan, llama_metadata
-from runtime.config import ModelConfig
+from lazymoe.kernels.qtypes import QType, qtype
+from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
+from lazymoe.format.config import ModelConfig
 
 SHAPES = {
     "mixtral-8x7b": ModelConfig(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000,

@@ -1,19 +1,6 @@
-"""lazymoe's runtime: `from runtime import load_model`.
-
-load_model is imported on first use, so modules that only read GGUF files or
-tokenize do not pay for importing the numba kernels.
-"""
+"""The network, the expert cache, the tokenizer, chat templates, sampling and generation."""
 import os
 
-# Before anything imports numpy (and with it OpenBLAS): see kernels/__init__.py.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-
-def __getattr__(name):
-    if name == "load_model":
-        from runtime.model import load_model
-        return load_model
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-
-
-__all__ = ["load_model"]
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The small demo model shipped in the package (see data/MODEL_CARD.md): `lazymoe demo` and `serve` without a model.
+DEMO_MODEL = os.path.join(DATA, "lazymoe-demo-q4_0.gguf")

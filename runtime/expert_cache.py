@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from kernels.qtypes import QType
+from lazymoe.kernels.qtypes import QType
 
 IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
 CHUNK = 32 << 20            # bytes per pread: cold O_DIRECT reads 8 MiB at ~1.0 GB/s, 32 MiB at ~2.2 GB/s here

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import psutil
 
-from runtime.sampling import Sampler, StopStrings
+from lazymoe.runtime.sampling import Sampler, StopStrings
 
 MB = 1e6
 
@@ -124,5 +124,5 @@ def _run(model, ids, common, sampler, max_tokens, stops):
 
 
 def _peak() -> int:
-    from runtime.memory import peak_rss
+    from lazymoe.runtime.memory import peak_rss
     return peak_rss()

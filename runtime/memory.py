@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import psutil
 
-from runtime.config import ModelConfig
+from lazymoe.format.config import ModelConfig
 
 N_BATCH = 256             # prompt tokens per forward chunk; bounds the working buffers
 ATTN_CHUNK_FLOATS = 1 << 20  # attention scores per batched product: KV heads are taken in chunks under this
@@ -160,3 +160,13 @@ def plan_memory(cfg: ModelConfig, resident: int, slot: int, ctx: int, ram_budget
 def min_budget(cfg: ModelConfig, resident: int, slot: int, ctx: int, baseline: int = PROCESS_ESTIMATE) -> int:
     """The smallest budget the model runs in: fixed parts + one layer's k active experts."""
     return baseline + resident + 2 * cfg.n_layer * cfg.n_head_kv * ctx * cfg.head_dim * 4 + work_bytes(cfg, ctx) + slot * cfg.n_expert_used
+
+
+def model_sizes(f, cfg) -> dict:
+    """Byte counts of a GGUF model: resident part, experts, one expert (and its cache slot)."""
+    expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if n.endswith("_exps.weight"))
+    resident = sum(t.nbytes for n, t in f.tensors.items() if not n.endswith("_exps.weight"))
+    per_expert = expert_bytes // max(1, cfg.n_layer * cfg.n_expert) if cfg.is_moe else 0
+    slot = sum(-(-(f.tensors[f"blk.0.{k}.weight"].nbytes // cfg.n_expert) // 64) * 64
+               for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) if cfg.is_moe else 0
+    return {"resident_bytes": resident, "expert_bytes": expert_bytes, "bytes_per_expert": per_expert, "expert_slot_bytes": slot}

@@ -15,14 +15,14 @@ import os
 import numpy as np
 from gguf import quants
 
-import kernels
-from kernels.attention import attend_one
-from kernels.qtypes import QType
-from runtime.config import ModelConfig, config_from_metadata
-from runtime.expert_cache import ExpertCache, ExpertPart, compile_reader, slot_size
-from runtime.gguf_file import GGUFFile
-from runtime.memory import ATTN_CHUNK_FLOATS, MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
-from runtime.tokenizer import Tokenizer
+from lazymoe import kernels
+from lazymoe.kernels.attention import attend_one
+from lazymoe.kernels.qtypes import QType
+from lazymoe.format.config import ModelConfig, config_from_metadata
+from lazymoe.runtime.expert_cache import ExpertCache, ExpertPart, compile_reader, slot_size
+from lazymoe.format.gguf_file import GGUFFile
+from lazymoe.runtime.memory import ATTN_CHUNK_FLOATS, MiB, N_BATCH, MemoryPlan, plan_memory, process_baseline
+from lazymoe.runtime.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 
@@ -373,8 +373,8 @@ class Model:
         """Yield text pieces continuing `prompt` (text, or a list of token ids) as they are decoded.
         Greedy by default. reuse=True keeps the longest prefix already in the KV cache (chat turns).
         Stats land in `self.stats` and the new ids in `self.generated_ids` when the generator ends."""
-        from runtime.generate import generate
-        from runtime.sampling import Sampler
+        from lazymoe.runtime.generate import generate
+        from lazymoe.runtime.sampling import Sampler
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         if isinstance(prompt, str):
             if not prompt:

@@ -74,7 +74,7 @@ def hf_state_dict(g, cfg, moe: bool) -> dict:
 def weights_sha256(gguf_path: str) -> str:
     """Hash of the GGUF's tensor data: the golden holds only for exactly these weights."""
     import hashlib
-    from runtime.gguf_file import GGUFFile
+    from lazymoe.format.gguf_file import GGUFFile
     g = GGUFFile(gguf_path)
     h = hashlib.sha256()
     for name in sorted(g.tensors):
@@ -86,9 +86,9 @@ def weights_sha256(gguf_path: str) -> str:
 def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
     import torch
     import transformers
-    from runtime.config import config_from_metadata
-    from runtime.gguf_file import GGUFFile
-    from runtime.tokenizer import Tokenizer
+    from lazymoe.format.config import config_from_metadata
+    from lazymoe.format.gguf_file import GGUFFile
+    from lazymoe.runtime.tokenizer import Tokenizer
 
     g = GGUFFile(gguf_path)
     cfg = config_from_metadata(g.metadata, gguf_path)
@@ -108,7 +108,7 @@ def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.n
 
 
 def main() -> int:
-    from quantize.convert import convert
+    from lazymoe.quantize.convert import convert
     out_dir = os.path.join(HERE, "fixtures", "golden")
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

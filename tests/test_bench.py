@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from runtime.bench import bench_prompt, format_table, model_facts, plot, run_lazymoe
-from runtime.cli import main
+from lazymoe.benchmarks.sweep import bench_prompt, format_table, model_facts, plot, run_lazymoe
+from lazymoe.cli import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from quantize.convert import convert
+    from lazymoe.quantize.convert import convert
     path = str(tmp_path_factory.mktemp("bench") / "tiny.gguf")
     convert(os.path.join(HERE, "fixtures", "tiny-mixtral"), path, "q8_0", progress=False)
     return path
@@ -109,7 +109,7 @@ def test_missing_file(tmp_path, capsys):
 
 def test_vs_llamacpp_tiny(tiny, capsys):
     pytest.importorskip("llama_cpp")
-    from benchmarks.vs_llamacpp import main as vs_main
+    from lazymoe.benchmarks.vs_llamacpp import main as vs_main
     assert vs_main([tiny, "-P", "12", "-n", "3", "-t", "1", "--trials", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for engine in ("llama.cpp", "lazymoe"):

@@ -25,7 +25,7 @@ SLACK = 4 << 20     # bytes over budget tolerated: allocator and page granularit
 
 CHILD = r"""
 import json, sys
-from runtime.model import load_model
+from lazymoe.runtime.model import load_model
 path, budget = sys.argv[1], int(sys.argv[2])
 try:
     m = load_model(path, ram_budget=budget, ctx=256, progress=False)
@@ -84,7 +84,7 @@ def test_peak_rss_under_budget(big_experts):
 
 def test_default_budget(monkeypatch):
     """No --ram: what the process holds + available memory (lowered by a cgroup limit) - the reserve."""
-    import runtime.memory as mem
+    import lazymoe.runtime.memory as mem
     GiB = mem.GiB
 
     class VM:
@@ -101,10 +101,10 @@ def test_default_budget(monkeypatch):
 
 def test_cgroup_room_under_a_cap():
     """A child in a 3 GiB memory cgroup sees at most 3 GiB of room and plans at most that by default."""
-    from benchmarks.cgroup import MemCap, available
+    from lazymoe.benchmarks.cgroup import MemCap, available
     if available() is None:
         pytest.skip("no writable cgroup memory controller")
-    code = "from runtime.memory import _cgroup_room, default_budget; print(_cgroup_room(), default_budget(0))"
+    code = "from lazymoe.runtime.memory import _cgroup_room, default_budget; print(_cgroup_room(), default_budget(0))"
     with MemCap(3 << 30, f"lazymoe-test-room-{os.getpid()}") as cap:
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, preexec_fn=cap.join, capture_output=True,
                              text=True, check=True).stdout.split()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runtime.chat import MAX_SECONDS, mixtral_prompt, render_chat
+from lazymoe.runtime.chat import MAX_SECONDS, mixtral_prompt, render_chat
 
 # tokenizer_config.json "chat_template" of mistralai/Mixtral-8x7B-Instruct-v0.1 (the
 # 2024 revision with system-message support), as llama.cpp copies it to GGUF.
@@ -68,8 +68,8 @@ def test_rendered_prompt_tokenizes_like_mistral_common():
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from quantize.spm_model import load_spm_model
-    from runtime.tokenizer import Tokenizer
+    from lazymoe.quantize.spm_model import load_spm_model
+    from lazymoe.runtime.tokenizer import Tokenizer
 
     m = load_spm_model(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"))
     tok = Tokenizer(m.pieces, m.scores, m.types, m.bos_id, m.eos_id, m.unk_id)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from runtime.cli import main
-from runtime.demo import DEMO_MODEL
+from lazymoe.cli import main
+from lazymoe.runtime import DEMO_MODEL
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "demo_golden.json")
 
@@ -20,7 +20,7 @@ def test_demo_model_is_packaged_and_small():
 def test_greedy_ids_equal_hugging_face():
     """benchmarks/train_demo.py ran transformers' MixtralForCausalLM on this GGUF's dequantized weights
     and recorded its greedy continuation; lazymoe must produce the same ids (up to EOS)."""
-    from runtime import load_model
+    from lazymoe import load_model
 
     gold = json.load(open(GOLDEN))
     model = load_model(DEMO_MODEL, progress=False, ctx=256)

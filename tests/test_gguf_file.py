@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from runtime.gguf_file import GGUFError, GGUFFile
+from lazymoe.format.gguf_file import GGUFError, GGUFFile
 
 U32, U64, STR, ARR, F32 = 4, 10, 8, 9, 6
 

@@ -20,11 +20,11 @@ import pytest
 from gguf import GGMLQuantizationType as G
 from gguf import quants
 
-import kernels as K
-from kernels import simd
-from kernels.dispatch import INT_MATMUL_MAX_TOKENS
-from kernels.matmul import TILE_ROWS
-from kernels.matvec import quantize_q8
+from lazymoe import kernels as K
+from lazymoe.kernels import simd
+from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
+from lazymoe.kernels.matmul import TILE_ROWS
+from lazymoe.kernels.matvec import quantize_q8
 
 GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "f16": G.F16, "f32": G.F32}
 TYPES = list(GG)
@@ -130,7 +130,7 @@ def test_portable_dots_match_avx2(name):
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
-    from kernels.matvec import _matmul_dots, _matmul_tiles, quantize_q8_rows
+    from lazymoe.kernels.matvec import _matmul_dots, _matmul_tiles, quantize_q8_rows
     w, Wd = weights(name, (37, 512), heavy=True)
     for tokens in (2, 5, 9):
         X = RNG.standard_normal((tokens, 512)).astype(np.float32)
@@ -226,7 +226,7 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
     intrinsics are inlined into matvec.py's cached functions) cannot leave stale machine code in use."""
     import subprocess
     import sys
-    from kernels import sources_key
+    from lazymoe.kernels import sources_key
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.txt").write_text("ignored\n")
     k1 = sources_key(str(tmp_path))

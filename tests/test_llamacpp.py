@@ -15,8 +15,8 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from quantize.convert import convert  # noqa: E402
-from runtime.gguf_file import GGUFFile  # noqa: E402
+from lazymoe.quantize.convert import convert  # noqa: E402
+from lazymoe.format.gguf_file import GGUFFile  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -51,7 +51,7 @@ def test_llama_cpp_runs_our_files_like_hf(tmp_path, fixture, qt):
 
 
 def lazymoe_logits(path: str, ids: list[int]) -> np.ndarray:
-    from runtime import load_model
+    from lazymoe import load_model
     model = load_model(path, progress=False)
     try:
         return model.logits(ids)
@@ -91,7 +91,7 @@ def wide_checkpoint(folder) -> None:
     import json
     import shutil
 
-    from quantize.safetensors_file import write_safetensors
+    from lazymoe.quantize.safetensors_file import write_safetensors
 
     rng = np.random.default_rng(3)
     D, F, V, E = 256, 512, 512, 4

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.out_of_ram import (
+from lazymoe.benchmarks.out_of_ram import (
     CONFIGS,
     INRAM,
     disk_bound,
@@ -19,7 +19,7 @@ from benchmarks.out_of_ram import (
     prefetch_on,
     summarize_all,
 )
-from runtime.demo import DEMO_MODEL
+from lazymoe.runtime import DEMO_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = {n: CONFIGS[n].split() for n in ("direct", "all")} | {INRAM: []}
@@ -115,14 +115,14 @@ def test_own_compute_time():
 
 def test_table(fabricated):
     runs, rows, compute = fabricated
-    res = {"command": "python -m benchmarks.out_of_ram m.gguf --ram 2G", "model": "m.gguf", "name": "synthetic x",
+    res = {"command": "python -m lazymoe.benchmarks.out_of_ram m.gguf --ram 2G", "model": "m.gguf", "name": "synthetic x",
            "synthetic": True, "file_bytes": 6 << 30, "prompt_tokens": 9,
            "args": {"ram": "2G", "ctx": 1024, "gen": 16, "rounds": 3, "extra": "--seed 7", "inram_ram": "12G"},
            "machine": {"cpu": "CPU", "cores": 2, "ram_bytes": 24 << 30, "load_avg": (0.5, 0.25, 1.0)},
            "cap": {"note": "2G (cgroup v1)"}, "cache_dropped": True, "disk_read_bytes_per_s": 2257e6,
            "compute": compute, "configs": rows, "runs": runs}
     text = format_table(res)
-    assert "python -m benchmarks.out_of_ram m.gguf --ram 2G" in text and "2 cores, 24.0 GiB RAM" in text
+    assert "python -m lazymoe.benchmarks.out_of_ram m.gguf --ram 2G" in text and "2 cores, 24.0 GiB RAM" in text
     assert "cap: 2G (cgroup v1); page cache dropped before each run: yes" in text and "2257 MB/s" in text
     assert "compute s/token: 0.231, the in-RAM reference run" in text
     lines = text.splitlines()
@@ -154,7 +154,7 @@ def test_bad_input(argv, msg, capsys):
 
 
 def test_demo_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "benchmarks.out_of_ram", DEMO_MODEL, "--ram", "260M", "-n", "2",
+    r = subprocess.run([sys.executable, "-m", "lazymoe.benchmarks.out_of_ram", DEMO_MODEL, "--ram", "260M", "-n", "2",
                         "--configs", "direct,all", "--no-cap", "--no-drop", "-t", "1", "--timeout", "120", "--json",
                         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert r.returncode == 0, r.stderr

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.policies import main, replay
-from runtime.expert_cache import LFU, LRU, LayerShare, make_policy
+from lazymoe.benchmarks.policies import main, replay
+from lazymoe.runtime.expert_cache import LFU, LRU, LayerShare, make_policy
 
 
 def decode_trace(rows) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +58,7 @@ def test_policy_objects_skip_pinned():
 
 
 def test_policies_cli(tmp_path, capsys):
-    from runtime.trace import FORMAT
+    from lazymoe.runtime.trace import FORMAT
     t = tmp_path / "t.jsonl"
     rows = [{"i": i, "prompt": i < 2, "experts": [[i % 3, 3], [1, 2]]} for i in range(6)]
     t.write_text("\n".join(json.dumps(r) for r in [{"format": FORMAT, "version": 1, "n_layer": 2, "n_expert": 4,

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from runtime.expert_cache import ExpertCache, ExpertPart, page_cache_share
-from runtime.model import load_model
-from runtime.trace import read_trace
+from lazymoe.runtime.expert_cache import ExpertCache, ExpertPart, page_cache_share
+from lazymoe.runtime.model import load_model
+from lazymoe.runtime.trace import read_trace
 from tests.test_runtime import _one_thread, min_budget, run_cli, synth_gguf  # noqa: F401 (autouse fixture)
 
 
@@ -31,8 +31,8 @@ def decode_logits(m, prompt, n):
 
 
 def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monkeypatch):
-    import runtime.model
-    monkeypatch.setattr(runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
     small = min_budget(moe, 64) + 1 * 73728                                    # about A + 1 slots
     prompt = list(range(3, 20))
     ref = None
@@ -56,8 +56,8 @@ def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monk
 
 
 def test_prefetch_counters_and_stats(moe, monkeypatch):
-    import runtime.model
-    monkeypatch.setattr(runtime.model, "process_baseline", lambda: 300 << 20)
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)
     m = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False)
     m.trace = []
     "".join(m.generate(list(range(3, 12)), max_tokens=16))
@@ -107,7 +107,7 @@ def _cache(tmp_path, n_experts=4, n_slots=3, nbytes=34 * 150, n_layers=1):
                 blob += b"\0" * (-len(blob) % 32)
             offsets[-1].append(offs)
     path.write_bytes(bytes(blob))
-    from kernels.qtypes import qtype
+    from lazymoe.kernels.qtypes import qtype
     parts = tuple(ExpertPart(qtype("q8_0"), (1, 32 * nbytes // 34), nbytes) for _ in range(3))
     return ExpertCache(str(path), parts, offsets, n_slots, "lru"), nbytes
 

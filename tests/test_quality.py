@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from benchmarks.quality import summarize, window_stats
+from lazymoe.benchmarks.quality import summarize, window_stats
 
 
 def test_window_stats_match_direct_numpy():

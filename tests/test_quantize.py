@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels.quantizers import quantize
-from quantize.convert import convert
-from quantize.safetensors_file import SafetensorsFile, write_safetensors
-from quantize.sources import llama_permute
-from runtime.cli import main
-from runtime.gguf_file import GGUFFile
+from lazymoe.kernels.quantizers import quantize
+from lazymoe.quantize.convert import convert
+from lazymoe.quantize.safetensors_file import SafetensorsFile, write_safetensors
+from lazymoe.quantize.sources import llama_permute
+from lazymoe.cli import main
+from lazymoe.format.gguf_file import GGUFFile
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIX, "tiny-mixtral")
@@ -370,7 +370,7 @@ def test_bad_inputs(tmp_path, capsys):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    import quantize.convert as qc
+    import lazymoe.quantize.convert as qc
 
     calls = {"n": 0}
     real = qc.quantize

@@ -1,7 +1,7 @@
 """benchmarks/routing.py's statistics on a hand-made trace with known answers."""
 import numpy as np
 
-from benchmarks.routing import expert_load, repeated_assignment
+from lazymoe.benchmarks.routing import expert_load, repeated_assignment
 
 
 def test_repeated_assignment_and_load():

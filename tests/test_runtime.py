@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-from runtime.model import load_model
+from lazymoe.runtime.model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -31,7 +31,7 @@ KERNEL_TOP1 = 0.90
 
 
 def _deq(qt, w) -> np.ndarray:
-    from kernels.qtypes import qtype, QType
+    from lazymoe.kernels.qtypes import qtype, QType
     qt = qt if isinstance(qt, QType) else qtype(qt)
     return quants.dequantize(np.asarray(w), qt.ggml).astype(np.float32) if qt.is_block else np.asarray(w, np.float32)
 
@@ -112,7 +112,7 @@ def synth_gguf(path, D=64, F=96, L=2, H=4, G=2, E=4, A=2, V=320, qt="q8_0", arch
     toks, scores, ttypes = vocab(V)
     w.add_tokenizer_model("llama"), w.add_token_list(toks), w.add_token_scores(scores), w.add_token_types(ttypes)
     w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0)
-    from runtime.config import ModelConfig
+    from lazymoe.format.config import ModelConfig
     cfg = ModelConfig(L, D, F, H, G, V, ctx, 1e-5, 1e4, E, A)
     for name, shape in cfg.tensor_shapes().items():
         if name in drop:
@@ -151,7 +151,7 @@ def min_budget(path, ctx=None) -> int:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """GGUFs converted from the fixture checkpoints by lazymoe's quantizer, made on demand."""
-    from quantize.convert import convert
+    from lazymoe.quantize.convert import convert
     d = tmp_path_factory.mktemp("converted")
     made = {}
 
@@ -169,7 +169,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("fx", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
 @pytest.mark.parametrize("ty", ["f32", "q8_0", "q4_0"])
 def test_logits_match_transformers(converted, fx, ty, monkeypatch):
-    import runtime.model
+    import lazymoe.runtime.model
     sys.path.insert(0, HERE)
     from make_golden import weights_sha256
     gold = np.load(os.path.join(FIXTURES, "golden", f"{fx}-{ty}.npz"))
@@ -186,12 +186,12 @@ def test_logits_match_transformers(converted, fx, ty, monkeypatch):
     assert np.abs(got - ref).mean() <= KERNEL_MEAN_RTOL * scale
     assert (got.argmax(1) == ref.argmax(1)).mean() >= KERNEL_TOP1
 
-    monkeypatch.setattr(runtime.model, "kernels", ReferenceKernels)               # the network alone
+    monkeypatch.setattr(lazymoe.runtime.model, "kernels", ReferenceKernels)               # the network alone
     model = load_model(path, ctx=64, progress=False)
     batch = model.logits(gold["ids"])
     model.rewind(0)
     one_by_one = np.stack([model.eval([i]) for i in gold["ids"][:8]])              # the decode path
-    monkeypatch.setattr(runtime.model, "ATTN_CHUNK_FLOATS", 1)                    # attention one KV head at a time
+    monkeypatch.setattr(lazymoe.runtime.model, "ATTN_CHUNK_FLOATS", 1)                    # attention one KV head at a time
     per_head = load_model(path, ctx=64, progress=False).logits(gold["ids"])
     for got in (batch, one_by_one, per_head):
         n = len(got)
@@ -207,8 +207,8 @@ def tiny(converted):
 
 
 def test_logits_identical_across_budgets(tiny, monkeypatch):
-    import runtime.model
-    monkeypatch.setattr(runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
     ids = list(range(1, 40))
     big = load_model(tiny, ram_budget="4G", ctx=64, progress=False)
     assert big.plan.n_slots == big.plan.n_experts
@@ -339,7 +339,7 @@ def test_bad_requests(tiny):
 # --- the commands, through a small argparse harness (runtime/cli.py registers them) ----
 
 def run_cli(argv, stdin=""):
-    from runtime.commands import add_chat_parser, add_run_parser
+    from lazymoe.commands.run import add_chat_parser, add_run_parser
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
     add_run_parser(sub)

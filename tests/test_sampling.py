@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.sampling import Sampler, StopStrings
+from lazymoe.runtime.sampling import Sampler, StopStrings
 
 LOGITS = np.array([1.0, 3.0, 2.0, -1.0, 2.5], dtype=np.float32)   # order by value: 1, 4, 2, 0, 3
 

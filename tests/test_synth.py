@@ -9,15 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.cli import main
-from runtime.gguf_file import GGUFFile
+from lazymoe.cli import main
+from lazymoe.format.gguf_file import GGUFFile
 
 
 @pytest.fixture(scope="module")
 def one_layer_8x7b(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth") / "s.gguf")
     code = subprocess.run([sys.executable, "-c",
-                           "import resource, sys; from runtime.cli import main; rc = main(sys.argv[1:]); "
+                           "import resource, sys; from lazymoe.cli import main; rc = main(sys.argv[1:]); "
                            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
                            "synth", "--shape", "mixtral-8x7b", "--layers", "1", "-o", out, "-q"],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -46,7 +46,7 @@ def test_shapes_sizes_and_memory(one_layer_8x7b, capsys):
 
 def test_llama_cpp_and_lazymoe_run_it(one_layer_8x7b):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from runtime import load_model
+    from lazymoe import load_model
 
     path, _ = one_layer_8x7b
     ids = [1, 300, 4000, 31999]
@@ -74,8 +74,8 @@ def test_bad_synth_args(tmp_path, capsys):
 
 def test_random_weights_route_almost_uniformly(one_layer_8x7b):
     """Zero-mean random weights: tokens spread over the experts (a biased synth made every token pick the same two)."""
-    from benchmarks.routing import expert_load, repeated_assignment
-    from runtime import load_model
+    from lazymoe.benchmarks.routing import expert_load, repeated_assignment
+    from lazymoe import load_model
 
     path, _ = one_layer_8x7b
     model = load_model(path, progress=False, ctx=64)

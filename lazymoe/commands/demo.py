@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-DEMO_MODEL = os.path.join(DATA, "lazymoe-demo-q4_0.gguf")
+from lazymoe.runtime import DEMO_MODEL
+
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
 
@@ -27,7 +27,7 @@ def add_demo_parser(subparsers) -> None:
 
 
 def cmd_demo(args) -> int:
-    from runtime.cli import build_parser
+    from lazymoe.cli import build_parser
 
     if not os.path.isfile(DEMO_MODEL):
         raise ValueError(f"{DEMO_MODEL}: the demo model is missing from this installation")

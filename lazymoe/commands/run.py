@@ -68,7 +68,7 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
 
 def _sampling(args) -> dict:
     """Generation options from args, checked before the model is loaded."""
-    from runtime.sampling import Sampler, StopStrings
+    from lazymoe.runtime.sampling import Sampler, StopStrings
     Sampler(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
     StopStrings(args.stop)
     if args.n_predict < 1:
@@ -78,7 +78,7 @@ def _sampling(args) -> dict:
 
 
 def _load(args, quiet: bool):
-    from runtime.model import load_model
+    from lazymoe.runtime.model import load_model
     model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty(),
                        policy=args.policy, prefetch=args.prefetch, overlap=args.overlap, read=args.read,
                        prefetch_depth=args.prefetch_depth)
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         if args.trace:
-            from runtime.trace import write_trace
+            from lazymoe.runtime.trace import write_trace
             write_trace(args.trace, model, model.trace, model.stats["prompt_tokens"])
         if args.json:
             out = {"text": "".join(text), "tokens": model.generated_ids, **model.stats,
@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args, stdin=None) -> int:
-    from runtime.chat import render_chat
+    from lazymoe.runtime.chat import render_chat
     stdin = stdin if stdin is not None else sys.stdin
     opts = _sampling(args)
     model = _load(args, quiet=False)

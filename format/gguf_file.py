@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from kernels.qtypes import QType, qtype_of_ggml
+from lazymoe.kernels.qtypes import QType, qtype_of_ggml
 
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from runtime.memory import GiB, MiB, parse_size
+from lazymoe.runtime.memory import GiB, MiB, parse_size
 
 WORD_STRIDE = 7919        # a prime: visits every id of any vocabulary it does not divide
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -59,7 +59,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def bench_prompt(tok, n_tokens: int) -> tuple[str, list[int]]:
     """(text, ids): text that encodes to exactly n_tokens ids, BOS first, made of whole-word pieces of the
     tokenizer's own vocabulary taken in a fixed order. Deterministic for a given vocabulary."""
-    from runtime.tokenizer import NORMAL, SPACE
+    from lazymoe.runtime.tokenizer import NORMAL, SPACE
     if n_tokens < 2:
         raise ValueError(f"the prompt needs at least 2 tokens (BOS and one word), got {n_tokens}")
     V = tok.vocab_size
@@ -83,11 +83,11 @@ def bench_prompt(tok, n_tokens: int) -> tuple[str, list[int]]:
 
 def model_facts(path: str, ctx: int) -> dict:
     """What the parent needs without loading the model: tokenizer, name, smallest budget, whether synthetic."""
-    from quantize.cli import model_sizes
-    from runtime.config import config_from_metadata
-    from runtime.gguf_file import GGUFFile
-    from runtime.memory import min_budget
-    from runtime.tokenizer import Tokenizer
+    from lazymoe.runtime.memory import model_sizes
+    from lazymoe.format.config import config_from_metadata
+    from lazymoe.format.gguf_file import GGUFFile
+    from lazymoe.runtime.memory import min_budget
+    from lazymoe.runtime.tokenizer import Tokenizer
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such model file")
     with GGUFFile(path) as f:           # closed before any run: a live mapping would pin pages in the cache
@@ -137,7 +137,7 @@ def disk_read_speed(path: str, nbytes: int = 2 * GiB, block: int = 32 * MiB) -> 
     if size < GiB or not drop_page_cache():
         return None
     nbytes = min(nbytes, size - size % 4096)
-    from runtime.expert_cache import open_for_reads
+    from lazymoe.runtime.expert_cache import open_for_reads
     fd, _ = open_for_reads(path, "direct")
     buf = mmap.mmap(-1, block)                         # page-aligned, as O_DIRECT needs
     try:
@@ -160,7 +160,7 @@ def lazymoe_cmd() -> list[str]:
     """How to start `lazymoe` with this interpreter (the console script if installed, so the process list
     reads `lazymoe run`)."""
     script = os.path.join(os.path.dirname(sys.executable), "lazymoe")
-    return [sys.executable, script] if os.path.isfile(script) else [sys.executable, "-m", "runtime.cli"]
+    return [sys.executable, script] if os.path.isfile(script) else [sys.executable, "-m", "lazymoe.cli"]
 
 
 def thread_env(threads: int | None) -> dict:

@@ -1,0 +1,1 @@
+"""The GGUF format layer: the strict reader, the model config and its tensor names."""

@@ -1,0 +1,1 @@
+"""The `lazymoe` subcommands: argparse parsers and the functions they call."""

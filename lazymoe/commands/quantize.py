@@ -1,0 +1,48 @@
+"""`lazymoe quantize` and `lazymoe synth`."""
+from __future__ import annotations
+
+from lazymoe.kernels.qtypes import QTYPES
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="convert a checkpoint (HF folder, Mistral folder, GGUF) to a GGUF of 4-bit blocks",
+                       description="Convert a Hugging Face or Mistral-native checkpoint folder, or a GGUF file, "
+                                   "into a GGUF file laid out as llama.cpp writes it.")
+    p.add_argument("src", help="checkpoint folder (config.json or params.json) or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output .gguf file")
+    p.add_argument("-t", "--type", default="q4_0", choices=list(QTYPES), help="type of the 2-D weight matrices (default q4_0)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_quantize)
+
+
+def _quantize(args) -> int:
+    from lazymoe.quantize.convert import convert
+    summary = convert(args.src, args.output, args.type, force=args.force, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def add_synth_parser(sub) -> None:
+    from lazymoe.quantize.synth import SHAPES
+    p = sub.add_parser("synth", help="write a GGUF with a real model's exact shapes and random weights (for benchmarks)",
+                       description="Write a GGUF with the exact shapes, names and metadata of a real Mixtral and random, "
+                                   "numerically sane weights, streaming, as blocks. Random weights route almost uniformly: "
+                                   "expert-cache hit rates on them are a lower bound.")
+    p.add_argument("--shape", required=True, choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="number of layers (default: all of the real model's)")
+    p.add_argument("-t", "--type", default="q4_0", choices=["q4_0", "q8_0"], help="weight type (default q4_0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="output .gguf file")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_synth)
+
+
+def _synth(args) -> int:
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.synth import synth_source
+    src = synth_source(args.shape, args.layers, args.type, args.seed)
+    print(write_gguf(src, args.output, qtype(args.type), force=args.force, progress=not args.quiet))
+    return 0
