@@ -32,7 +32,7 @@ import numpy as np
 
 from lazymoe.benchmarks.sweep import drop_page_cache
 
-from lazymoe.runtime.expert_cache import IO_ALIGN, _read_ranges
+from lazymoe.runtime.expert_cache import IO_ALIGN, read_ranges
 from lazymoe.format.gguf_file import GGUFFile
 
 NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -87,7 +87,7 @@ def read_numba(path, experts, buf, direct: bool, chunk: int):
                 offs.append(lo)
                 pos += hi - lo
             a = [np.array(v, np.int64) for v in (addrs, sizes, need, offs)]
-            if _read_ranges(fd, *a, np.zeros(3, np.int64), flag, chunk) != 0:
+            if read_ranges(fd, *a, np.zeros(3, np.int64), flag, chunk) != 0:
                 raise OSError(f"{path}: read failed")
     finally:
         os.close(fd)
@@ -128,7 +128,7 @@ def read_seq(path, nbytes, buf, blk):
         size = min(nbytes, os.fstat(fd).st_size) // blk * blk
         for off in range(0, size, blk):
             a = [np.array([v], np.int64) for v in (buf.ctypes.data, blk, blk, off)]
-            _read_ranges(fd, *a, np.zeros(1, np.int64), flag, blk)
+            read_ranges(fd, *a, np.zeros(1, np.int64), flag, blk)
     finally:
         os.close(fd)
     return size

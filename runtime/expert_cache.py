@@ -82,7 +82,7 @@ def page_cache_share(path: str, lo: int, hi: int) -> float:
 
 
 @njit(nogil=True)
-def _read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
+def read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
     """Read range i (sizes[i] bytes at file offset offs[i] to address addrs[i]) from done[i] on, GIL released.
     Returns 0 when all are read (a range ending at end of file may stop early once need[i] bytes are in),
     1 if flag[0] was set (interrupted; done[] says where to resume), -1 on a read error or a short file."""
@@ -103,7 +103,7 @@ def _read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
 def compile_reader() -> None:
     """Compile the reader (its ctypes call keeps it out of numba's cache) so the first expert read does not wait."""
     z = np.zeros(0, np.int64)
-    _read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
+    read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
 
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ class ExpertCache:
                 for j in batch:                              # the jobs' progress becomes views of the shared array
                     j.done, at = done[at:at + len(j.sizes)], at + len(j.sizes)
             t_read = time.perf_counter()
-            rc = _read_ranges(self.fd, *arrays, self.flag, CHUNK)
+            rc = read_ranges(self.fd, *arrays, self.flag, CHUNK)
             t_read = time.perf_counter() - t_read
             with self.cv:
                 self.read_s += t_read
