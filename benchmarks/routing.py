@@ -48,10 +48,10 @@ def record(tokens: int) -> tuple[dict, np.ndarray]:
     model = load_model(DEMO_MODEL, progress=False, ctx=WINDOW)
     try:
         ids = held_out_ids(model.tokenizer, tokens)
-        model.trace = []
+        model.net.trace = []
         for s in range(0, len(ids), WINDOW):
             model.logits(ids[s:s + WINDOW])
-        routes = np.concatenate(model.trace)                                                 # [T, L, A]
+        routes = np.concatenate(model.net.trace)                                                 # [T, L, A]
         cfg = model.cfg
         head = {"model": DEMO_MODEL, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
                 "tokens": int(len(routes))}

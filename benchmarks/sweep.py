@@ -83,7 +83,7 @@ def bench_prompt(tok, n_tokens: int) -> tuple[str, list[int]]:
 
 def model_facts(path: str, ctx: int) -> dict:
     """What the parent needs without loading the model: tokenizer, name, smallest budget, whether synthetic."""
-    from lazymoe.runtime.memory import model_sizes
+    from lazymoe.runtime.weights import model_sizes
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.runtime.memory import min_budget

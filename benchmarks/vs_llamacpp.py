@@ -160,7 +160,7 @@ def profile_worker(model: str, ids: list[int], gen: int, ram, top: int = 14) -> 
         tok = int(np.argmax(logits))
     cfg, f = m.cfg, m.file
     expert = sum(f.tensors[f"blk.0.{n}.weight"].nbytes for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) // cfg.n_expert
-    per_token = (sum(f.tensors[n].nbytes for n in m._resident_names if n != "token_embd.weight")
+    per_token = (sum(f.tensors[n].nbytes for n in m.weights.resident_names if n != "token_embd.weight")
                  + cfg.n_layer * cfg.n_expert_used * expert)
     out = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_steps": gen - 1, "gen_s": t_gen,
            "weight_bytes_per_token": per_token, "gen_weight_gb_per_s": per_token * (gen - 1) / t_gen / 1e9 if t_gen else None,

@@ -9,6 +9,21 @@ from dataclasses import dataclass
 
 ARCH = "llama"
 
+# An expert's three matrices, in the order the runtime keeps them: gate (HF w1), up (w3), down (w2).
+# Stored merged per layer as [E, rows, cols] tensors named blk.{i}.{name}.weight.
+EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+EXPERT_SUFFIX = "_exps.weight"
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for the merged expert tensors (blk.N.ffn_*_exps.weight), which the expert cache reads."""
+    return name.endswith(EXPERT_SUFFIX)
+
+
+def expert_tensors(layer: int) -> tuple[str, str, str]:
+    """GGUF names of layer's merged gate, up and down expert tensors."""
+    return tuple(f"blk.{layer}.{m}.weight" for m in EXPERT_MATRICES)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,9 +65,10 @@ class ModelConfig:
             s[b + "ffn_norm.weight"] = (D,)
             if self.is_moe:
                 s[b + "ffn_gate_inp.weight"] = (E, D)
-                s[b + "ffn_gate_exps.weight"] = (E, F, D)
-                s[b + "ffn_up_exps.weight"] = (E, F, D)
-                s[b + "ffn_down_exps.weight"] = (E, D, F)
+                gate, up, down = expert_tensors(i)
+                s[gate] = (E, F, D)
+                s[up] = (E, F, D)
+                s[down] = (E, D, F)
             else:
                 s[b + "ffn_gate.weight"] = (F, D)
                 s[b + "ffn_up.weight"] = (F, D)
@@ -67,12 +83,12 @@ class ModelConfig:
             for d in shape:
                 n *= d
             total += n
-            active += n * self.n_expert_used // self.n_expert if name.endswith("_exps.weight") else n
+            active += n * self.n_expert_used // self.n_expert if is_expert_tensor(name) else n
         return total, active
 
-    def kv_bytes_per_token(self) -> int:
-        """float32 K and V for one token across all layers."""
-        return 2 * self.n_layer * self.kv_dim * 4
+    def kv_bytes(self, ctx: int) -> int:
+        """The KV cache: float32 K and V of ctx tokens in every layer ([L, G, ctx, hd] twice)."""
+        return 2 * self.n_layer * self.kv_dim * 4 * ctx
 
 
 def _int(md: dict, key: str, where: str, default=None) -> int:

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
 from lazymoe.quantize.safetensors_file import SafetensorsFile
 from lazymoe.format.config import ModelConfig, check_config, config_from_metadata
@@ -194,7 +195,7 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
     for i in range(len(pieces), n_vocab):      # llama.cpp pads a larger embedding the same way
         pieces.append(f"[PAD{i}]")
         scores.append(-1000.0)
-        types.append(5)                        # UNUSED
+        types.append(UNUSED)
     md = {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": pieces,

@@ -20,8 +20,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-# SentencePiece piece types; the same numbers as GGUF's tokenizer.ggml.token_type.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+from lazymoe.format.tokens import BYTE, NORMAL, TOKEN_TYPES, UNKNOWN
+
 # TrainerSpec.ModelType
 MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 BPE = 2
@@ -154,7 +154,7 @@ def _piece(buf: bytes, start: int, stop: int, index: int) -> tuple[str, float, i
         raise _WireError(f"piece {index} has no text")
     if "\0" in piece:
         raise _WireError(f"piece {index} contains a NUL character")
-    if ptype not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+    if ptype not in TOKEN_TYPES:
         raise _WireError(f"piece {index} ({piece!r}) has unknown type {ptype}")
     return piece, score, ptype
 

@@ -26,11 +26,12 @@ import os
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit
 
+from lazymoe.format.checks import whole_number
 from lazymoe.kernels.qtypes import QType
 
 IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
@@ -222,6 +223,41 @@ def make_policy(policy, n_slots: int, n_layer: int):
             raise ValueError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
         return POLICIES[policy](n_slots, n_layer)
     return policy
+
+
+# --- options -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How experts are cached, read and guessed; one value threaded from the CLI to the cache.
+
+    policy: a name in POLICIES (or a policy object); read: "auto" | "direct" | "buffered" (see ExpertCache);
+    prefetch: guess the next layers' experts with their routers and read them early; prefetch_depth: how many
+    layers ahead (None: automatic, see network.DEEP_PREFETCH_SHARE); overlap: ask for all of a layer's
+    experts before computing the first."""
+    policy: object = DEFAULT_POLICY
+    read: str = DEFAULT_READ
+    prefetch: bool = True
+    prefetch_depth: int | None = None
+    overlap: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.policy, str) and self.policy not in POLICIES:
+            raise ValueError(f"cache policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.read not in READ_MODES:
+            raise ValueError(f"read mode {self.read!r} is not one of {', '.join(READ_MODES)}")
+        if self.prefetch_depth is not None:
+            whole_number(self.prefetch_depth, "prefetch depth", 1, hint=" (layers)")
+
+
+def cache_options(options: CacheOptions | None = None, **changes) -> CacheOptions:
+    """options (default CacheOptions()) with the named fields replaced; ValueError for an unknown name."""
+    options = CacheOptions() if options is None else options
+    unknown = set(changes) - set(CacheOptions.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown expert-cache option {sorted(unknown)[0]!r}; expected one of "
+                         f"{', '.join(CacheOptions.__dataclass_fields__)}")
+    return replace(options, **{k: v for k, v in changes.items() if v is not None or k == "prefetch_depth"})
 
 
 # --- the cache -----------------------------------------------------------------------

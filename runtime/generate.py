@@ -1,14 +1,32 @@
-"""The generation loop: prompt in one pass, then one token at a time, with stats."""
+"""The generation loop: prompt in one pass, then one token at a time, yielding a Step per token.
+
+Results are values: each Step carries the token, its text and the running stats; the last one carries
+finish_reason ("eos", "stop" or "length") and the final stats. Nothing is written into the model.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import psutil
 
+from lazymoe.format.checks import whole_number
+from lazymoe.runtime.memory import peak_rss
 from lazymoe.runtime.sampling import Sampler, StopStrings
 
 MB = 1e6
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decoded token. text: what it completes (may be empty: part of a character, or text held back in
+    case it starts a stop string). On the last step finish_reason is set, text includes everything held back
+    and stats are final; with finish_reason "eos" the token is the end-of-sequence id, not part of the output."""
+    token: int
+    text: str
+    stats: dict
+    finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()      # on the last step: every generated id (eos excluded); else empty
 
 
 def _counters(model) -> dict:
@@ -17,89 +35,50 @@ def _counters(model) -> dict:
          "read_s": 0.0}
     if model.experts is not None:
         c.update(model.experts.counters())
-    c["predicted"], c["predicted_right"] = getattr(model, "predicted", 0), getattr(model, "predicted_right", 0)
+    c["predicted"], c["predicted_right"] = model.net.predicted, model.net.predicted_right
     return c
 
 
-def generate(model, ids: list[int], sampler: Sampler, max_tokens: int, stop=(), reuse: bool = False):
-    """Check the request, then return a generator of text pieces continuing ids.
+def stream_generate(model, ids: list[int], sampler: Sampler, max_tokens: int, stop=(), reuse: bool = False):
+    """Check the request, then return a generator of Steps continuing ids.
 
-    reuse: keep the longest prefix of ids already in the KV cache and process only the rest.
-    When the generator ends, model.stats holds the run's figures and model.generated_ids its tokens.
+    reuse: keep the longest prefix of ids already in the KV cache and evaluate only the rest.
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
+    max_tokens = whole_number(max_tokens, "max_tokens", 1)
     stops = StopStrings(stop)
     ids = [int(t) for t in model.check_ids(ids)]
     if len(ids) + max_tokens > model.ctx:
         raise ValueError(f"the prompt ({len(ids)} tokens) plus {max_tokens} new tokens do not fit the context "
                          f"of {model.ctx} tokens; raise ctx or lower max_tokens")
-    common = 0
-    if reuse:
-        for a, b in zip(model.tokens, ids[:-1]):     # at least one token must be fed to get logits
-            if a != b:
-                break
-            common += 1
-    return _run(model, ids, common, sampler, int(max_tokens), stops)
+    common = model.state.common_prefix(ids) if reuse else 0
+    return _run(model, ids, common, sampler, max_tokens, stops)
 
 
-def _run(model, ids, common, sampler, max_tokens, stops):
-    tok_eos = model.tokenizer.eos_id
-    dec = model.tokenizer.stream()
-    c0 = _counters(model)
-    model.rewind(common)
-    t0 = time.perf_counter()
-    n_gen = n_dec = 0
-    t_prompt = t_dec = ttft = 0.0
-    c1 = c0
-    reason = "length"
-    hist = list(ids)
-    try:
-        logits = model.eval(ids[common:])
-        t_prompt = time.perf_counter() - t0
-        c1 = _counters(model)
-        while True:
-            tok = sampler.sample(logits, hist)
-            if n_gen == 0:
-                ttft = time.perf_counter() - t0
-            if tok == tok_eos:
-                reason = "eos"
-                break
-            n_gen += 1
-            hist.append(tok)
-            text, stopped = stops.push(dec.feed(tok))
-            if text:
-                yield text
-            if stopped:
-                reason = "stop"
-                break
-            if n_gen >= max_tokens:
-                break
-            t1 = time.perf_counter()
-            logits = model.eval([tok])
-            t_dec += time.perf_counter() - t1
-            n_dec += 1
-        if reason != "stop":
-            text, _ = stops.push(dec.flush())
-            text += stops.flush()
-            if text:
-                yield text
-    finally:
-        c2 = _counters(model)
+class _Clock:
+    """Counters and times of one generation, turned into its stats."""
+
+    def __init__(self, model, n_prompt: int, common: int):
+        self.model, self.n_prompt, self.common = model, n_prompt, common
+        self.c0 = self.c1 = _counters(model)
+        self.t0 = time.perf_counter()
+        self.t_prompt = self.t_dec = self.ttft = 0.0
+        self.n_gen = self.n_dec = 0
+
+    def stats(self, reason: str | None) -> dict:
+        c0, c1, c2 = self.c0, self.c1, _counters(self.model)
+        n_dec = self.n_dec
         acc_dec = (c2["hits"] - c1["hits"]) + (c2["misses"] - c1["misses"])
         acc_all = (c2["hits"] - c0["hits"]) + (c2["misses"] - c0["misses"])
-        model.generated_ids = hist[len(ids):]
-        n_prompt = len(ids) - common
-        model.stats = {
-            "prompt_tokens": n_prompt,
-            "prompt_tokens_cached": common,
-            "generated_tokens": n_gen,
+        return {
+            "prompt_tokens": self.n_prompt,
+            "prompt_tokens_cached": self.common,
+            "generated_tokens": self.n_gen,
             "stop_reason": reason,
-            "prompt_tok_per_s": n_prompt / t_prompt if t_prompt else 0.0,
-            "gen_tok_per_s": n_dec / t_dec if t_dec else 0.0,
-            "time_to_first_token_s": ttft,
-            "prompt_s": t_prompt,
-            "gen_s": t_dec,
+            "prompt_tok_per_s": self.n_prompt / self.t_prompt if self.t_prompt else 0.0,
+            "gen_tok_per_s": n_dec / self.t_dec if self.t_dec else 0.0,
+            "time_to_first_token_s": self.ttft,
+            "prompt_s": self.t_prompt,
+            "gen_s": self.t_dec,
             "hit_rate": (c2["hits"] - c0["hits"]) / acc_all if acc_all else 0.0,
             "gen_hit_rate": (c2["hits"] - c1["hits"]) / acc_dec if acc_dec else 0.0,
             "expert_hits": c2["hits"] - c0["hits"],
@@ -116,13 +95,54 @@ def _run(model, ids, common, sampler, max_tokens, stops):
             "expert_wait_s": c2["wait_s"] - c0["wait_s"],
             "gen_expert_wait_s": c2["wait_s"] - c1["wait_s"],
             "gen_read_s": c2["read_s"] - c1["read_s"],                    # the reader's busy time while decoding
-            "prefetch_depth": getattr(model, "prefetch_depth", None),
+            "prefetch_depth": self.model.net.prefetch_depth,
             "rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": _peak(),
-            "ram_budget_bytes": model.plan.budget,
+            "peak_rss_bytes": peak_rss(),
+            "ram_budget_bytes": self.model.plan.budget,
         }
 
 
-def _peak() -> int:
-    from lazymoe.runtime.memory import peak_rss
-    return peak_rss()
+def _run(model, ids, common, sampler, max_tokens, stops):
+    tok_eos = model.tokenizer.eos_id
+    dec = model.tokenizer.stream()
+    clock = _Clock(model, len(ids) - common, common)
+    model.rewind(common)
+    hist = list(ids)
+    logits = model.eval(ids[common:])
+    clock.t_prompt = time.perf_counter() - clock.t0
+    clock.c1 = _counters(model)
+    while True:
+        tok = sampler.sample(logits, hist)
+        if clock.n_gen == 0:
+            clock.ttft = time.perf_counter() - clock.t0
+        if tok == tok_eos:
+            text, _ = stops.push(dec.flush())
+            yield Step(tok, text + stops.flush(), clock.stats("eos"), "eos", tuple(hist[len(ids):]))
+            return
+        clock.n_gen += 1
+        hist.append(tok)
+        text, stopped = stops.push(dec.feed(tok))
+        reason = "stop" if stopped else "length" if clock.n_gen >= max_tokens else None
+        if reason == "length":
+            tail, _ = stops.push(dec.flush())
+            text += tail + stops.flush()
+        yield Step(tok, text, clock.stats(reason), reason, tuple(hist[len(ids):]) if reason else ())
+        if reason:
+            return
+        t1 = time.perf_counter()
+        logits = model.eval([tok])
+        clock.t_dec += time.perf_counter() - t1
+        clock.n_dec += 1
+
+
+def collect(steps, on_text=None) -> tuple[str, Step]:
+    """Run a stream of Steps to its end: (the whole text, the last Step with the final stats and token ids).
+    on_text(piece) is called with each non-empty piece as it comes."""
+    text, last = [], None
+    for step in steps:
+        last = step
+        if step.text:
+            text.append(step.text)
+            if on_text is not None:
+                on_text(step.text)
+    return "".join(text), last

@@ -102,7 +102,7 @@ def process_baseline() -> int:
 class MemoryPlan:
     """How the RAM budget is spent. Everything in bytes."""
     budget: int
-    baseline: int            # the Python/numba process itself, measured after kernel warm-up
+    baseline: int            # the Python/numba process itself: measured after kernel warm-up, at least PROCESS_ESTIMATE
     resident: int            # embeddings, attention, norms, router, output head (mapped, touched at load)
     kv: int                  # K and V for ctx tokens
     work: int                # activation buffers and temporaries for one chunk of N_BATCH tokens
@@ -141,32 +141,30 @@ def work_bytes(cfg: ModelConfig, ctx: int) -> int:
                 + ctx * cfg.head_dim) + 16 * MiB
 
 
+def fixed_bytes(cfg: ModelConfig, resident: int, ctx: int, baseline: int) -> int:
+    """Everything but the expert slots: the process, resident weights, KV cache and working buffers."""
+    return baseline + resident + cfg.kv_bytes(ctx) + work_bytes(cfg, ctx)
+
+
+def min_budget(cfg: ModelConfig, resident: int, slot: int, ctx: int) -> int:
+    """The smallest budget the model runs in, and exactly where the runtime refuses: the fixed parts with the
+    process counted as PROCESS_ESTIMATE, plus one layer's active experts. `lazymoe info` prints it without
+    loading anything, so it cannot depend on what a loaded process measures."""
+    return fixed_bytes(cfg, resident, ctx, PROCESS_ESTIMATE) + slot * cfg.n_expert_used
+
+
 def plan_memory(cfg: ModelConfig, resident: int, slot: int, ctx: int, ram_budget, baseline: int, where: str) -> MemoryPlan:
-    """Split `ram_budget` (None: `default_budget`) between the fixed parts and expert slots of
-    `slot` bytes each; ValueError naming `where` and the minimum if it cannot hold k experts."""
-    kv = 2 * cfg.n_layer * cfg.n_head_kv * ctx * cfg.head_dim * 4
-    work = work_bytes(cfg, ctx)
-    n_experts = cfg.n_layer * cfg.n_expert
-    fixed = baseline + resident + kv + work
+    """Split `ram_budget` (None: `default_budget`) between the fixed parts and expert slots of `slot` bytes
+    each; ValueError naming `where` and the minimum (`min_budget`) below it. The process counts as what it
+    measures (`baseline`) or PROCESS_ESTIMATE, whichever is larger; at least the active experts get slots."""
     budget = default_budget(baseline) if ram_budget is None else parse_size(ram_budget)
-    need = fixed + slot * cfg.n_expert_used
+    need = min_budget(cfg, resident, slot, ctx)
     if budget < need:
         raise ValueError(f"{where}: a RAM budget of {fmt_bytes(budget)} is too small; this model with ctx "
                          f"{ctx} needs at least {need / MiB:.0f}M ({need} bytes)")
-    n_slots = min(n_experts, (budget - fixed) // slot) if slot else 0
-    return MemoryPlan(budget, baseline, resident, kv, work, slot, int(n_slots), n_experts, ctx)
-
-
-def min_budget(cfg: ModelConfig, resident: int, slot: int, ctx: int, baseline: int = PROCESS_ESTIMATE) -> int:
-    """The smallest budget the model runs in: fixed parts + one layer's k active experts."""
-    return baseline + resident + 2 * cfg.n_layer * cfg.n_head_kv * ctx * cfg.head_dim * 4 + work_bytes(cfg, ctx) + slot * cfg.n_expert_used
-
-
-def model_sizes(f, cfg) -> dict:
-    """Byte counts of a GGUF model: resident part, experts, one expert (and its cache slot)."""
-    expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if n.endswith("_exps.weight"))
-    resident = sum(t.nbytes for n, t in f.tensors.items() if not n.endswith("_exps.weight"))
-    per_expert = expert_bytes // max(1, cfg.n_layer * cfg.n_expert) if cfg.is_moe else 0
-    slot = sum(-(-(f.tensors[f"blk.0.{k}.weight"].nbytes // cfg.n_expert) // 64) * 64
-               for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) if cfg.is_moe else 0
-    return {"resident_bytes": resident, "expert_bytes": expert_bytes, "bytes_per_expert": per_expert, "expert_slot_bytes": slot}
+    baseline = max(baseline, PROCESS_ESTIMATE)
+    fixed = fixed_bytes(cfg, resident, ctx, baseline)
+    n_experts = cfg.n_layer * cfg.n_expert
+    n_slots = min(n_experts, max(cfg.n_expert_used, (budget - fixed) // slot)) if slot else 0
+    return MemoryPlan(budget, baseline, resident, cfg.kv_bytes(ctx), work_bytes(cfg, ctx), slot, int(n_slots),
+                      n_experts, ctx)

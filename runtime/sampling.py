@@ -5,20 +5,11 @@ Order (llama.cpp's default chain): repetition penalty -> top-k -> top-p -> min-p
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from lazymoe.format.checks import number, whole_number
+
 REPEAT_LAST_N = 64      # tokens of history the repetition penalty looks at (llama.cpp's default)
-
-
-def _number(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v:g}")
-    return v
 
 
 class Sampler:
@@ -26,15 +17,13 @@ class Sampler:
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repeat_penalty: float = 1.0, seed: int | None = None):
-        self.temperature = _number("temperature", temperature, 0.0, 100.0)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-            raise ValueError(f"top_k must be a whole number >= 0 (0 turns it off), got {top_k!r}")
-        self.top_k = int(top_k)
-        self.top_p = _number("top_p", top_p, 0.0, 1.0, lo_open=True)
-        self.min_p = _number("min_p", min_p, 0.0, 1.0)
-        self.repeat_penalty = _number("repeat_penalty", repeat_penalty, 0.0, 100.0, lo_open=True)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+        self.temperature = number(temperature, "temperature", 0.0, 100.0)
+        self.top_k = whole_number(top_k, "top_k", 0, hint=" (0 turns it off)")
+        self.top_p = number(top_p, "top_p", 0.0, 1.0, lo_open=True)
+        self.min_p = number(min_p, "min_p", 0.0, 1.0)
+        self.repeat_penalty = number(repeat_penalty, "repeat_penalty", 0.0, 100.0, lo_open=True)
+        if seed is not None:
+            whole_number(seed, "seed", 0)
         self.rng = np.random.default_rng(seed)
 
     def sample(self, logits: np.ndarray, history=()) -> int:

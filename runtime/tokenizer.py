@@ -28,7 +28,8 @@ import heapq
 import operator
 import re
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, TOKEN_TYPES, UNKNOWN, UNUSED, USER_DEFINED
+
 SPACE = "\u2581"
 UNK_SURFACE = " \u2047 "
 REPLACEMENT = "\ufffd"
@@ -125,7 +126,7 @@ class Tokenizer:
         for i, (p, t) in enumerate(zip(pieces, types)):
             if not p:
                 raise ValueError(f"tokenizer piece {i} is empty")
-            if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            if t not in TOKEN_TYPES:
                 raise ValueError(f"tokenizer piece {i} ({p!r}) has unknown type {t}")
             target = self._vocab if t in (NORMAL, USER_DEFINED, UNUSED) else self._reserved
             if p in target:
@@ -149,7 +150,7 @@ class Tokenizer:
         self._special_pattern: re.Pattern | None = None
 
     @classmethod
-    def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
+    def from_gguf_metadata(cls, md: dict) -> Tokenizer:
         """Build from GGUF key/values (`tokenizer.ggml.*` mapped to Python values)."""
         model = md.get(_GGUF + "model")
         if model != "llama":
@@ -341,7 +342,7 @@ class Tokenizer:
         parts.append(d.flush())
         return "".join(parts)
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         """A decoder to feed one id at a time (for printing tokens as they are generated)."""
         return StreamDecoder(self)
 

@@ -37,10 +37,11 @@ import psutil
 rss0 = psutil.Process().memory_info().rss
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")                      # reset VmHWM: the peak from here on is the run's
-text = "".join(m.generate(list(range(3, 43)), max_tokens=24, temperature=0))
+from lazymoe.runtime.generate import collect
+text, last = collect(m.stream_generate(list(range(3, 43)), max_tokens=24, temperature=0))
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"plan": m.plan.as_dict(), "stats": m.stats, "cache": m.experts.counters(), "at_load": at_load,
-                  "ids": m.generated_ids, "run_growth": hwm - rss0}))
+print(json.dumps({"plan": m.plan.as_dict(), "stats": last.stats, "cache": m.experts.counters(), "at_load": at_load,
+                  "ids": list(last.token_ids), "run_growth": hwm - rss0}))
 """
 
 
@@ -110,3 +111,17 @@ def test_cgroup_room_under_a_cap():
                              text=True, check=True).stdout.split()
     room, budget = int(out[0]), int(out[1])
     assert 2 << 30 < room <= 3 << 30 and budget < room
+
+
+def test_info_min_ram_is_the_runtime_threshold(capsys):
+    """`info --json` names the smallest budget; `run` accepts exactly that and refuses 32 MiB less in one line."""
+    from lazymoe.cli import main
+    from lazymoe.runtime import DEMO_MODEL
+    assert main(["info", DEMO_MODEL, "--ctx", "64", "--json"]) == 0
+    need = json.loads(capsys.readouterr().out)["min_ram_bytes"]
+    run = ["run", DEMO_MODEL, "--ctx", "64", "-p", "def f(x):", "-n", "2", "--temp", "0"]
+    assert main(run + ["--ram", str(need)]) == 0
+    capsys.readouterr()
+    assert main(run + ["--ram", str(need - (32 << 20))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small" in err[0] and f"({need} bytes)" in err[0], err

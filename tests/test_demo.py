@@ -21,13 +21,14 @@ def test_greedy_ids_equal_hugging_face():
     """benchmarks/train_demo.py ran transformers' MixtralForCausalLM on this GGUF's dequantized weights
     and recorded its greedy continuation; lazymoe must produce the same ids (up to EOS)."""
     from lazymoe import load_model
+    from lazymoe.runtime.generate import collect
 
     gold = json.load(open(GOLDEN))
     model = load_model(DEMO_MODEL, progress=False, ctx=256)
     try:
         assert model.tokenizer.encode(gold["prompt"], bos=True) == gold["prompt_ids"]
-        list(model.generate(gold["prompt"], max_tokens=len(gold["greedy_ids"])))
-        ours = model.generated_ids
+        _, last = collect(model.stream_generate(gold["prompt"], max_tokens=len(gold["greedy_ids"])))
+        ours = list(last.token_ids)
     finally:
         model.close()
     want = gold["greedy_ids"]

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lazymoe.runtime.expert_cache import ExpertCache, ExpertPart, page_cache_share
+from lazymoe.runtime.generate import collect
+from lazymoe.runtime.memory import PROCESS_ESTIMATE
 from lazymoe.runtime.model import load_model
 from lazymoe.runtime.trace import read_trace
 from tests.test_runtime import _one_thread, min_budget, run_cli, synth_gguf  # noqa: F401 (autouse fixture)
@@ -32,7 +34,7 @@ def decode_logits(m, prompt, n):
 
 def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monkeypatch):
     import lazymoe.runtime.model
-    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)  # slots follow the minimum exactly
     small = min_budget(moe, 64) + 1 * 73728                                    # about A + 1 slots
     prompt = list(range(3, 20))
     ref = None
@@ -57,37 +59,37 @@ def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monk
 
 def test_prefetch_counters_and_stats(moe, monkeypatch):
     import lazymoe.runtime.model
-    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
     m = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False)
-    m.trace = []
-    "".join(m.generate(list(range(3, 12)), max_tokens=16))
-    s, c = m.stats, m.experts.counters()
+    m.net.trace = []
+    _, last = collect(m.stream_generate(list(range(3, 12)), max_tokens=16))
+    s, c = last.stats, m.experts.counters()
     assert 0 < s["prefetch_issued"] and 0 <= s["prefetch_useful"] <= s["prefetch_issued"]
     # every decode step guesses layers 1..3: A experts each
-    assert 0.0 <= s["prefetch_recall"] <= 1.0 and m.predicted == (len(m.trace) - 1) * 3 * 2
-    assert c["hits"] + c["misses"] == sum(len(np.unique(r[:, l])) for r in m.trace for l in range(4))
+    assert 0.0 <= s["prefetch_recall"] <= 1.0 and m.net.predicted == (len(m.net.trace) - 1) * 3 * 2
+    assert c["hits"] + c["misses"] == sum(len(np.unique(r[:, l])) for r in m.net.trace for l in range(4))
     assert c["prefetch_cancelled"] <= c["prefetch_issued"] and c["bytes_read"] > 0
     assert s["expert_wait_s"] >= 0 and "mb_prefetched_per_token" in s
     m.close()
     deep = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, prefetch_depth=3)
     asked, ask = [], deep.experts.prefetch
     monkeypatch.setattr(deep.experts, "prefetch", lambda layer, experts: (asked.append(layer), ask(layer, experts)))
-    deep.trace = []
+    deep.net.trace = []
     "".join(deep.generate(list(range(3, 12)), max_tokens=16))
-    assert deep.predicted == m.predicted                       # recall still counts the next layer's guess only
-    steps = len(deep.trace) - 1                                # layers 0, 1, 2 guess (1, 2, 3), (2, 3), (3)
+    assert deep.net.predicted == m.net.predicted                       # recall still counts the next layer's guess only
+    steps = len(deep.net.trace) - 1                                # layers 0, 1, 2 guess (1, 2, 3), (2, 3), (3)
     assert sorted(asked) == sorted([1, 2, 3, 2, 3, 3] * steps)
     deep.close()
     with pytest.raises(ValueError, match="prefetch depth"):
         load_model(moe, ctx=64, progress=False, prefetch_depth=0)
-    assert m.prefetch_depth == 1                               # auto: a few slots of 32 experts
+    assert m.net.prefetch_depth == 1                               # auto: a few slots of 32 experts
     roomy = load_model(moe, ram_budget=min_budget(moe, 64) + 30 * 73728, ctx=64, progress=False)
-    assert roomy.plan.n_slots >= 24 and roomy.prefetch_depth == 2   # auto: >= 3/4 of the experts fit
+    assert roomy.plan.n_slots >= 24 and roomy.net.prefetch_depth == 2   # auto: >= 3/4 of the experts fit
     roomy.close()
     off = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, prefetch=False)
-    "".join(off.generate(list(range(3, 12)), max_tokens=16))
-    assert off.stats["prefetch_issued"] == 0 and off.stats["prefetch_recall"] == 0.0
-    assert off.generated_ids == m.generated_ids
+    _, off_last = collect(off.stream_generate(list(range(3, 12)), max_tokens=16))
+    assert off_last.stats["prefetch_issued"] == 0 and off_last.stats["prefetch_recall"] == 0.0
+    assert off_last.token_ids == last.token_ids
     off.close()
 
 

@@ -404,5 +404,5 @@ def test_cli_quantize_and_info(tmp_path, capsys):
     expert_params = 2 * 8 * 3 * 64 * 96
     assert total - active == expert_params * 6 // 8
     assert info["bytes_per_expert"] * 16 == info["expert_bytes"] == 2 * 3 * 8 * 64 * 96 // 32 * 18
-    assert info["min_budget_bytes"] == (info["process_estimate_bytes"] + info["resident_bytes"] + info["kv_cache_bytes"]
+    assert info["min_ram_bytes"] == (info["process_estimate_bytes"] + info["resident_bytes"] + info["kv_cache_bytes"]
                                         + info["work_bytes"] + 2 * info["expert_slot_bytes"])

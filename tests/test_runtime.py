@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
+from lazymoe.runtime.generate import collect
+from lazymoe.runtime.memory import PROCESS_ESTIMATE
 from lazymoe.runtime.model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,7 +171,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("fx", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
 @pytest.mark.parametrize("ty", ["f32", "q8_0", "q4_0"])
 def test_logits_match_transformers(converted, fx, ty, monkeypatch):
-    import lazymoe.runtime.model
+    import lazymoe.runtime.network
     sys.path.insert(0, HERE)
     from make_golden import weights_sha256
     gold = np.load(os.path.join(FIXTURES, "golden", f"{fx}-{ty}.npz"))
@@ -186,12 +188,12 @@ def test_logits_match_transformers(converted, fx, ty, monkeypatch):
     assert np.abs(got - ref).mean() <= KERNEL_MEAN_RTOL * scale
     assert (got.argmax(1) == ref.argmax(1)).mean() >= KERNEL_TOP1
 
-    monkeypatch.setattr(lazymoe.runtime.model, "kernels", ReferenceKernels)               # the network alone
+    monkeypatch.setattr(lazymoe.runtime.network, "kernels", ReferenceKernels)               # the network alone
     model = load_model(path, ctx=64, progress=False)
     batch = model.logits(gold["ids"])
     model.rewind(0)
     one_by_one = np.stack([model.eval([i]) for i in gold["ids"][:8]])              # the decode path
-    monkeypatch.setattr(lazymoe.runtime.model, "ATTN_CHUNK_FLOATS", 1)                    # attention one KV head at a time
+    monkeypatch.setattr(lazymoe.runtime.network, "ATTN_CHUNK_FLOATS", 1)                    # attention one KV head at a time
     per_head = load_model(path, ctx=64, progress=False).logits(gold["ids"])
     for got in (batch, one_by_one, per_head):
         n = len(got)
@@ -208,7 +210,7 @@ def tiny(converted):
 
 def test_logits_identical_across_budgets(tiny, monkeypatch):
     import lazymoe.runtime.model
-    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: 300 << 20)   # so the minimum is exact
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)  # slots follow the minimum exactly
     ids = list(range(1, 40))
     big = load_model(tiny, ram_budget="4G", ctx=64, progress=False)
     assert big.plan.n_slots == big.plan.n_experts
@@ -217,9 +219,9 @@ def test_logits_identical_across_budgets(tiny, monkeypatch):
     a, b = big.logits(ids), small.logits(ids)
     assert np.array_equal(a, b)
     assert small.experts.evictions > 0
-    ga = list(big.generate(ids[:5], max_tokens=12))
-    gb = list(small.generate(ids[:5], max_tokens=12))
-    assert ga == gb and big.generated_ids == small.generated_ids
+    ga, la = collect(big.stream_generate(ids[:5], max_tokens=12))
+    gb, lb = collect(small.stream_generate(ids[:5], max_tokens=12))
+    assert ga == gb and la.token_ids == lb.token_ids
 
 
 def test_plan_and_refusal(tiny):
@@ -234,9 +236,9 @@ def test_plan_and_refusal(tiny):
 def test_greedy_is_argmax(tiny):
     m = load_model(tiny, ctx=64, progress=False)
     prompt = m.tokenizer.encode("the quick brown fox")
-    text = "".join(m.generate(prompt, max_tokens=10, temperature=0))
-    gen = m.generated_ids
-    assert len(gen) == m.stats["generated_tokens"] > 0
+    text, last = collect(m.stream_generate(prompt, max_tokens=10, temperature=0))
+    gen = list(last.token_ids)
+    assert len(gen) == last.stats["generated_tokens"] > 0
     assert text == m.tokenizer.decode(gen)
     full = m.logits(prompt + gen[:-1])[len(prompt) - 1:]               # logits that chose each generated token
     for row, t in zip(full, gen):
@@ -247,12 +249,11 @@ def test_greedy_is_argmax(tiny):
 def test_seeded_runs_repeat(tiny):
     m = load_model(tiny, ctx=64, progress=False)
     kw = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0)
-    a = "".join(m.generate("once upon", seed=7, **kw))
-    ids_a = m.generated_ids
-    b = "".join(m.generate("once upon", seed=7, **kw))
-    assert a == b and ids_a == m.generated_ids
-    "".join(m.generate("once upon", seed=8, **kw))
-    assert m.generated_ids != ids_a
+    a, la = collect(m.stream_generate("once upon", seed=7, **kw))
+    b, lb = collect(m.stream_generate("once upon", seed=7, **kw))
+    assert a == b and la.token_ids == lb.token_ids
+    _, lc = collect(m.stream_generate("once upon", seed=8, **kw))
+    assert lc.token_ids != la.token_ids
 
 
 def test_stats_and_stop(tiny):
@@ -272,8 +273,8 @@ def test_stats_and_stop(tiny):
 def test_kv_reuse(tiny):
     m = load_model(tiny, ctx=64, progress=False)
     ids = m.tokenizer.encode("one two three")
-    first = "".join(m.generate(ids, max_tokens=4, reuse=True))
-    more = ids + m.generated_ids + m.tokenizer.encode("four", bos=False)
+    first, last = collect(m.stream_generate(ids, max_tokens=4, reuse=True))
+    more = ids + list(last.token_ids) + m.tokenizer.encode("four", bos=False)
     second = "".join(m.generate(more, max_tokens=4, reuse=True))
     assert m.stats["prompt_tokens_cached"] >= len(ids)
     assert m.stats["prompt_tokens"] == len(more) - m.stats["prompt_tokens_cached"]

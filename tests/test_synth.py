@@ -80,9 +80,9 @@ def test_random_weights_route_almost_uniformly(one_layer_8x7b):
     path, _ = one_layer_8x7b
     model = load_model(path, progress=False, ctx=64)
     try:
-        model.trace = []
+        model.net.trace = []
         model.logits([1] + [(97 * i + 13) % 32000 for i in range(47)])
-        ids = np.concatenate(model.trace)                      # [48, 1, 2]
+        ids = np.concatenate(model.net.trace)                      # [48, 1, 2]
     finally:
         model.close()
     first, _ = repeated_assignment(ids)

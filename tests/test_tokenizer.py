@@ -15,8 +15,8 @@ import pytest
 spm = pytest.importorskip("sentencepiece")
 mistral_common = pytest.importorskip("mistral_common")
 
-from lazymoe.quantize.spm_model import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
-                                load_spm_model, parse_spm_model)
+from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
+from lazymoe.quantize.spm_model import load_spm_model, parse_spm_model
 from lazymoe.runtime.tokenizer import Tokenizer
 
 DATA = os.path.join(os.path.dirname(mistral_common.__file__), "data")

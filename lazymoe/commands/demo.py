@@ -6,8 +6,8 @@ benchmarks/train_demo.py on Python's standard library source, so it continues Py
 from __future__ import annotations
 
 import os
-import sys
 
+from lazymoe.commands.run import CLI_DEFAULTS
 from lazymoe.runtime import DEMO_MODEL
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
@@ -27,17 +27,9 @@ def add_demo_parser(subparsers) -> None:
 
 
 def cmd_demo(args) -> int:
-    from lazymoe.cli import build_parser
-
+    from lazymoe.commands.run import run_prompt
     if not os.path.isfile(DEMO_MODEL):
         raise ValueError(f"{DEMO_MODEL}: the demo model is missing from this installation")
-    argv = ["run", DEMO_MODEL, "-p", args.prompt, "-n", str(args.n_predict), "--temp", str(args.temp),
-            "--seed", str(args.seed), "--repeat-penalty", "1.1"]
-    if args.ram is not None:
-        argv += ["--ram", args.ram]
-    if args.json:
-        argv.append("--json")
-    run = build_parser().parse_args(argv)
-    if not args.json:
-        sys.stdout.write(args.prompt)          # the continuation follows the prompt, as llama.cpp prints it
-    return run.func(run)
+    gen = {"max_tokens": args.n_predict, "temperature": args.temp, "seed": args.seed, "repeat_penalty": 1.1,
+           "top_k": CLI_DEFAULTS["top_k"], "top_p": CLI_DEFAULTS["top_p"], "min_p": CLI_DEFAULTS["min_p"]}
+    return run_prompt(DEMO_MODEL, args.prompt, gen, ram=args.ram, as_json=args.json, echo_prompt=True)

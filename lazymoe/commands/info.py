@@ -15,26 +15,25 @@ def _info(args) -> int:
 
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
-    from lazymoe.runtime.memory import PROCESS_ESTIMATE, min_budget, model_sizes, work_bytes
+    from lazymoe.runtime.memory import PROCESS_ESTIMATE, min_budget, work_bytes
+    from lazymoe.runtime.weights import model_sizes
 
     if args.ctx <= 0:
         raise ValueError(f"--ctx must be positive, got {args.ctx}")
     with GGUFFile(args.model) as f:
         cfg = config_from_metadata(f.metadata, args.model)
-        if cfg.is_moe:
-            for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-                f.tensor_info(f"blk.0.{k}.weight")
         total, active = cfg.params()
         sizes = model_sizes(f, cfg)
         types = sorted({t.type_name for t in f.tensors.values()})
         name = f.get("general.name", "")
-    kv = cfg.kv_bytes_per_token() * args.ctx
+    kv = cfg.kv_bytes(args.ctx)
     info = {
         "file": args.model, "name": name, "architecture": "llama", "moe": cfg.is_moe, **cfg.__dict__,
         "head_dim": cfg.head_dim, "params_total": total, "params_active": active, "tensor_types": types,
         **sizes, "ctx": args.ctx, "kv_cache_bytes": kv, "work_bytes": work_bytes(cfg, args.ctx),
         "process_estimate_bytes": PROCESS_ESTIMATE,
-        "min_budget_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_bytes"], args.ctx),
+        # exactly where `lazymoe run MODEL --ctx N --ram B` starts to refuse
+        "min_ram_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_bytes"], args.ctx),
     }
     if args.json:
         print(json.dumps(info))
@@ -52,6 +51,6 @@ def _info(args) -> int:
     if cfg.is_moe:
         print(f"  experts        {mib(sizes['expert_bytes'])}; one expert {mib(sizes['bytes_per_expert'])}")
     print(f"  KV cache       {mib(kv)} for {args.ctx} tokens (float32); buffers {mib(info['work_bytes'])}")
-    print(f"  min budget     {mib(info['min_budget_bytes'])}: process (~{mib(PROCESS_ESTIMATE)}) + resident + KV cache + buffers"
+    print(f"  min budget     {mib(info['min_ram_bytes'])}: process (~{mib(PROCESS_ESTIMATE)}) + resident + KV cache + buffers"
           + (f" + one layer's {cfg.n_expert_used} active experts" if cfg.is_moe else ""))
     return 0

@@ -66,22 +66,37 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _sampling(args) -> dict:
+def sampling(args) -> dict:
     """Generation options from args, checked before the model is loaded."""
-    from lazymoe.runtime.sampling import Sampler, StopStrings
-    Sampler(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
-    StopStrings(args.stop)
     if args.n_predict < 1:
         raise ValueError(f"-n must be at least 1, got {args.n_predict}")
-    return {"max_tokens": args.n_predict, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
-            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed, "stop": args.stop}
+    return check_generation({"max_tokens": args.n_predict, "temperature": args.temp, "top_k": args.top_k,
+                             "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+                             "seed": args.seed, "stop": args.stop})
 
 
-def _load(args, quiet: bool):
+def check_generation(gen: dict) -> dict:
+    """ValueError now, before any loading, for options that stream_generate would refuse."""
+    from lazymoe.format.checks import whole_number
+    from lazymoe.runtime.sampling import Sampler, StopStrings
+    Sampler(gen.get("temperature", 0.0), gen.get("top_k", 0), gen.get("top_p", 1.0), gen.get("min_p", 0.0),
+            gen.get("repeat_penalty", 1.0), gen.get("seed"))
+    StopStrings(gen.get("stop", ()))
+    whole_number(gen.get("max_tokens", 1), "max_tokens", 1)
+    return gen
+
+
+def cache_options(args):
+    """The expert-cache flags as one CacheOptions."""
+    from lazymoe.runtime.expert_cache import CacheOptions
+    return CacheOptions(policy=args.policy, read=args.read, prefetch=args.prefetch,
+                        prefetch_depth=args.prefetch_depth, overlap=args.overlap)
+
+
+def load(path: str, ram, ctx, cache, quiet: bool):
+    """load_model with the RAM plan on stderr (unless quiet)."""
     from lazymoe.runtime.model import load_model
-    model = load_model(args.model, ram_budget=args.ram, ctx=args.ctx, progress=not quiet and sys.stderr.isatty(),
-                       policy=args.policy, prefetch=args.prefetch, overlap=args.overlap, read=args.read,
-                       prefetch_depth=args.prefetch_depth)
+    model = load_model(path, ram_budget=ram, ctx=ctx, progress=not quiet and sys.stderr.isatty(), cache=cache)
     if not quiet:
         print(model.plan.describe(), file=sys.stderr)
     return model
@@ -97,42 +112,56 @@ def format_stats(s: dict) -> str:
             f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB of {s['ram_budget_bytes'] / 2**20:.0f} MiB budget")
 
 
-def cmd_run(args) -> int:
-    if not args.prompt:
+def stream_reply(model, prompt, gen: dict, show: bool, reuse: bool = False):
+    """Generate from prompt (text or ids), writing the pieces to stdout as they come when show; returns
+    (text, last Step)."""
+    from lazymoe.runtime.generate import collect
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return collect(model.stream_generate(prompt, reuse=reuse, **gen), write if show else None)
+
+
+def run_prompt(path: str, prompt: str, gen: dict, ram=None, ctx=None, cache=None, as_json: bool = False,
+               trace: str | None = None, echo_prompt: bool = False) -> int:
+    """`lazymoe run` (and `demo`): load, generate, print the text (or one JSON object) and the stats."""
+    if not prompt:
         raise ValueError("the prompt is empty")
-    opts = _sampling(args)
-    model = _load(args, quiet=args.json)
-    if args.trace:
-        model.trace = []
+    check_generation(gen)
+    model = load(path, ram, ctx, cache, quiet=as_json)
+    if trace:
+        model.net.trace = []
     try:
-        pieces = model.generate(args.prompt, **opts)
-        text = []
-        for piece in pieces:
-            if args.json:
-                text.append(piece)
-            else:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        if args.trace:
+        if echo_prompt and not as_json:
+            sys.stdout.write(prompt)           # the continuation follows the prompt, as llama.cpp prints it
+        text, last = stream_reply(model, prompt, gen, show=not as_json)
+        if trace:
             from lazymoe.runtime.trace import write_trace
-            write_trace(args.trace, model, model.trace, model.stats["prompt_tokens"])
-        if args.json:
-            out = {"text": "".join(text), "tokens": model.generated_ids, **model.stats,
+            write_trace(trace, model, model.net.trace, last.stats["prompt_tokens"])
+        if as_json:
+            out = {"text": text, "tokens": list(last.token_ids), **last.stats,
                    "plan": model.plan.as_dict(), "cache": model.experts.counters() if model.experts else None}
             print(json.dumps(out))
         else:
             sys.stdout.write("\n")
-            print(format_stats(model.stats), file=sys.stderr)
+            print(format_stats(last.stats), file=sys.stderr)
     finally:
         model.close()
     return 0
 
 
+def cmd_run(args) -> int:
+    gen = sampling(args)
+    return run_prompt(args.model, args.prompt, gen, ram=args.ram, ctx=args.ctx, cache=cache_options(args),
+                      as_json=args.json, trace=args.trace)
+
+
 def cmd_chat(args, stdin=None) -> int:
     from lazymoe.runtime.chat import render_chat
     stdin = stdin if stdin is not None else sys.stdin
-    opts = _sampling(args)
-    model = _load(args, quiet=False)
+    gen = sampling(args)
+    model = load(args.model, args.ram, args.ctx, cache_options(args), quiet=False)
     tok = model.tokenizer
     bos, eos = tok.pieces[tok.bos_id], tok.pieces[tok.eos_id]
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -150,15 +179,11 @@ def cmd_chat(args, stdin=None) -> int:
             messages.append({"role": "user", "content": line})
             prompt = render_chat(messages, model.chat_template, bos, eos)
             ids = tok.encode(prompt, bos=False, special=True)
-            reply = []
-            for piece in model.generate(ids, reuse=True, **opts):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            reply, last = stream_reply(model, ids, gen, show=True, reuse=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
-            messages.append({"role": "assistant", "content": "".join(reply).strip()})
-            print(format_stats(model.stats) + f"; {model.stats['prompt_tokens_cached']} tokens reused from the KV cache",
+            messages.append({"role": "assistant", "content": reply.strip()})
+            print(format_stats(last.stats) + f"; {last.stats['prompt_tokens_cached']} tokens reused from the KV cache",
                   file=sys.stderr)
     finally:
         model.close()

@@ -1,0 +1,32 @@
+"""Value checks shared by every layer above the kernels: API arguments and metadata values.
+
+Each raises ValueError with one sentence that names the value, what was found and what was expected.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def whole_number(v, name: str, lo: int | None = None, hi: int | None = None, hint: str = "") -> int:
+    """v as an int if it is a whole number (not a bool, not a float) in [lo, hi]; else ValueError."""
+    ok = not isinstance(v, bool) and isinstance(v, (int, np.integer))
+    if ok:
+        v = int(v)
+        ok = (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = (f" from {lo} to {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None
+               else f" <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must be a whole number{rng}{hint}, got {v!r}")
+    return v
+
+
+def number(v, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    """v as a finite float in [lo, hi] (or (lo, hi] with lo_open); else ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v:g}")
+    return v
