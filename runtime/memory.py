@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import resource
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,8 +53,18 @@ def fmt_bytes(n: float) -> str:
 
 
 def peak_rss() -> int:
-    """The process's high-water RSS in bytes (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's high-water RSS in bytes. Linux: VmHWM, because ru_maxrss survives execve, so a process
+    started by a large one (a test runner, a server) would report its parent's peak; elsewhere ru_maxrss
+    (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
 
 
 def _cgroup_room() -> int | None:
