@@ -22,10 +22,10 @@ from typing import Callable
 
 import numpy as np
 
+from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, check_config, config_from_metadata
 from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
 from lazymoe.quantize.safetensors_file import SafetensorsFile
-from lazymoe.format.config import ModelConfig, check_config, config_from_metadata
 
 ROW_CHUNK = 4096   # rows of a 2-D matrix read at once (4096 x 4096 f32 = 64 MiB)
 
@@ -138,33 +138,33 @@ def _vector(shards: _Shards, name: str, gguf_name: str, n: int) -> TensorPlan:
     return TensorPlan(gguf_name, (n,), [shards.reader(name, (n,), fix=lambda a: a.reshape(1, -1))], keep_f32=True)
 
 
+# The source's name for each merged expert tensor: Mixtral's w1 (gate), w3 (up) and w2 (down).
+_EXPERT_SOURCE = dict(zip(EXPERT_MATRICES, ("w1", "w3", "w2")))
+
+
 def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: bool) -> list[TensorPlan]:
-    """Tensors in llama.cpp's order from a source whose names are given by `names`
-    (a GGUF-name-pattern -> source-name-pattern table with {i} for the layer and {e} for the expert)."""
-    D, F, V, E, KV = cfg.n_embd, cfg.n_ff, cfg.n_vocab, cfg.n_expert, cfg.kv_dim
-    out = [_matrix(shards, names["token_embd"], "token_embd.weight", (V, D))]
-    for i in range(cfg.n_layer):
-        b = f"blk.{i}."
-        n = {k: v.replace("{i}", str(i)) for k, v in names.items()}
-        out.append(_vector(shards, n["attn_norm"], b + "attn_norm.weight", D))
-        q_fix = (lambda a: llama_permute(a, cfg.n_head)) if permute_qk else None
-        k_fix = (lambda a: llama_permute(a, cfg.n_head_kv)) if permute_qk else None
-        out.append(_matrix(shards, n["attn_q"], b + "attn_q.weight", (D, D), q_fix))
-        out.append(_matrix(shards, n["attn_k"], b + "attn_k.weight", (KV, D), k_fix))
-        out.append(_matrix(shards, n["attn_v"], b + "attn_v.weight", (KV, D)))
-        out.append(_matrix(shards, n["attn_output"], b + "attn_output.weight", (D, D)))
-        out.append(_vector(shards, n["ffn_norm"], b + "ffn_norm.weight", D))
-        if cfg.is_moe:
-            out.append(TensorPlan(b + "ffn_gate_inp.weight", (E, D), [shards.reader(n["ffn_gate_inp"], (E, D))], keep_f32=True))
-            for g, src, shape in (("ffn_gate_exps", "w1", (F, D)), ("ffn_down_exps", "w2", (D, F)), ("ffn_up_exps", "w3", (F, D))):
-                parts = [shards.reader(n["expert"].replace("{e}", str(e)).replace("{w}", src), shape) for e in range(E)]
-                out.append(TensorPlan(b + g + ".weight", (E,) + shape, parts))
+    """A plan for every tensor of cfg.tensor_shapes() (the one table of GGUF names and shapes), read from a
+    source whose names are given by `names`: a table from the GGUF name's kind ("attn_q", "token_embd", ...;
+    "expert" for the merged expert tensors) to the source's name with {i} for the layer, {e} the expert and
+    {w} Mixtral's w1/w2/w3."""
+    heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_head_kv}
+    out = []
+    for gname, shape in cfg.tensor_shapes().items():
+        parts = gname.split(".")
+        i, kind = (parts[1], parts[2]) if parts[0] == "blk" else ("", parts[0])
+        if kind in _EXPERT_SOURCE:
+            src = names["expert"].replace("{i}", i).replace("{w}", _EXPERT_SOURCE[kind])
+            readers = [shards.reader(src.replace("{e}", str(e)), shape[1:]) for e in range(shape[0])]
+            out.append(TensorPlan(gname, shape, readers))
+            continue
+        src = names[kind].replace("{i}", i)
+        if len(shape) == 1:
+            out.append(_vector(shards, src, gname, shape[0]))
+        elif kind == "ffn_gate_inp":
+            out.append(TensorPlan(gname, shape, [shards.reader(src, shape)], keep_f32=True))
         else:
-            out.append(_matrix(shards, n["ffn_gate"], b + "ffn_gate.weight", (F, D)))
-            out.append(_matrix(shards, n["ffn_down"], b + "ffn_down.weight", (D, F)))
-            out.append(_matrix(shards, n["ffn_up"], b + "ffn_up.weight", (F, D)))
-    out.append(_vector(shards, names["output_norm"], "output_norm.weight", D))
-    out.append(_matrix(shards, names["output"], "output.weight", (V, D)))
+            fix = (lambda a, n=heads[kind]: llama_permute(a, n)) if permute_qk and kind in heads else None
+            out.append(_matrix(shards, src, gname, shape, fix))
     return out
 
 
