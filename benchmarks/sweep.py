@@ -97,7 +97,7 @@ def model_facts(path: str, ctx: int) -> dict:
         sizes = model_sizes(f, cfg)
     return {"cfg": cfg, "tokenizer": tok, "name": name, "synthetic": "random weights" in name,
             "file_bytes": os.path.getsize(path), **sizes,
-            "min_budget_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_bytes"], ctx)}
+            "min_budget_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_sizes"], ctx)}
 
 
 # --- the machine ----------------------------------------------------------------

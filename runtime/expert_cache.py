@@ -125,6 +125,16 @@ def slot_size(parts) -> int:
     return sum(part_region(p) for p in parts)
 
 
+def slot_classes(parts_by_layer) -> list[tuple[tuple[ExpertPart, ...], list[int]]]:
+    """Layers whose experts share one layout (the types and sizes of their three matrices), as (parts, layers)
+    in order of first appearance. Each class gets slots of its own size: a K-quant mix stores ffn_down in Q6_K
+    in some layers and Q4_K in others, and slots of the largest size would waste the difference."""
+    out: dict = {}
+    for layer, parts in enumerate(parts_by_layer):
+        out.setdefault(tuple(parts), []).append(layer)
+    return list(out.items())
+
+
 # --- policies ------------------------------------------------------------------------
 # touch(key): the expert was used; admit(key): it was read without being used (a prefetch);
 # victim(incoming, skip): a resident key to give up for `incoming`, never one in skip (None: none);
@@ -262,6 +272,25 @@ def cache_options(options: CacheOptions | None = None, **changes) -> CacheOption
 
 # --- the cache -----------------------------------------------------------------------
 
+class _Pool:
+    """Slots of one size, for the layers whose experts share one layout; allocated once (n_slots x slot_bytes
+    of anonymous memory, 4096-aligned), with its own free list and policy."""
+
+    def __init__(self, parts: tuple[ExpertPart, ...], layers: list[int], n_slots: int, policy):
+        self.parts, self.layers, self.n_slots = parts, layers, n_slots
+        self.starts = []                      # byte offset of each part's region inside a slot
+        pos = 0
+        for p in parts:
+            self.starts.append(pos)
+            pos += part_region(p)
+        self.slot_bytes = pos
+        self.policy = make_policy(policy, n_slots, len(layers))
+        raw = np.empty(n_slots * self.slot_bytes + IO_ALIGN, dtype=np.uint8)   # pages appear as filled
+        a = -raw.ctypes.data % IO_ALIGN
+        self.pool = raw[a:a + n_slots * self.slot_bytes]                        # [n_slots * slot_bytes], aligned
+        self.free = list(range(n_slots - 1, -1, -1))
+
+
 class _Job:
     """One expert being read into a slot."""
     __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "cancelled")
@@ -272,40 +301,42 @@ class _Job:
 
 
 class ExpertCache:
-    """Experts of every layer, read on demand into `n_slots` slots.
+    """Experts of every layer, read on demand into slots.
 
-    parts: the 3 ExpertParts (gate, up, down), the same for every layer.
-    offsets[layer][expert] -> 3 absolute file offsets of that expert's matrices.
+    parts: the 3 ExpertParts (gate, up, down) of every layer's experts, or one tuple for all layers; layers
+    with the same parts share a pool of slots of their size (see slot_classes), n_slots[c] slots for class c
+    (an int for a model with one class). offsets[layer][expert] -> 3 absolute file offsets of its matrices.
     policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT), "buffered" or "auto": buffered
     when at least WARM_SHARE of the expert pages are in the page cache already (a model that fits in RAM and
     was just used: O_DIRECT would read from disk what RAM holds), direct otherwise.
     """
 
-    def __init__(self, path: str, parts: tuple[ExpertPart, ...], offsets, n_slots: int, policy=None,
-                 read: str | None = None):
-        if n_slots < 1:
-            raise ValueError("the expert cache needs at least one slot")
+    def __init__(self, path: str, parts, offsets, n_slots, policy=None, read: str | None = None):
         read = DEFAULT_READ if read is None else read
         if read not in READ_MODES:
             raise ValueError(f"read mode {read!r} is not one of {', '.join(READ_MODES)}")
         self.path = path
-        self.parts = parts
         self.offsets = offsets
-        self.starts = []                      # byte offset of each part's region inside a slot
-        pos = 0
-        for p in parts:
-            self.starts.append(pos)
-            pos += part_region(p)
-        self.slot_bytes = pos
-        self.n_slots = n_slots
-        self.policy = make_policy(policy, n_slots, len(offsets))
-        raw = np.empty(n_slots * self.slot_bytes + IO_ALIGN, dtype=np.uint8)   # pages appear as filled
-        a = -raw.ctypes.data % IO_ALIGN
-        self.pool = raw[a:a + n_slots * self.slot_bytes]                        # [n_slots * slot_bytes], aligned
+        by_layer = [tuple(parts)] * len(offsets) if parts and isinstance(parts[0], ExpertPart) else list(parts)
+        classes = slot_classes(by_layer)
+        counts = [n_slots] if isinstance(n_slots, (int, np.integer)) else list(n_slots)
+        if len(counts) != len(classes) or min(counts) < 1:
+            raise ValueError(f"the expert cache needs at least one slot for each of its {len(classes)} slot sizes, "
+                             f"got {counts}")
+        if len(classes) > 1 and not (policy is None or isinstance(policy, str)):
+            raise ValueError("a policy object serves one slot size; pass a policy name for a model with several")
+        self.pools = [_Pool(cp, layers, n, policy) for (cp, layers), n in zip(classes, counts)]
+        self.pool_of = [None] * len(by_layer)             # layer -> its _Pool
+        for pool in self.pools:
+            for layer in pool.layers:
+                self.pool_of[layer] = pool
+        self.n_slots = sum(counts)
+        self.policy = self.pools[0].policy                # the first pool's, for a model with one slot size
         self.warm_share = None                            # auto: the share of expert pages found cached
         if read == "auto":
             o = np.asarray(offsets, dtype=np.int64)       # [L, E, 3]
-            self.warm_share = page_cache_share(path, int(o.min()), int(o.max()) + max(p.nbytes for p in parts))
+            top = max(p.nbytes for cp, _ in classes for p in cp)
+            self.warm_share = page_cache_share(path, int(o.min()), int(o.max()) + top)
             read = "buffered" if self.warm_share >= WARM_SHARE else "direct"
         self.fd, self.read = open_for_reads(path, read)
 
@@ -314,7 +345,6 @@ class ExpertCache:
         self.loading: dict = {}                           # key -> _Job being read
         self.source: dict = {}                            # key -> "demand" | "spec" until its first use
         self.pinned: set = set()                          # keys the current layer uses: never evicted
-        self.free = list(range(n_slots - 1, -1, -1))
         self.queue: list[_Job] = []
         self.running: list[_Job] = []                     # the jobs of the reader's current call, in order
         self.flag = np.zeros(1, np.int32)                 # set to interrupt the reader's current job
@@ -330,7 +360,11 @@ class ExpertCache:
 
     @property
     def resident_bytes(self) -> int:
-        return len(self.views) * self.slot_bytes
+        return sum(self.pool_of[layer].slot_bytes for layer, _ in self.views)
+
+    def parts(self, layer: int) -> tuple[ExpertPart, ...]:
+        """The gate, up and down parts of layer's experts."""
+        return self.pool_of[layer].parts
 
     # --- requests (caller's thread) -------------------------------------------------
     def want(self, layer: int, experts) -> None:
@@ -393,7 +427,7 @@ class ExpertCache:
                 self.hits += 1
                 self.prefetch_useful += src == "spec"
             self.pinned.add(key)
-            self.policy.touch(key)
+            self.pool_of[layer].policy.touch(key)
             views = self.views[key]
         self.wait_s += time.perf_counter() - t0
         return views
@@ -408,13 +442,14 @@ class ExpertCache:
 
     # --- bookkeeping (lock held) --------------------------------------------------------
     def _issue(self, key, kind, skip=()) -> bool:
-        if self.free:
-            slot = self.free.pop()
+        pool = self.pool_of[key[0]]
+        if pool.free:
+            slot = pool.free.pop()
         else:
-            old = self.policy.victim(key, self.pinned | self.loading.keys() | set(skip))
+            old = pool.policy.victim(key, self.pinned | self.loading.keys() | set(skip))
             if old is None:
                 return False
-            self.policy.forget(old)
+            pool.policy.forget(old)
             slot = self.slot_of.pop(old)
             del self.views[old]
             self.source.pop(old, None)
@@ -425,7 +460,7 @@ class ExpertCache:
         self.slot_of[key] = slot
         self.loading[key] = job
         self.source[key] = kind
-        self.policy.admit(key)
+        pool.policy.admit(key)
         self.queue.append(job)
         self._preempt_for(job)
         if self.worker is None:
@@ -436,17 +471,18 @@ class ExpertCache:
 
     def _plan_reads(self, job: _Job) -> None:
         layer, expert = job.key
-        base = job.slot * self.slot_bytes
-        addr0 = self.pool.ctypes.data + base
+        pool = self.pool_of[layer]
+        base = job.slot * pool.slot_bytes
+        addr0 = pool.pool.ctypes.data + base
         addrs, sizes, need, offs, views = [], [], [], [], []
-        for p, s, off in zip(self.parts, self.starts, self.offsets[layer][expert]):
+        for p, s, off in zip(pool.parts, pool.starts, self.offsets[layer][expert]):
             lo = off // IO_ALIGN * IO_ALIGN
             hi = -(-(off + p.nbytes) // IO_ALIGN) * IO_ALIGN
             addrs.append(addr0 + s)
             sizes.append(hi - lo)
             need.append(off + p.nbytes - lo)
             offs.append(lo)
-            raw = self.pool[base + s + off - lo:base + s + off - lo + p.nbytes]
+            raw = pool.pool[base + s + off - lo:base + s + off - lo + p.nbytes]
             views.append(raw.view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape)))
         job.addrs, job.sizes = np.array(addrs, np.int64), np.array(sizes, np.int64)
         job.need, job.offs = np.array(need, np.int64), np.array(offs, np.int64)
@@ -485,8 +521,9 @@ class ExpertCache:
         del self.loading[job.key]
         del self.slot_of[job.key]
         self.source.pop(job.key, None)
-        self.policy.forget(job.key)
-        self.free.append(job.slot)
+        pool = self.pool_of[job.key[0]]
+        pool.policy.forget(job.key)
+        pool.free.append(job.slot)
 
     # --- the reader thread -----------------------------------------------------------------
     def _work(self) -> None:
@@ -538,7 +575,9 @@ class ExpertCache:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "bytes_read": self.bytes_read, "hit_rate": self.hits / total if total else 0.0,
-                "resident_bytes": self.resident_bytes, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes,
+                "resident_bytes": self.resident_bytes, "n_slots": self.n_slots,
+                "slot_bytes": max(p.slot_bytes for p in self.pools),
+                "slot_classes": [[p.slot_bytes, len(p.layers), p.n_slots] for p in self.pools],
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
                 "wait_s": self.wait_s, "read_s": self.read_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),

@@ -117,10 +117,22 @@ class MemoryPlan:
     resident: int            # embeddings, attention, norms, router, output head (mapped, touched at load)
     kv: int                  # K and V for ctx tokens
     work: int                # activation buffers and temporaries for one chunk of N_BATCH tokens
-    slot_bytes: int          # one expert (3 matrices)
-    n_slots: int
+    slots: tuple             # per slot size (expert_cache.slot_classes): (bytes of one slot, its layers, slots)
     n_experts: int           # experts in the file (layers x E)
     ctx: int
+
+    @property
+    def n_slots(self) -> int:
+        return sum(n for _, _, n in self.slots)
+
+    @property
+    def slot_bytes(self) -> int:
+        """The largest slot (all of them, for a model whose layers share one expert layout)."""
+        return max((b for b, _, _ in self.slots), default=0)
+
+    @property
+    def expert_cache(self) -> int:
+        return sum(b * n for b, _, n in self.slots)
 
     @property
     def fixed(self) -> int:
@@ -128,17 +140,19 @@ class MemoryPlan:
 
     @property
     def planned(self) -> int:
-        return self.fixed + self.n_slots * self.slot_bytes
+        return self.fixed + self.expert_cache
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "planned": self.planned}
+        return {**asdict(self), "n_slots": self.n_slots, "slot_bytes": self.slot_bytes,
+                "expert_cache": self.expert_cache, "planned": self.planned}
 
     def describe(self) -> str:
         s = (f"RAM plan: budget {fmt_bytes(self.budget)}: process {fmt_bytes(self.baseline)} + resident weights "
              f"{fmt_bytes(self.resident)} + KV cache {fmt_bytes(self.kv)} (ctx {self.ctx}) + buffers {fmt_bytes(self.work)}")
         if self.n_experts:
-            s += (f" + expert cache {fmt_bytes(self.n_slots * self.slot_bytes)} ({self.n_slots} of {self.n_experts} "
-                  f"experts, {fmt_bytes(self.slot_bytes)} each)")
+            each = " or ".join(fmt_bytes(b) for b, _, _ in self.slots)
+            s += (f" + expert cache {fmt_bytes(self.expert_cache)} ({self.n_slots} of {self.n_experts} "
+                  f"experts, {each} each)")
         return s + f" = {fmt_bytes(self.planned)}"
 
 
@@ -157,25 +171,43 @@ def fixed_bytes(cfg: ModelConfig, resident: int, ctx: int, baseline: int) -> int
     return baseline + resident + cfg.kv_bytes(ctx) + work_bytes(cfg, ctx)
 
 
-def min_budget(cfg: ModelConfig, resident: int, slot: int, ctx: int) -> int:
+def min_budget(cfg: ModelConfig, resident: int, slots, ctx: int) -> int:
     """The smallest budget the model runs in, and exactly where the runtime refuses: the fixed parts with the
-    process counted as PROCESS_ESTIMATE, plus one layer's active experts. `lazymoe info` prints it without
-    loading anything, so it cannot depend on what a loaded process measures."""
-    return fixed_bytes(cfg, resident, ctx, PROCESS_ESTIMATE) + slot * cfg.n_expert_used
+    process counted as PROCESS_ESTIMATE, plus one layer's active experts in each slot size. `slots` is
+    [(bytes of one slot, layers of that size)]. `lazymoe info` prints it without loading anything, so it cannot
+    depend on what a loaded process measures."""
+    return fixed_bytes(cfg, resident, ctx, PROCESS_ESTIMATE) + cfg.n_expert_used * sum(b for b, _ in slots)
 
 
-def plan_memory(cfg: ModelConfig, resident: int, slot: int, ctx: int, ram_budget, baseline: int, where: str) -> MemoryPlan:
-    """Split `ram_budget` (None: `default_budget`) between the fixed parts and expert slots of `slot` bytes
-    each; ValueError naming `where` and the minimum (`min_budget`) below it. The process counts as what it
-    measures (`baseline`) or PROCESS_ESTIMATE, whichever is larger; at least the active experts get slots."""
+def split_slots(slots, room: int, n_expert: int, n_used: int) -> list[int]:
+    """Slots per size class in `room` bytes: n_used each first (a layer needs its active experts at once), the
+    rest in proportion to the class's layers (an equal share per layer), none beyond the class's experts."""
+    cap = [layers * n_expert for _, layers in slots]
+    n = [min(c, n_used) for c in cap]
+    left = room - sum(b * k for (b, _), k in zip(slots, n))
+    per_layer = sum(b * layers for b, layers in slots)
+    if per_layer and left > 0:
+        share = left / per_layer
+        n = [min(c, k + int(share * layers)) for c, k, (_, layers) in zip(cap, n, slots)]
+        left = room - sum(b * k for (b, _), k in zip(slots, n))
+        for i, (b, _) in enumerate(slots):                   # what rounding and full classes left over
+            more = min(cap[i] - n[i], max(0, left) // b)
+            n[i] += more
+            left -= more * b
+    return n
+
+
+def plan_memory(cfg: ModelConfig, resident: int, slots, ctx: int, ram_budget, baseline: int, where: str) -> MemoryPlan:
+    """Split `ram_budget` (None: `default_budget`) between the fixed parts and the expert slots (`slots`:
+    [(bytes of one slot, layers of that size)]); ValueError naming `where` and the minimum (`min_budget`)
+    below it. The process counts as what it measures (`baseline`) or PROCESS_ESTIMATE, whichever is larger."""
     budget = default_budget(baseline) if ram_budget is None else parse_size(ram_budget)
-    need = min_budget(cfg, resident, slot, ctx)
+    need = min_budget(cfg, resident, slots, ctx)
     if budget < need:
         raise ValueError(f"{where}: a RAM budget of {fmt_bytes(budget)} is too small; this model with ctx "
                          f"{ctx} needs at least {need / MiB:.0f}M ({need} bytes)")
     baseline = max(baseline, PROCESS_ESTIMATE)
-    fixed = fixed_bytes(cfg, resident, ctx, baseline)
-    n_experts = cfg.n_layer * cfg.n_expert
-    n_slots = min(n_experts, max(cfg.n_expert_used, (budget - fixed) // slot)) if slot else 0
-    return MemoryPlan(budget, baseline, resident, cfg.kv_bytes(ctx), work_bytes(cfg, ctx), slot, int(n_slots),
-                      n_experts, ctx)
+    room = budget - fixed_bytes(cfg, resident, ctx, baseline)
+    counts = split_slots(slots, room, cfg.n_expert, cfg.n_expert_used)
+    return MemoryPlan(budget, baseline, resident, cfg.kv_bytes(ctx), work_bytes(cfg, ctx),
+                      tuple((b, layers, k) for (b, layers), k in zip(slots, counts)), cfg.n_layer * cfg.n_expert, ctx)

@@ -175,10 +175,10 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
         ctx = min(cfg.n_ctx_train, DEFAULT_CTX) if ctx is None else whole_number(
             ctx, "ctx", 1, cfg.n_ctx_train, hint=" (the model's context length)")
         _warm_up(weights.types, cfg.is_moe)
-        plan = plan_memory(cfg, weights.resident_bytes, weights.slot_bytes, ctx, ram_budget, process_baseline(), path)
+        plan = plan_memory(cfg, weights.resident_bytes, weights.slot_sizes, ctx, ram_budget, process_baseline(), path)
         _touch_resident(g, weights.resident_names, progress)
         state = RunState(cfg, ctx)
-        experts = (ExpertCache(path, weights.expert_parts, weights.expert_offsets, plan.n_slots, options.policy,
+        experts = (ExpertCache(path, weights.expert_parts, weights.expert_offsets, [n for _, _, n in plan.slots], options.policy,
                                options.read) if cfg.is_moe else None)
     except BaseException:
         g.close()

@@ -138,7 +138,7 @@ class Network:
         if self.options.prefetch and T == 1:
             for nl in range(il + 1, min(self.cfg.n_layer, il + 1 + self.prefetch_depth)):
                 self._prefetch_next(nl, x)
-        p = cache.parts
+        p = self.w.expert_parts[il]                                         # gate, up, down of this layer
         out = np.zeros_like(h)                                              # [T, D]
         for i, e in enumerate(order):
             if self.options.overlap and i:

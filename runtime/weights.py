@@ -10,7 +10,7 @@ import numpy as np
 from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, expert_tensors, is_expert_tensor
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.kernels.qtypes import QType
-from lazymoe.runtime.expert_cache import ExpertPart, slot_size
+from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
 
 Weight = tuple[QType, np.ndarray]          # (storage type, stored array [rows, row_bytes] or [rows, cols])
 
@@ -45,14 +45,42 @@ class Layer:
             self.ffn_down = weight(g, b + "ffn_down.weight")        # [D, F]
 
 
+def per_expert_names(layer: int, expert: int) -> tuple[str, str, str]:
+    """GGUF names of one expert's matrices in the layout before llama.cpp merged them (PR #6387, 2024-03),
+    which many downloads still use: blk.N.ffn_{gate,up,down}.E.weight."""
+    return tuple(f"blk.{layer}.ffn_{m}.{expert}.weight" for m in ("gate", "up", "down"))
+
+
+def _expert_tensors(g: GGUFFile, cfg: ModelConfig, layer: int):
+    """[E][3] tensor infos of layer's experts, from merged tensors or the older one-tensor-per-expert layout;
+    None when neither is complete."""
+    merged = expert_tensors(layer)
+    if all(n in g.tensors for n in merged):
+        return None
+    names = [per_expert_names(layer, e) for e in range(cfg.n_expert)]
+    if not all(n in g.tensors for ns in names for n in ns):
+        return None
+    return [[g.tensors[n] for n in ns] for ns in names]
+
+
 def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
-    """Every tensor the network needs is present, of the expected shape and a supported type."""
+    """Every tensor the network needs is present, of the expected shape and a supported type. Experts may be
+    merged ([E, rows, cols] per layer) or stored one tensor each ([rows, cols], the older layout)."""
+    old = {i: _expert_tensors(g, cfg, i) for i in range(cfg.n_layer)} if cfg.is_moe else {}
     for name, shape in cfg.tensor_shapes().items():
+        if is_expert_tensor(name) and name not in g.tensors:
+            i = int(name.split(".")[1])
+            k = EXPERT_MATRICES.index(name.split(".")[2])
+            if old[i] is None:
+                raise ValueError(f"{g.path}: tensor {name} is missing (nor are all of layer {i}'s experts stored "
+                                 f"one tensor each, as {per_expert_names(i, 0)[k]})")
+            for e, infos in enumerate(old[i]):
+                t = infos[k]
+                if t.shape != shape[1:]:
+                    raise ValueError(f"{g.path}: tensor {t.name} has shape {t.shape}, expected {shape[1:]}")
+                g.qtype(t.name)
+            continue
         if name not in g.tensors:
-            old = name.replace("_exps.weight", ".0.weight")
-            if is_expert_tensor(name) and old in g.tensors:
-                raise ValueError(f"{g.path}: experts are stored one tensor each ({old}), the pre-2024 layout; "
-                                 f"re-convert the model with lazymoe quantize or a recent llama.cpp")
             raise ValueError(f"{g.path}: tensor {name} is missing")
         got = g.tensors[name].shape
         if got != shape:
@@ -60,23 +88,40 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
         g.qtype(name)
 
 
-def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[tuple[ExpertPart, ...], list]:
-    """(parts, offsets): the gate/up/down ExpertParts (type, [rows, cols], bytes of one expert's matrix), the
-    same in every layer, and offsets[layer][expert] = the 3 absolute file offsets of that expert's matrices.
-    ((), []) for a dense model."""
+def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[list, list]:
+    """(parts, offsets): parts[layer] = the gate/up/down ExpertParts (type, [rows, cols], bytes of one expert's
+    matrix) of that layer's experts, and offsets[layer][expert] = the 3 absolute file offsets of its matrices.
+    This is the one place that knows both expert layouts (merged and one tensor per expert). ([], []) for a
+    dense model. Call check_tensors first."""
     if not cfg.is_moe:
-        return (), []
-    first = [g.tensors[n] for n in expert_tensors(0)]
-    parts = tuple(ExpertPart(g.qtype(t.name), t.shape[1:], t.nbytes // cfg.n_expert) for t in first)
-    offsets = []
+        return [], []
+    parts, offsets = [], []
     for i in range(cfg.n_layer):
-        infos = [g.tensors[n] for n in expert_tensors(i)]
-        for m, inf, p in zip(EXPERT_MATRICES, infos, parts):
-            if g.qtype(inf.name) != p.qt:
-                raise ValueError(f"{g.path}: tensor {inf.name} is {g.qtype(inf.name).name} but blk.0.{m} is "
-                                 f"{p.qt.name}; experts of one kind must share a type")
-        offsets.append([[inf.offset + e * p.nbytes for inf, p in zip(infos, parts)] for e in range(cfg.n_expert)])
+        old = _expert_tensors(g, cfg, i)
+        if old is None:                                            # merged [E, rows, cols]
+            infos = [g.tensors[n] for n in expert_tensors(i)]
+            lp = tuple(ExpertPart(g.qtype(t.name), t.shape[1:], t.nbytes // cfg.n_expert) for t in infos)
+            offsets.append([[t.offset + e * p.nbytes for t, p in zip(infos, lp)] for e in range(cfg.n_expert)])
+        else:
+            lp = tuple(ExpertPart(g.qtype(t.name), t.shape, t.nbytes) for t in old[0])
+            for e, infos in enumerate(old):
+                for t, p in zip(infos, lp):
+                    if g.qtype(t.name) != p.qt:
+                        raise ValueError(f"{g.path}: tensor {t.name} is {g.qtype(t.name).name} but expert 0's is "
+                                         f"{p.qt.name}; the experts of one layer must share a type")
+            offsets.append([[t.offset for t in infos] for infos in old])
+        parts.append(lp)
     return parts, offsets
+
+
+def resident_names(g: GGUFFile, cfg: ModelConfig) -> list[str]:
+    """The tensors kept resident (all but the experts): views into the mapping, counted in the RAM plan."""
+    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n)]
+
+
+def slot_sizes(parts) -> list[tuple[int, int]]:
+    """[(bytes of one slot, layers of that size)] for the RAM plan, in the expert cache's class order."""
+    return [(slot_size(cp), len(layers)) for cp, layers in slot_classes(parts)]
 
 
 class Weights:
@@ -88,23 +133,22 @@ class Weights:
         self.output_norm = norm_weight(g, "output_norm.weight")         # [D]
         self.output = weight(g, "output.weight")                        # [V, D]
         self.layers = [Layer(g, i, cfg.is_moe) for i in range(cfg.n_layer)]
-        self.expert_parts, self.expert_offsets = expert_layout(g, cfg)
-        self.resident_names = [n for n in cfg.tensor_shapes() if not is_expert_tensor(n)]
+        self.expert_parts, self.expert_offsets = expert_layout(g, cfg)  # [L] parts, [L][E][3] offsets
+        self.resident_names = resident_names(g, cfg)
         self.resident_bytes = sum(g.tensors[n].nbytes for n in self.resident_names)
-        self.types = {g.qtype(n) for n in cfg.tensor_shapes()}           # every storage type the kernels will see
-
-    @property
-    def slot_bytes(self) -> int:
-        """Bytes of one expert-cache slot (0 for a dense model)."""
-        return slot_size(self.expert_parts) if self.expert_parts else 0
+        self.slot_sizes = slot_sizes(self.expert_parts)                 # [(slot bytes, layers)]
+        self.types = ({g.qtype(n) for n in self.resident_names}         # every storage type the kernels will see
+                      | {p.qt for lp in self.expert_parts for p in lp})
 
 
 def model_sizes(g: GGUFFile, cfg: ModelConfig) -> dict:
-    """Byte counts of a model, from the same layout the runtime loads: resident part, experts, one expert,
-    and one expert's cache slot (what the RAM plan counts)."""
+    """Byte counts of a model, from the same layout the runtime loads: resident part, experts, one expert
+    (the mean over layers), and the expert-cache slot sizes the RAM plan counts."""
     check_tensors(g, cfg)
     parts, _ = expert_layout(g, cfg)
-    resident = sum(g.tensors[n].nbytes for n in cfg.tensor_shapes() if not is_expert_tensor(n))
-    per_expert = sum(p.nbytes for p in parts)
-    return {"resident_bytes": resident, "expert_bytes": per_expert * cfg.n_layer * cfg.n_expert,
-            "bytes_per_expert": per_expert, "expert_slot_bytes": slot_size(parts) if parts else 0}
+    resident = sum(g.tensors[n].nbytes for n in resident_names(g, cfg))
+    expert_bytes = sum(p.nbytes for lp in parts for p in lp) * cfg.n_expert
+    slots = slot_sizes(parts)
+    return {"resident_bytes": resident, "expert_bytes": expert_bytes,
+            "bytes_per_expert": expert_bytes // max(1, cfg.n_layer * cfg.n_expert) if cfg.is_moe else 0,
+            "expert_slot_bytes": max((b for b, _ in slots), default=0), "expert_slot_sizes": slots}

@@ -33,7 +33,7 @@ def _info(args) -> int:
         **sizes, "ctx": args.ctx, "kv_cache_bytes": kv, "work_bytes": work_bytes(cfg, args.ctx),
         "process_estimate_bytes": PROCESS_ESTIMATE,
         # exactly where `lazymoe run MODEL --ctx N --ram B` starts to refuse
-        "min_ram_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_bytes"], args.ctx),
+        "min_ram_bytes": min_budget(cfg, sizes["resident_bytes"], sizes["expert_slot_sizes"], args.ctx),
     }
     if args.json:
         print(json.dumps(info))
