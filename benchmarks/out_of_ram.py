@@ -34,7 +34,7 @@ waited for reads: prompt and generation together, as `lazymoe run --json` gives 
 cgroup's peak (page cache included).
 
 Disk bound: the cold sequential read speed of the model file is measured right before every run
-(runtime.bench.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
+(benchmarks.machine.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
 the cache; root and a file of at least 1 GiB; on this shared machine it read 0.5-1.0 GB/s on one day and
 2.2 GB/s hours earlier, so one figure per invocation misled) and, per configuration, bound = MB read per
 token / (median disk MB/s of its runs) + compute s/token. The compute time per token is each run's own
@@ -65,15 +65,9 @@ import statistics
 import sys
 import tempfile
 
-from lazymoe.benchmarks.sweep import (
-    RANDOM_NOTE,
-    bench_prompt,
-    disk_read_speed,
-    drop_page_cache,
-    machine_info,
-    model_facts,
-    run_lazymoe,
-)
+from lazymoe.benchmarks.machine import disk_read_speed, drop_page_cache, machine_info
+from lazymoe.benchmarks.runner import run_lazymoe
+from lazymoe.benchmarks.workload import RANDOM_NOTE, bench_prompt, model_facts
 from lazymoe.runtime.memory import GiB, parse_size
 
 CONFIGS = {
@@ -200,9 +194,9 @@ def _disk_note(res: dict, disk) -> str:
     per_run = [r["disk_read_bytes_per_s"] for r in res["runs"] if r.get("disk_read_bytes_per_s")]
     if per_run:
         return (f"{min(per_run) / MB:.0f}-{max(per_run) / MB:.0f} MB/s, 1 GiB in O_DIRECT 32 MiB reads right before "
-                f"each run (runtime.bench.disk_read_speed); each config's bound uses the median of its runs' figures")
+                f"each run (benchmarks.machine.disk_read_speed); each config's bound uses the median of its runs' figures")
     if disk:
-        return f"{disk / MB:.0f} MB/s (runtime.bench.disk_read_speed)"
+        return f"{disk / MB:.0f} MB/s (benchmarks.machine.disk_read_speed)"
     return "not measured (needs root and a file of at least 1 GiB)"
 
 

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from lazymoe.benchmarks.sweep import drop_page_cache
+from lazymoe.benchmarks.machine import drop_page_cache
 
 from lazymoe.runtime.expert_cache import IO_ALIGN, read_ranges
 from lazymoe.format.gguf_file import GGUFFile

@@ -13,7 +13,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from lazymoe.commands.info import add_info_parser
     from lazymoe.commands.quantize import add_quantize_parser, add_synth_parser
-    from lazymoe.benchmarks.sweep import add_bench_parser
+    from lazymoe.commands.bench import add_bench_parser
     from lazymoe.commands.run import add_chat_parser, add_run_parser
     from lazymoe.commands.demo import add_demo_parser
 

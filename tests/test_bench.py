@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from lazymoe.benchmarks.sweep import bench_prompt, format_table, model_facts, plot, run_lazymoe
+from lazymoe.benchmarks.runner import run_lazymoe
+from lazymoe.benchmarks.sweep import format_table, plot
+from lazymoe.benchmarks.workload import bench_prompt, model_facts
 from lazymoe.cli import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
