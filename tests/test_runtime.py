@@ -170,12 +170,11 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("ty", ["f32", "q8_0", "q4_0"])
 def test_logits_match_transformers(converted, fx, ty, monkeypatch):
     import lazymoe.runtime.model
-    sys.path.insert(0, HERE)
-    from make_golden import weights_sha256
+    from tests.make_golden import weights_sha256
     gold = np.load(os.path.join(FIXTURES, "golden", f"{fx}-{ty}.npz"))
     path = converted(fx, ty)
     assert str(gold["weights_sha256"]) == weights_sha256(path), \
-        "the quantizer's output changed since the golden was made: run tests/make_golden.py"
+        "the quantizer's output changed since the golden was made: run python -m tests.make_golden"
     ref = gold["logits"]
     scale = np.abs(ref).max()
 
