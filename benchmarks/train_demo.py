@@ -117,7 +117,8 @@ def train(minutes: float, out_dir: str) -> dict:
     tok_path = train_tokenizer(train_files, out_dir)
     sp = spm.SentencePieceProcessor(model_file=tok_path)
     train_ids, held_ids = encode_files(sp, train_files), encode_files(sp, held_files)
-    print(f"{len(train_files)} training files ({len(train_ids):,} tokens), {len(held_files)} held out ({len(held_ids):,} tokens)", flush=True)
+    print(f"{len(train_files)} training files ({len(train_ids):,} tokens), {len(held_files)} held out ({len(held_ids):,} tokens)",
+          flush=True)
 
     model = MixtralForCausalLM(MixtralConfig(**CONFIG, attn_implementation="eager"))
     n_params = sum(p.numel() for p in model.parameters())
