@@ -46,12 +46,13 @@ the table shows the reader's busy share of decoding, the speed it read at, and t
 
 Routing: random-weight `lazymoe synth` files (since 72ed619) route nearly uniformly, with none of the
 locality of a trained model, so hit rates, recall and bytes per token are a lower bound for a real
-model. Synth files made before 72ed619 (e.g. a /work/bench-models file dated before 2026-11-27 04:22)
-route almost every token to the same two experts per layer: on those they are an upper bound.
+model. Synth files made before 72ed619 (2026-11-27 04:22) route almost every token to the same two experts
+per layer: on those they are an upper bound.
 
 Examples:
-    sudo python -m lazymoe.benchmarks.out_of_ram /work/bench-models/mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
-        --rounds 3 --inram-ram 12G --out /tmp/oor
+    lazymoe synth --shape mixtral-8x7b --layers 8 -o mixtral-8x7b-8L-q4_0.gguf
+    sudo python -m lazymoe.benchmarks.out_of_ram mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
+        --rounds 3 --inram-ram 12G --out oor-8L
     sudo python -m lazymoe.benchmarks.out_of_ram MODEL.gguf --ram 2G --configs overlap,all --extra "--temp 0" --json
     python -m lazymoe.benchmarks.out_of_ram runtime/data/lazymoe-demo-q4_0.gguf --ram 260M -n 4 --no-cap --no-drop
 """
