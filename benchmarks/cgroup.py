@@ -33,7 +33,7 @@ class MemCap:
         self.limit = int(limit)
         self.path = os.path.join(ROOT_V1 if self.version == "v1" else ROOT_V2, name)
 
-    def __enter__(self) -> "MemCap":
+    def __enter__(self) -> MemCap:
         os.makedirs(self.path, exist_ok=True)
         if self.version == "v1":
             self._write("memory.limit_in_bytes", self.limit)

@@ -34,7 +34,7 @@ waited for reads: prompt and generation together, as `lazymoe run --json` gives 
 cgroup's peak (page cache included).
 
 Disk bound: the cold sequential read speed of the model file is measured right before every run
-(runtime.bench.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
+(benchmarks.machine.disk_read_speed: 1 GiB in O_DIRECT 32 MiB reads, as the expert cache reads, after dropping
 the cache; root and a file of at least 1 GiB; on this shared machine it read 0.5-1.0 GB/s on one day and
 2.2 GB/s hours earlier, so one figure per invocation misled) and, per configuration, bound = MB read per
 token / (median disk MB/s of its runs) + compute s/token. The compute time per token is each run's own
@@ -46,12 +46,13 @@ the table shows the reader's busy share of decoding, the speed it read at, and t
 
 Routing: random-weight `lazymoe synth` files (since 72ed619) route nearly uniformly, with none of the
 locality of a trained model, so hit rates, recall and bytes per token are a lower bound for a real
-model. Synth files made before 72ed619 (e.g. a /work/bench-models file dated before 2026-11-27 04:22)
-route almost every token to the same two experts per layer: on those they are an upper bound.
+model. Synth files made before 72ed619 (2026-11-27 04:22) route almost every token to the same two experts
+per layer: on those they are an upper bound.
 
 Examples:
-    sudo python -m lazymoe.benchmarks.out_of_ram /work/bench-models/mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
-        --rounds 3 --inram-ram 12G --out /tmp/oor
+    lazymoe synth --shape mixtral-8x7b --layers 8 -o mixtral-8x7b-8L-q4_0.gguf
+    sudo python -m lazymoe.benchmarks.out_of_ram mixtral-8x7b-8L-q4_0.gguf --ram 2G -n 16 \\
+        --rounds 3 --inram-ram 12G --out oor-8L
     sudo python -m lazymoe.benchmarks.out_of_ram MODEL.gguf --ram 2G --configs overlap,all --extra "--temp 0" --json
     python -m lazymoe.benchmarks.out_of_ram runtime/data/lazymoe-demo-q4_0.gguf --ram 260M -n 4 --no-cap --no-drop
 """
@@ -65,15 +66,9 @@ import statistics
 import sys
 import tempfile
 
-from lazymoe.benchmarks.sweep import (
-    RANDOM_NOTE,
-    bench_prompt,
-    disk_read_speed,
-    drop_page_cache,
-    machine_info,
-    model_facts,
-    run_lazymoe,
-)
+from lazymoe.benchmarks.machine import disk_read_speed, drop_page_cache, machine_info
+from lazymoe.benchmarks.runner import run_lazymoe
+from lazymoe.benchmarks.workload import RANDOM_NOTE, bench_prompt, model_facts
 from lazymoe.runtime.memory import GiB, parse_size
 
 CONFIGS = {
@@ -200,9 +195,9 @@ def _disk_note(res: dict, disk) -> str:
     per_run = [r["disk_read_bytes_per_s"] for r in res["runs"] if r.get("disk_read_bytes_per_s")]
     if per_run:
         return (f"{min(per_run) / MB:.0f}-{max(per_run) / MB:.0f} MB/s, 1 GiB in O_DIRECT 32 MiB reads right before "
-                f"each run (runtime.bench.disk_read_speed); each config's bound uses the median of its runs' figures")
+                f"each run (benchmarks.machine.disk_read_speed); each config's bound uses the median of its runs' figures")
     if disk:
-        return f"{disk / MB:.0f} MB/s (runtime.bench.disk_read_speed)"
+        return f"{disk / MB:.0f} MB/s (benchmarks.machine.disk_read_speed)"
     return "not measured (needs root and a file of at least 1 GiB)"
 
 

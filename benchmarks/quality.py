@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens to evaluate (default 16384)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from lazymoe.quantize.convert import convert
     from lazymoe import load_model
+    from lazymoe.quantize.convert import convert
 
     variants = {"F32": ("f32", None), "Q8_0": ("q8_0", None), "Q4_0 (lazymoe)": ("q4_0", None),
                 "Q4_0 (llama.cpp reference)": ("q4_0", reference_q4_0)}

@@ -46,7 +46,7 @@ def bench_error(rows: int = 512, cols: int = 4096, seed: int = 0) -> list[dict]:
             times.append(time.perf_counter() - t0)
         dt = float(np.median(times))
         ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
-        rmse = lambda q: float(np.sqrt(np.mean((gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0) - x) ** 2)))
+        rmse = lambda q, x=x: float(np.sqrt(np.mean((gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0) - x) ** 2)))
         r_ours, r_ref = rmse(ours), rmse(ref)
         out.append({"distribution": name, "shape": [rows, cols], "rmse_ours": r_ours, "rmse_llama_cpp": r_ref,
                     "rmse_reduction": 1 - r_ours / r_ref, "ours_mweights_per_s": x.size / dt / 1e6})
@@ -93,7 +93,7 @@ def write_checkpoint(folder: str, layers: int) -> int:
            "num_local_experts": c["experts"], "num_experts_per_tok": c["used"]}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
-    import mistral_common   # the real Mixtral 8x7B tokenizer (32000 pieces); a test/bench dependency
+    import mistral_common  # the real Mixtral 8x7B tokenizer (32000 pieces); a test/bench dependency
     shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
                 os.path.join(folder, "tokenizer.model"))
     return total
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
             return 0
         print(f"{'weights':12} {'RMSE ours':>10} {'RMSE llama.cpp':>15} {'reduction':>10} {'ours Mw/s':>10}")
         for r in rows:
-            print(f"{r['distribution']:12} {r['rmse_ours']:10.5f} {r['rmse_llama_cpp']:15.5f} {100 * r['rmse_reduction']:9.2f}% {r['ours_mweights_per_s']:10.1f}")
+            print(f"{r['distribution']:12} {r['rmse_ours']:10.5f} {r['rmse_llama_cpp']:15.5f} {100 * r['rmse_reduction']:9.2f}% "
+                  f"{r['ours_mweights_per_s']:10.1f}")
         return 0
     r = bench_stream(a.dir, a.layers)
     if a.json:

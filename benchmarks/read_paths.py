@@ -30,10 +30,9 @@ import time
 
 import numpy as np
 
-from lazymoe.benchmarks.sweep import drop_page_cache
-
-from lazymoe.runtime.expert_cache import IO_ALIGN, read_ranges
+from lazymoe.benchmarks.machine import drop_page_cache
 from lazymoe.format.gguf_file import GGUFFile
+from lazymoe.runtime.expert_cache import IO_ALIGN, read_ranges
 
 NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MB = 1e6

@@ -41,8 +41,8 @@ def expert_load(ids: np.ndarray, n_expert: int) -> np.ndarray:
 
 def record(tokens: int) -> tuple[dict, np.ndarray]:
     """Route `tokens` held-out tokens through the demo model; (header, ids [T, L, A])."""
-    from lazymoe.benchmarks.quality import WINDOW, held_out_ids
     from lazymoe import load_model
+    from lazymoe.benchmarks.quality import WINDOW, held_out_ids
     from lazymoe.runtime import DEMO_MODEL
 
     model = load_model(DEMO_MODEL, progress=False, ctx=WINDOW)

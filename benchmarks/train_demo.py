@@ -117,7 +117,8 @@ def train(minutes: float, out_dir: str) -> dict:
     tok_path = train_tokenizer(train_files, out_dir)
     sp = spm.SentencePieceProcessor(model_file=tok_path)
     train_ids, held_ids = encode_files(sp, train_files), encode_files(sp, held_files)
-    print(f"{len(train_files)} training files ({len(train_ids):,} tokens), {len(held_files)} held out ({len(held_ids):,} tokens)", flush=True)
+    print(f"{len(train_files)} training files ({len(train_ids):,} tokens), {len(held_files)} held out ({len(held_ids):,} tokens)",
+          flush=True)
 
     model = MixtralForCausalLM(MixtralConfig(**CONFIG, attn_implementation="eager"))
     n_params = sum(p.numel() for p in model.parameters())
@@ -156,9 +157,9 @@ def train(minutes: float, out_dir: str) -> dict:
     hf_dir = os.path.join(out_dir, "hf")
     model.save_pretrained(hf_dir, safe_serialization=True)
     shutil.copy(tok_path, os.path.join(hf_dir, "tokenizer.model"))
-    from tests.fixtures.make_tiny import MIXTRAL_TEMPLATE
+    from lazymoe.format.chat_templates import MIXTRAL_8X7B_TEMPLATE
     with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": MIXTRAL_TEMPLATE}, f, indent=2)
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": MIXTRAL_8X7B_TEMPLATE}, f, indent=2)
     return {"steps": step, "minutes": secs / 60, "params": n_params, "train_tokens_seen": step * BATCH * SEQ,
             "train_files": len(train_files), "held_out_files": len(held_files), "train_tokens": int(len(train_ids)),
             "held_out_tokens": int(len(held_ids)), "held_out_ppl_hf_f32": ppl, "hf_dir": hf_dir}
@@ -169,10 +170,10 @@ def golden(gguf_path: str) -> dict:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    from lazymoe.benchmarks.hf_reference import hf_state_dict
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.runtime.tokenizer import Tokenizer
-    from tests.make_golden import hf_state_dict
 
     g = GGUFFile(gguf_path)
     cfg = config_from_metadata(g.metadata, gguf_path)
@@ -194,7 +195,6 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     a = ap.parse_args(argv)
-    sys.path.insert(0, ROOT)
     from lazymoe.quantize.convert import convert
 
     out = a.out or tempfile.mkdtemp(prefix="lazymoe-demo-")

@@ -5,7 +5,7 @@
 
 Each run is its own process; the two engines alternate (which goes first flips every trial) and
 the medians of the trials are reported with the ratios lazymoe / llama.cpp. Both get the same
-prompt token ids (BOS first, built from the model's vocabulary by runtime.bench.bench_prompt),
+prompt token ids (BOS first, built from the model's vocabulary by benchmarks.workload.bench_prompt),
 greedy decoding, the same thread count. lazymoe is `lazymoe run --json`; llama.cpp runs in a
 worker process of this script.
 
@@ -41,8 +41,9 @@ import sys
 import tempfile
 import time
 
-from lazymoe.benchmarks.sweep import (bench_prompt, disk_read_speed, drop_page_cache, machine_info, model_facts, run_lazymoe,
-                           thread_env)
+from lazymoe.benchmarks.machine import disk_read_speed, drop_page_cache, machine_info
+from lazymoe.benchmarks.runner import run_lazymoe, thread_env
+from lazymoe.benchmarks.workload import bench_prompt, model_facts
 from lazymoe.runtime.memory import GiB, MiB, parse_size
 
 METRICS = ("load_s", "prompt_tok_per_s", "prompt_all_logits_tok_per_s", "gen_tok_per_s", "time_to_first_token_s",

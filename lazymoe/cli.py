@@ -11,7 +11,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lazymoe.benchmarks.sweep import add_bench_parser
+    from lazymoe.commands.bench import add_bench_parser
     from lazymoe.commands.demo import add_demo_parser
     from lazymoe.commands.info import add_info_parser
     from lazymoe.commands.quantize import add_quantize_parser, add_synth_parser

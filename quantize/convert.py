@@ -101,7 +101,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     os.close(fd)
     w = None
     try:
-        w = GGUFWriter(tmp, "llama")
+        w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
         _add_metadata(w, src.metadata, FILE_TYPES[qt.name])
         for p, t in zip(src.tensors, types):
             # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given

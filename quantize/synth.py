@@ -1,5 +1,6 @@
-"""Real-size models without downloading them: GGUF files with the exact shapes, names and
-metadata of Mixtral 8x7B / 8x22B and random but numerically sane weights.
+"""GGUF files of random but numerically sane weights: the exact shapes, names and metadata of
+Mixtral 8x7B / 8x22B (real-size models without downloading them), or of any ModelConfig (the
+tiny models the tests run, and hostile files the loader must refuse).
 
 Weights are written directly as blocks (no float tensor is ever made for them), one expert
 at a time, through the same streaming writer as `quantize`, so the full 8x7B at Q4_0
@@ -9,10 +10,11 @@ expert-cache hit rates measured on them are a lower bound for a trained model.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from lazymoe.format.config import ModelConfig
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
-from lazymoe.format.config import ModelConfig
 
 SHAPES = {
     "mixtral-8x7b": ModelConfig(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000,
@@ -48,10 +50,26 @@ def synthetic_vocab(n: int) -> dict:
             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
 
 
+def stored_type(name: str) -> QType:
+    """lazymoe's QType called `name`, or for a type gguf-py knows and lazymoe cannot compute on (files that
+    must be refused) one from gguf-py's size table."""
+    try:
+        return qtype(name)
+    except ValueError:
+        try:
+            g = GGMLQuantizationType[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown weight type {name!r}") from None
+        block_size, type_size = GGML_QUANT_SIZES[g]
+        return QType(name.lower(), g, block_size, type_size, np.dtype(np.uint8))
+
+
 def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Stored rows of type qt with values of standard deviation ~WEIGHT_STD."""
     if not qt.is_block:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD).astype(qt.dtype)
+    if qt.name not in ("q4_0", "q8_0"):                 # other block types: gguf-py's reference quantizer
+        return quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD, qt.ggml)
     nb = rows * cols // qt.block_size
     blocks = np.frombuffer(rng.bytes(nb * qt.type_size), np.uint8).reshape(nb, qt.type_size).copy()
     # uniform codes: Q4_0 (q-8) has std 4.61, Q8_0 (int8) std 73.9; the f16 scale d sets the weight std.
@@ -65,34 +83,50 @@ def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> n
     return blocks.reshape(rows, cols // qt.block_size * qt.type_size)
 
 
-def synth_source(shape: str, layers: int | None = None, type_name: str = "q4_0", seed: int = 0) -> Source:
-    """A Source whose tensors are random blocks with `shape`'s real sizes and `layers` of its layers."""
-    if shape not in SHAPES:
+def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name: str = "q4_0", seed: int = 0,
+                 types: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
+                 drop=(), arch: str = "llama") -> Source:
+    """A Source whose tensors are random blocks with the sizes of `shape` (a SHAPES name, or any ModelConfig)
+    and `layers` of its layers, weight matrices in `type_name`.
+
+    For hostile files, by GGUF tensor name: types (a weight matrix stored in another type, any type gguf-py
+    knows), shapes (a tensor written with another shape), drop (tensors left out); arch is written as
+    general.architecture."""
+    if isinstance(shape, ModelConfig):
+        base, label = shape, "model"
+    elif shape in SHAPES:
+        base, label = SHAPES[shape], shape
+    else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
-    base = SHAPES[shape]
     n_layer = base.n_layer if layers is None else layers
     if not 1 <= n_layer <= base.n_layer:
-        raise ValueError(f"--layers must be between 1 and {base.n_layer} for {shape}, got {n_layer}")
+        raise ValueError(f"--layers must be between 1 and {base.n_layer} for {label}, got {n_layer}")
     cfg = ModelConfig(**{**base.__dict__, "n_layer": n_layer})
     qt, f32 = qtype(type_name), qtype("f32")
+    types, shapes = types or {}, shapes or {}
     rng = np.random.default_rng(seed)
 
-    def matrix(rows: int, cols: int) -> list:
-        return [lambda r=r: _random_rows(qt, min(ROWS_PER_PART, rows - r), cols, rng) for r in range(0, rows, ROWS_PER_PART)]
+    def matrix(t: QType, rows: int, cols: int) -> list:
+        return [lambda r=r: _random_rows(t, min(ROWS_PER_PART, rows - r), cols, rng) for r in range(0, rows, ROWS_PER_PART)]
 
     ones = lambda n: [lambda: np.ones((1, n), np.float32)]
     plans = []
     for name, shp in cfg.tensor_shapes().items():
+        if name in drop:
+            continue
+        shp = tuple(shapes.get(name, shp))
+        t = stored_type(types[name]) if name in types else qt
         if len(shp) == 1:
             plans.append(TensorPlan(name, shp, ones(shp[0]), stored=f32))
         elif name.endswith("ffn_gate_inp.weight"):
             plans.append(TensorPlan(name, shp, [lambda s=shp: rng.standard_normal(s, dtype=np.float32) * 0.5], stored=f32))
         elif len(shp) == 3:
-            parts = [p for _ in range(shp[0]) for p in matrix(shp[1], shp[2])]
-            plans.append(TensorPlan(name, shp, parts, stored=qt))
+            parts = [p for _ in range(shp[0]) for p in matrix(t, shp[1], shp[2])]
+            plans.append(TensorPlan(name, shp, parts, stored=t))
         else:
-            plans.append(TensorPlan(name, shp, matrix(*shp), stored=qt))
+            plans.append(TensorPlan(name, shp, matrix(t, *shp), stored=t))
     md = llama_metadata(cfg)
-    md["general.name"] = f"synthetic {shape} ({n_layer} layers, random weights)"
+    md["general.architecture"] = arch
+    md["general.name"] = f"synthetic {label} ({n_layer} layers, random weights)"
     md.update(synthetic_vocab(cfg.n_vocab))
-    return Source(f"synth:{shape}", "synth", cfg, md, plans)
+    return Source(f"synth:{label}", "synth", cfg, md, plans)

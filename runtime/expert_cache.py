@@ -318,6 +318,7 @@ class ExpertCache:
         self.path = path
         self.offsets = offsets
         by_layer = [tuple(parts)] * len(offsets) if parts and isinstance(parts[0], ExpertPart) else list(parts)
+        self.parts = by_layer                             # [L] (gate, up, down) ExpertParts
         classes = slot_classes(by_layer)
         counts = [n_slots] if isinstance(n_slots, (int, np.integer)) else list(n_slots)
         if len(counts) != len(classes) or min(counts) < 1:
@@ -361,10 +362,6 @@ class ExpertCache:
     @property
     def resident_bytes(self) -> int:
         return sum(self.pool_of[layer].slot_bytes for layer, _ in self.views)
-
-    def parts(self, layer: int) -> tuple[ExpertPart, ...]:
-        """The gate, up and down parts of layer's experts."""
-        return self.pool_of[layer].parts
 
     # --- requests (caller's thread) -------------------------------------------------
     def want(self, layer: int, experts) -> None:

@@ -5,9 +5,10 @@ every tensor of the GGUF with gguf-py, undo llama.cpp's Q/K row permutation, loa
 weights into transformers' own MixtralForCausalLM / MistralForCausalLM (float32, eager
 attention) and save its logits for a fixed token sequence to
 tests/fixtures/golden/<fixture>-<type>.npz (arrays `ids` [T], `logits` [T, V], and `weights_sha256` of the GGUF's tensors:
-regenerate when the quantizer's output changes).
+regenerate when the quantizer's output changes). The Hugging Face state dict comes from
+lazymoe.benchmarks.hf_reference. From the repository root, with lazymoe installed:
 
-    python tests/make_golden.py
+    python -m tests.make_golden
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 FIXTURES = ("tiny-mixtral", "tiny-moe-top1", "tiny-dense")
 TYPES = ("f32", "q8_0", "q4_0")
@@ -34,46 +34,10 @@ def golden_ids(tokenizer) -> list[int]:
     return ids + pad[len(ids):]
 
 
-def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's w.reshape(n_head, 2, hd//2, D).swapaxes(1, 2).reshape(w.shape)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_state_dict(g, cfg, moe: bool) -> dict:
-    """GGUF tensors (dequantized to float32) under Hugging Face names."""
-    import torch
-    from gguf import quants
-
-    def t(name):
-        info = g.tensors[name]
-        raw = g.raw(name)
-        return np.ascontiguousarray(quants.dequantize(raw, info.ggml_type).reshape(info.shape), dtype=np.float32)
-
-    sd = {"model.embed_tokens.weight": t("token_embd.weight"), "model.norm.weight": t("output_norm.weight"),
-          "lm_head.weight": t("output.weight")}
-    for i in range(cfg.n_layer):
-        b, h = f"blk.{i}.", f"model.layers.{i}."
-        sd[h + "input_layernorm.weight"] = t(b + "attn_norm.weight")
-        sd[h + "post_attention_layernorm.weight"] = t(b + "ffn_norm.weight")
-        sd[h + "self_attn.q_proj.weight"] = unpermute(t(b + "attn_q.weight"), cfg.n_head)
-        sd[h + "self_attn.k_proj.weight"] = unpermute(t(b + "attn_k.weight"), cfg.n_head_kv)
-        sd[h + "self_attn.v_proj.weight"] = t(b + "attn_v.weight")
-        sd[h + "self_attn.o_proj.weight"] = t(b + "attn_output.weight")
-        if moe:
-            sd[h + "mlp.gate.weight"] = t(b + "ffn_gate_inp.weight")
-            sd[h + "mlp.experts.gate_up_proj"] = np.concatenate(
-                [t(b + "ffn_gate_exps.weight"), t(b + "ffn_up_exps.weight")], axis=1)      # [E, 2F, D]
-            sd[h + "mlp.experts.down_proj"] = t(b + "ffn_down_exps.weight")              # [E, D, F]
-        else:
-            sd[h + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
-            sd[h + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
-            sd[h + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
-    return {k: torch.from_numpy(v) for k, v in sd.items()}
-
-
 def weights_sha256(gguf_path: str) -> str:
     """Hash of the GGUF's tensor data: the golden holds only for exactly these weights."""
     import hashlib
+
     from lazymoe.format.gguf_file import GGUFFile
     g = GGUFFile(gguf_path)
     h = hashlib.sha256()
@@ -86,6 +50,8 @@ def weights_sha256(gguf_path: str) -> str:
 def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
     import torch
     import transformers
+
+    from lazymoe.benchmarks.hf_reference import hf_state_dict
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.runtime.tokenizer import Tokenizer

@@ -3,23 +3,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 
 import pytest
 
-from lazymoe.benchmarks.sweep import bench_prompt, format_table, model_facts, plot, run_lazymoe
+from lazymoe.benchmarks.runner import run_lazymoe
+from lazymoe.benchmarks.sweep import format_table, plot
+from lazymoe.benchmarks.workload import bench_prompt, model_facts
 from lazymoe.cli import main
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from lazymoe.quantize.convert import convert
-    path = str(tmp_path_factory.mktemp("bench") / "tiny.gguf")
-    convert(os.path.join(HERE, "fixtures", "tiny-mixtral"), path, "q8_0", progress=False)
-    return path
+def tiny(converted):
+    return converted("tiny-mixtral", "q8_0")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.test_runtime import synth_gguf
+from tests.helpers import synth_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLACK = 4 << 20     # bytes over budget tolerated: allocator and page granularity
@@ -46,7 +46,7 @@ print(json.dumps({"plan": m.plan.as_dict(), "stats": last.stats, "cache": m.expe
 
 
 def child(path, budget) -> dict:
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", CHILD, path, str(budget)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -56,7 +56,7 @@ def child(path, budget) -> dict:
 @pytest.fixture(scope="module")
 def big_experts(tmp_path_factory):
     return synth_gguf(tmp_path_factory.mktemp("budget") / "moe.gguf", D=512, F=1536, L=4, H=8, G=4, E=8, A=2,
-                      V=320, qt="q8_0", raw=True)
+                      V=320, qt="q8_0")
 
 
 def test_peak_rss_under_budget(big_experts):

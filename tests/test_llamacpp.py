@@ -15,8 +15,8 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from lazymoe.quantize.convert import convert  # noqa: E402
 from lazymoe.format.gguf_file import GGUFFile  # noqa: E402
+from lazymoe.quantize.convert import convert  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -13,14 +13,16 @@ from lazymoe.runtime.generate import collect
 from lazymoe.runtime.memory import PROCESS_ESTIMATE
 from lazymoe.runtime.model import load_model
 from lazymoe.runtime.trace import read_trace
-from tests.test_runtime import _one_thread, min_budget, run_cli, synth_gguf  # noqa: F401 (autouse fixture)
+from tests.helpers import min_budget, run_cli, synth_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """4 layers x 8 experts, top-2, Q8_0 experts of ~30 KiB."""
     return synth_gguf(tmp_path_factory.mktemp("prefetch") / "moe.gguf", D=128, F=192, L=4, H=4, G=2, E=8, A=2,
-                      V=300, qt="q8_0", raw=True)
+                      V=300, qt="q8_0")
 
 
 def decode_logits(m, prompt, n):
@@ -130,7 +132,7 @@ def test_cache_reads_cancels_and_pins(tmp_path, read):
     with cache.cv:
         while cache.loading:
             cache.cv.wait()
-    assert (0, 2) not in cache.loading and len(cache.slot_of) + len(cache.free) == 3
+    assert (0, 2) not in cache.loading and len(cache.slot_of) + len(cache.pools[0].free) == 3
     cache.unpin(0)
     cache.prefetch(0, [3])
     v = cache.get(0, 3)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from lazymoe.cli import main
+from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.kernels.quantizers import quantize
 from lazymoe.quantize.convert import convert
 from lazymoe.quantize.safetensors_file import SafetensorsFile, write_safetensors
 from lazymoe.quantize.sources import llama_permute
-from lazymoe.cli import main
-from lazymoe.format.gguf_file import GGUFFile
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIX, "tiny-mixtral")
@@ -135,7 +135,8 @@ def test_hf_checkpoint_converts_to_llama_cpp_layout(tmp_path, qt):
                 assert np.array_equal(f.raw(name), ref.reshape(-1)), name
             else:
                 ref = gguf.quants.dequantize(gguf.quants.quantize(a.reshape(-1, a.shape[-1]), T.Q4_0), T.Q4_0)
-                assert np.sum((y.reshape(ref.shape) - a.reshape(ref.shape)) ** 2) <= np.sum((ref - a.reshape(ref.shape)) ** 2) * (1 + 1e-6), name
+                assert np.sum((y.reshape(ref.shape) - a.reshape(ref.shape)) ** 2) <= \
+                    np.sum((ref - a.reshape(ref.shape)) ** 2) * (1 + 1e-6), name
         assert "[INST]" in md["tokenizer.chat_template"]
 
 
@@ -153,7 +154,8 @@ def test_tokenizer_keys_match_sentencepiece(tmp_path):
     for i in range(sp.get_piece_size()):
         want = 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else None
         assert want is None and types[i] in (1, 4) or types[i] == want, i
-    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"], md["tokenizer.ggml.unknown_token_id"]) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"], md["tokenizer.ggml.unknown_token_id"]) == \
+        (sp.bos_id(), sp.eos_id(), sp.unk_id())
 
 
 @pytest.mark.parametrize("dtype", ["F32", "F16"])
@@ -170,7 +172,8 @@ def test_source_dtypes_and_shards_give_identical_files(tmp_path, dtype):
     shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
     for fn, ns in shards.items():
         write_safetensors(str(d / fn), {n: tensors[n] for n in ns}, dtype)
-    json.dump({"metadata": {}, "weight_map": {n: fn for fn, ns in shards.items() for n in ns}}, open(d / "model.safetensors.index.json", "w"))
+    json.dump({"metadata": {}, "weight_map": {n: fn for fn, ns in shards.items() for n in ns}},
+              open(d / "model.safetensors.index.json", "w"))
     out = str(tmp_path / "variant.gguf")
     convert(str(d), out, "q4_0", progress=False)
     assert tensor_bytes(out) == tensor_bytes(base)

@@ -11,29 +11,26 @@ Golden tolerances:
 """
 from __future__ import annotations
 
-import argparse
-import io
 import os
-import re
-import sys
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import quants
 
 from lazymoe.runtime.generate import collect
 from lazymoe.runtime.memory import PROCESS_ESTIMATE
 from lazymoe.runtime.model import load_model
+from tests.helpers import FIXTURES, min_budget, run_cli, synth_gguf
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.path.join(HERE, "fixtures")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GOLDEN_RTOL = 1e-4
 KERNEL_MEAN_RTOL = 2e-2
 KERNEL_TOP1 = 0.90
 
 
 def _deq(qt, w) -> np.ndarray:
-    from lazymoe.kernels.qtypes import qtype, QType
+    from lazymoe.kernels.qtypes import QType, qtype
     qt = qt if isinstance(qt, QType) else qtype(qt)
     return quants.dequantize(np.asarray(w), qt.ggml).astype(np.float32) if qt.is_block else np.asarray(w, np.float32)
 
@@ -62,122 +59,17 @@ class ReferenceKernels:
         return (_silu(X @ _deq(q1, w1).T) * (X @ _deq(q3, w3).T)) @ _deq(q2, w2).T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one numba thread avoids waiting on a busy second core."""
-    import numba
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
-
-
-# --- a synthetic GGUF writer ---------------------------------------------------------
-
-def vocab(n: int):
-    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256
-    words = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["▁" + chr(c) for c in range(ord("a"), ord("z") + 1)]
-    for w in words:
-        if len(toks) < n:
-            toks.append(w)
-            types.append(1)
-    while len(toks) < n:
-        toks.append(f"▁w{len(toks)}")
-        types.append(1)
-    return toks, [-float(i) for i in range(n)], types
-
-
-def random_blocks(rng, shape, qt: GGMLQuantizationType) -> np.ndarray:
-    """Stored q8_0 / q4_0 bytes for logical shape (..., cols) with weights of std ~ 1/sqrt(cols)."""
-    cols = shape[-1]
-    if qt == GGMLQuantizationType.Q8_0:
-        blk = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-        b = np.empty(int(np.prod(shape)) // 32, blk)
-        b["qs"] = rng.integers(-127, 128, size=b["qs"].shape, dtype=np.int8)
-        b["d"] = 1.0 / (73.0 * np.sqrt(cols))
-        return b.view(np.uint8).reshape(*shape[:-1], cols // 32 * 34)
-    return quants.quantize((rng.standard_normal(shape) / np.sqrt(cols)).astype(np.float32), qt)
-
-
-def synth_gguf(path, D=64, F=96, L=2, H=4, G=2, E=4, A=2, V=320, qt="q8_0", arch="llama", seed=0,
-               drop=(), shapes=None, types=None, raw=False, ctx=512):
-    """A random Mixtral-layout GGUF (E=0: dense). drop: tensor names to leave out; shapes/types:
-    overrides by name; raw: write block bytes directly (fast for large models)."""
-    rng = np.random.default_rng(seed)
-    g = GGMLQuantizationType[qt.upper()]
-    w = GGUFWriter(os.fspath(path), arch)
-    w.add_block_count(L), w.add_context_length(ctx), w.add_embedding_length(D), w.add_feed_forward_length(F)
-    w.add_head_count(H), w.add_head_count_kv(G), w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(10000.0)
-    if E:
-        w.add_expert_count(E), w.add_expert_used_count(A)
-    toks, scores, ttypes = vocab(V)
-    w.add_tokenizer_model("llama"), w.add_token_list(toks), w.add_token_scores(scores), w.add_token_types(ttypes)
-    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0)
-    from lazymoe.format.config import ModelConfig
-    cfg = ModelConfig(L, D, F, H, G, V, ctx, 1e-5, 1e4, E, A)
-    for name, shape in cfg.tensor_shapes().items():
-        if name in drop:
-            continue
-        shape = (shapes or {}).get(name, shape)
-        t = (types or {}).get(name)
-        if len(shape) == 1 or "ffn_gate_inp" in name:
-            arr = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32) if len(shape) == 1 else \
-                rng.standard_normal(shape).astype(np.float32)
-            w.add_tensor(name, arr)
-            continue
-        t = GGMLQuantizationType[(t or qt).upper()]
-        if t == GGMLQuantizationType.F32:
-            w.add_tensor(name, (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32))
-        elif raw and t == GGMLQuantizationType.Q8_0:
-            w.add_tensor(name, random_blocks(rng, shape, t), raw_dtype=t)
-        else:
-            f = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-            w.add_tensor(name, quants.quantize(f, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return os.fspath(path)
-
-
-def min_budget(path, ctx=None) -> int:
-    """The smallest budget load_model accepts, read from its refusal."""
-    with pytest.raises(ValueError, match="too small") as e:
-        load_model(path, ram_budget=1, ctx=ctx, progress=False)
-    return int(re.search(r"\((\d+) bytes\)", str(e.value)).group(1))
-
-
 # --- golden logits -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """GGUFs converted from the fixture checkpoints by lazymoe's quantizer, made on demand."""
-    from lazymoe.quantize.convert import convert
-    d = tmp_path_factory.mktemp("converted")
-    made = {}
-
-    def get(fx, ty):
-        if (fx, ty) not in made:
-            src = os.path.join(FIXTURES, fx)
-            if not os.path.isdir(src):
-                pytest.skip(f"fixture {fx} is missing")
-            made[fx, ty] = os.fspath(d / f"{fx}-{ty}.gguf")
-            convert(src, made[fx, ty], ty, force=True, progress=False)
-        return made[fx, ty]
-    return get
-
 
 @pytest.mark.parametrize("fx", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
 @pytest.mark.parametrize("ty", ["f32", "q8_0", "q4_0"])
 def test_logits_match_transformers(converted, fx, ty, monkeypatch):
     import lazymoe.runtime.network
-    sys.path.insert(0, HERE)
-    from make_golden import weights_sha256
+    from tests.make_golden import weights_sha256
     gold = np.load(os.path.join(FIXTURES, "golden", f"{fx}-{ty}.npz"))
     path = converted(fx, ty)
     assert str(gold["weights_sha256"]) == weights_sha256(path), \
-        "the quantizer's output changed since the golden was made: run tests/make_golden.py"
+        "the quantizer's output changed since the golden was made: run python -m tests.make_golden"
     ref = gold["logits"]
     scale = np.abs(ref).max()
 
@@ -309,12 +201,31 @@ def test_not_gguf_and_truncated(tmp_path, tiny):
     (dict(drop=("blk.1.attn_v.weight",)), "blk.1.attn_v.weight is missing"),
     (dict(shapes={"blk.0.ffn_up_exps.weight": (4, 64, 64)}), r"ffn_up_exps.weight has shape \(4, 64, 64\), expected \(4, 96, 64\)"),
     (dict(types={"blk.0.attn_q.weight": "q4_1"}), "Q4_1 is not supported"),
-    (dict(types={"blk.1.ffn_down_exps.weight": "q4_0"}), "experts of one kind must share a type"),
 ])
 def test_bad_files(tmp_path, kw, msg):
     p = synth_gguf(tmp_path / "bad.gguf", **kw)
     with pytest.raises(ValueError, match=msg):
         load_model(p, ram_budget="2G", progress=False)
+
+
+def test_expert_types_per_layer(tmp_path, monkeypatch):
+    """A K-quant mix's layers differ in their experts' types (ffn_down Q6_K in some, Q4_K in others): each
+    layout gets slots of its own size, the minimum budget counts each, and logits do not depend on the budget."""
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
+    p = synth_gguf(tmp_path / "mixed.gguf", types={"blk.1.ffn_down_exps.weight": "q4_0"})
+    need = min_budget(p, 64)
+    roomy = load_model(p, ram_budget="2G", ctx=64, progress=False)
+    sizes = [b for b, _, _ in roomy.plan.slots]
+    assert len(sizes) == 2 and sizes[0] > sizes[1] and [layers for _, layers, _ in roomy.plan.slots] == [1, 1]
+    assert roomy.plan.n_slots == roomy.plan.n_experts
+    tight = load_model(p, ram_budget=need, ctx=64, progress=False)
+    assert [n for _, _, n in tight.plan.slots] == [tight.cfg.n_expert_used] * 2
+    assert need == roomy.plan.fixed - roomy.plan.baseline + PROCESS_ESTIMATE + tight.cfg.n_expert_used * sum(sizes)
+    ids = list(range(1, 30))
+    assert np.array_equal(roomy.logits(ids), tight.logits(ids))
+    assert tight.experts.evictions > 0 and roomy.experts.evictions == 0
+    assert tight.experts.counters()["slot_classes"] == [[b, 1, 2] for b in sizes]
 
 
 def test_bad_requests(tiny):
@@ -337,27 +248,7 @@ def test_bad_requests(tiny):
             load_model(tiny, ctx=ctx, progress=False)
 
 
-# --- the commands, through a small argparse harness (runtime/cli.py registers them) ----
-
-def run_cli(argv, stdin=""):
-    from lazymoe.commands.run import add_chat_parser, add_run_parser
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    add_run_parser(sub)
-    add_chat_parser(sub)
-    args = p.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdout, sys.stderr, sys.stdin
-    sys.stdout, sys.stderr, sys.stdin = out, err, io.StringIO(stdin)
-    try:
-        rc = args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=err)
-        rc = 2
-    finally:
-        sys.stdout, sys.stderr, sys.stdin = old
-    return rc, out.getvalue(), err.getvalue()
-
+# --- the commands, through a small argparse harness (tests/helpers.run_cli) ------------
 
 def test_cli_run(tiny):
     import json

@@ -74,8 +74,8 @@ def test_bad_synth_args(tmp_path, capsys):
 
 def test_random_weights_route_almost_uniformly(one_layer_8x7b):
     """Zero-mean random weights: tokens spread over the experts (a biased synth made every token pick the same two)."""
-    from lazymoe.benchmarks.routing import expert_load, repeated_assignment
     from lazymoe import load_model
+    from lazymoe.benchmarks.routing import expert_load, repeated_assignment
 
     path, _ = one_layer_8x7b
     model = load_model(path, progress=False, ctx=64)

@@ -15,9 +15,9 @@ import pytest
 spm = pytest.importorskip("sentencepiece")
 mistral_common = pytest.importorskip("mistral_common")
 
-from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
-from lazymoe.quantize.spm_model import load_spm_model, parse_spm_model
-from lazymoe.runtime.tokenizer import Tokenizer
+from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED  # noqa: E402
+from lazymoe.quantize.spm_model import load_spm_model, parse_spm_model  # noqa: E402
+from lazymoe.runtime.tokenizer import Tokenizer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(mistral_common.__file__), "data")
 MODELS = {

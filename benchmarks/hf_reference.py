@@ -1,0 +1,43 @@
+"""A GGUF file's weights as a Hugging Face Mixtral/Mistral state dict: the reference that golden logits and
+the demo model's golden ids are computed with (transformers on exactly the GGUF's dequantized weights).
+Needs torch (the `ref` extra), imported on call."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's w.reshape(n_head, 2, hd//2, D).swapaxes(1, 2).reshape(w.shape) on Q/K rows."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_dict(g, cfg, moe: bool) -> dict:
+    """GGUF tensors of GGUFFile g (dequantized to float32) under Hugging Face names, as torch tensors."""
+    import torch
+    from gguf import quants
+
+    def t(name):
+        info = g.tensors[name]
+        raw = g.raw(name)
+        return np.ascontiguousarray(quants.dequantize(raw, info.ggml_type).reshape(info.shape), dtype=np.float32)
+
+    sd = {"model.embed_tokens.weight": t("token_embd.weight"), "model.norm.weight": t("output_norm.weight"),
+          "lm_head.weight": t("output.weight")}
+    for i in range(cfg.n_layer):
+        b, h = f"blk.{i}.", f"model.layers.{i}."
+        sd[h + "input_layernorm.weight"] = t(b + "attn_norm.weight")
+        sd[h + "post_attention_layernorm.weight"] = t(b + "ffn_norm.weight")
+        sd[h + "self_attn.q_proj.weight"] = unpermute(t(b + "attn_q.weight"), cfg.n_head)
+        sd[h + "self_attn.k_proj.weight"] = unpermute(t(b + "attn_k.weight"), cfg.n_head_kv)
+        sd[h + "self_attn.v_proj.weight"] = t(b + "attn_v.weight")
+        sd[h + "self_attn.o_proj.weight"] = t(b + "attn_output.weight")
+        if moe:
+            sd[h + "mlp.gate.weight"] = t(b + "ffn_gate_inp.weight")
+            sd[h + "mlp.experts.gate_up_proj"] = np.concatenate(
+                [t(b + "ffn_gate_exps.weight"), t(b + "ffn_up_exps.weight")], axis=1)      # [E, 2F, D]
+            sd[h + "mlp.experts.down_proj"] = t(b + "ffn_down_exps.weight")              # [E, D, F]
+        else:
+            sd[h + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
+            sd[h + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
+            sd[h + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
+    return {k: torch.from_numpy(v) for k, v in sd.items()}

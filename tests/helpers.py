@@ -1,0 +1,58 @@
+"""Plain helpers the test modules share (the shared fixtures are in tests/conftest.py)."""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import sys
+
+import pytest
+
+from lazymoe.runtime.model import load_model
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def synth_gguf(path, D=64, F=96, L=2, H=4, G=2, E=4, A=2, V=320, qt="q8_0", arch="llama", seed=0,
+               drop=(), shapes=None, types=None, ctx=512) -> str:
+    """A random Mixtral-layout GGUF (E=0: dense) written by `lazymoe synth`'s synthesizer; drop, shapes, types
+    (by tensor name) and arch make hostile files (lazymoe.quantize.synth.synth_source)."""
+    from lazymoe.format.config import ModelConfig
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.synth import synth_source
+    cfg = ModelConfig(n_layer=L, n_embd=D, n_ff=F, n_head=H, n_head_kv=G, n_vocab=V, n_ctx_train=ctx, rms_eps=1e-5,
+                      rope_theta=1e4, n_expert=E, n_expert_used=A)
+    src = synth_source(cfg, type_name=qt, seed=seed, types=types, shapes=shapes, drop=drop, arch=arch)
+    write_gguf(src, os.fspath(path), qtype(qt), force=True, progress=False)
+    return os.fspath(path)
+
+
+def min_budget(path, ctx=None) -> int:
+    """The smallest budget load_model accepts, read from its refusal."""
+    with pytest.raises(ValueError, match="too small") as e:
+        load_model(path, ram_budget=1, ctx=ctx, progress=False)
+    return int(re.search(r"\((\d+) bytes\)", str(e.value)).group(1))
+
+
+def run_cli(argv, stdin=""):
+    """`lazymoe run` / `lazymoe chat` in this process: (exit code, stdout, stderr); a ValueError is one
+    "error:" line and code 2, as the CLI does it."""
+    from lazymoe.commands.run import add_chat_parser, add_run_parser
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
+    add_chat_parser(sub)
+    args = p.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr, sys.stdin
+    sys.stdout, sys.stderr, sys.stdin = out, err, io.StringIO(stdin)
+    try:
+        rc = args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=err)
+        rc = 2
+    finally:
+        sys.stdout, sys.stderr, sys.stdin = old
+    return rc, out.getvalue(), err.getvalue()
