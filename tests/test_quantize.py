@@ -283,6 +283,16 @@ def test_gguf_requantize_and_old_expert_layout(tmp_path):
             assert np.allclose(np.frombuffer(got[n], np.float32), np.frombuffer(want[n], np.float32), atol=1e-3)
         else:
             assert got[n] == want[n], n
+    # ... and the runtime runs it unconverted: the same logits as the merged F32 file (the F16 router aside)
+    from lazymoe.runtime.model import load_model
+    ids = list(range(1, 25))
+    a = load_model(old, ram_budget="1G", ctx=32, progress=False)
+    b = load_model(f32, ram_budget="1G", ctx=32, progress=False)
+    assert a.weights.layers[0].ffn_gate_inp[0].name == "f16" and a.experts is not None
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.abs(la - lb).max() <= 1e-2 * np.abs(lb).max() and (la.argmax(1) == lb.argmax(1)).mean() >= 0.95
+    a.close()
+    b.close()
 
 
 # --- bad input through the CLI -------------------------------------------------------
