@@ -210,7 +210,8 @@ class GGUFFile:
         try:
             return qtype_of_ggml(self.tensors[name].ggml_type)
         except ValueError as e:
-            raise GGUFError(f"{self.path}: tensor {name}: {e}") from None
+            raise GGUFError(f"{self.path}: tensor {name}: {e}; `lazymoe quantize {self.path} -o OUT.gguf` "
+                            f"converts the file") from None
 
     def raw(self, name: str) -> np.ndarray:
         """The bytes of tensor `name` as a uint8 view [nbytes] of the mapping (any type)."""
