@@ -136,7 +136,8 @@ def config_from_metadata(md: dict, where: str = "model") -> ModelConfig:
     check_config(cfg, where)
     rope_dim = _int(md, p + "rope.dimension_count", where, cfg.head_dim)
     if rope_dim != cfg.head_dim:
-        raise ValueError(f"{where}: rope.dimension_count {rope_dim} differs from the head size {cfg.head_dim}; partial RoPE is not supported")
+        raise ValueError(f"{where}: rope.dimension_count {rope_dim} differs from the head size {cfg.head_dim}; "
+                         f"partial RoPE is not supported")
     if tokens is not None and len(tokens) != cfg.n_vocab:
         raise ValueError(f"{where}: vocab_size {cfg.n_vocab} but the tokenizer has {len(tokens)} tokens")
     return cfg

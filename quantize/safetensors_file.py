@@ -131,7 +131,7 @@ def write_safetensors(path: str, tensors: dict, dtype: str = "F32") -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
-        for name, t in tensors.items():
+        for t in tensors.values():
             a = t[1]() if isinstance(t, tuple) else t
             if dtype == "BF16":
                 f.write(to_bf16_bits(a).astype("<u2").tobytes())

@@ -17,8 +17,8 @@ import json
 import mmap
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -69,7 +69,8 @@ def open_source(path: str) -> Source:
             return _open_hf(path)
         if os.path.isfile(os.path.join(path, "params.json")):
             return _open_mistral(path)
-        raise ValueError(f"{path}: not a checkpoint folder (expected config.json for Hugging Face or params.json for Mistral's native format)")
+        raise ValueError(f"{path}: not a checkpoint folder (expected config.json for Hugging Face or params.json for "
+                         f"Mistral's native format)")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -273,7 +274,8 @@ def _hf_config(path: str, c: dict) -> ModelConfig:
     where = os.path.join(path, "config.json")
     archs = c.get("architectures") or []
     if not any(a in _HF_ARCHS for a in archs):
-        raise ValueError(f"{where}: architecture {archs or c.get('model_type')!r} is not supported (expected one of {', '.join(_HF_ARCHS)})")
+        raise ValueError(f"{where}: architecture {archs or c.get('model_type')!r} is not supported "
+                         f"(expected one of {', '.join(_HF_ARCHS)})")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):

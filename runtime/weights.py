@@ -74,7 +74,7 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
             if old[i] is None:
                 raise ValueError(f"{g.path}: tensor {name} is missing (nor are all of layer {i}'s experts stored "
                                  f"one tensor each, as {per_expert_names(i, 0)[k]})")
-            for e, infos in enumerate(old[i]):
+            for infos in old[i]:
                 t = infos[k]
                 if t.shape != shape[1:]:
                     raise ValueError(f"{g.path}: tensor {t.name} has shape {t.shape}, expected {shape[1:]}")
@@ -104,7 +104,7 @@ def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[list, list]:
             offsets.append([[t.offset + e * p.nbytes for t, p in zip(infos, lp)] for e in range(cfg.n_expert)])
         else:
             lp = tuple(ExpertPart(g.qtype(t.name), t.shape, t.nbytes) for t in old[0])
-            for e, infos in enumerate(old):
+            for infos in old:
                 for t, p in zip(infos, lp):
                     if g.qtype(t.name) != p.qt:
                         raise ValueError(f"{g.path}: tensor {t.name} is {g.qtype(t.name).name} but expert 0's is "

@@ -42,7 +42,8 @@ def _info(args) -> int:
     num = lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
     print(f"{args.model}: {name}")
     print(f"  architecture   llama ({'Mixture of Experts' if cfg.is_moe else 'dense'}), types {', '.join(types)}")
-    print(f"  layers {cfg.n_layer}, hidden {cfg.n_embd}, FFN {cfg.n_ff}, heads {cfg.n_head} (KV {cfg.n_head_kv}, dim {cfg.head_dim}), vocab {cfg.n_vocab}")
+    print(f"  layers {cfg.n_layer}, hidden {cfg.n_embd}, FFN {cfg.n_ff}, heads {cfg.n_head} "
+          f"(KV {cfg.n_head_kv}, dim {cfg.head_dim}), vocab {cfg.n_vocab}")
     if cfg.is_moe:
         print(f"  experts        {cfg.n_expert}, {cfg.n_expert_used} used per token")
     print(f"  context        {cfg.n_ctx_train} trained; RoPE theta {cfg.rope_theta:g}; RMSNorm eps {cfg.rms_eps:g}")
