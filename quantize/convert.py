@@ -13,15 +13,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import quantize
+from lazymoe.quantize.mixes import ftype
 from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
-FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-              "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
 ALIGN = 32
 
 
@@ -85,8 +84,9 @@ def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
 
 
 def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True,
-               quantize_fn=None) -> Summary:
-    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary.
+               quantize_fn=None, file_type: str | None = None) -> Summary:
+    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary. file_type: the
+    general.file_type to record (a name in quantize/mixes.FTYPES; default qt's).
 
     quantize_fn(rows, qtype) -> stored rows replaces lazymoe's quantizers (benchmarks use it to
     write llama.cpp's reference Q4_0 for comparison)."""
@@ -102,7 +102,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     w = None
     try:
         w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
-        _add_metadata(w, src.metadata, FILE_TYPES[qt.name])
+        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0])
         for p, t in zip(src.tensors, types):
             # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), t.nbytes(p.shape), raw_dtype=t.ggml)

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from lazymoe.format.config import ModelConfig
 from lazymoe.kernels.qtypes import QType, qtype
+from lazymoe.quantize.mixes import ftype, tensor_types
 from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
 
 SHAPES = {
@@ -64,10 +65,35 @@ def stored_type(name: str) -> QType:
         return QType(name.lower(), g, block_size, type_size, np.dtype(np.uint8))
 
 
+# Byte offsets of the f16 scale d and (where the type has one) the f16 min in a block (ggml-common.h). Random
+# blocks get d = +-1 and min 0 first; the weight std that gives is measured once per type and d rescaled.
+SCALE_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108, None),
+                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None), "IQ4_NL": (0, None)}
+_CODE_STD: dict[str, float] = {}
+
+
+def _random_blocks(qt: QType, nb: int, rng: np.random.Generator) -> np.ndarray:
+    """nb random blocks of a type in SCALE_FIELDS, [nb, type_size] uint8, weights of std ~WEIGHT_STD and mean 0."""
+    d_at, m_at = SCALE_FIELDS[qt.ggml.name]
+    blocks = np.frombuffer(rng.bytes(nb * qt.type_size), np.uint8).reshape(nb, qt.type_size).copy()
+    if m_at is not None:
+        blocks[:, m_at:m_at + 2] = 0
+    if qt.ggml.name not in _CODE_STD:
+        probe = blocks[:64].copy()
+        probe[:, d_at:d_at + 2] = np.array([1.0], np.float16).view(np.uint8)
+        _CODE_STD[qt.ggml.name] = float(np.sqrt(np.mean(quants.dequantize(probe, qt.ggml).astype(np.float64) ** 2)))
+    sign = np.where(rng.integers(0, 2, nb, dtype=np.uint8) == 1, 1.0, -1.0)     # zero-mean, see _random_rows
+    d = (sign * (WEIGHT_STD / _CODE_STD[qt.ggml.name])).astype(np.float16)
+    blocks[:, d_at:d_at + 2] = d.view(np.uint8).reshape(nb, 2)
+    return blocks
+
+
 def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Stored rows of type qt with values of standard deviation ~WEIGHT_STD."""
     if not qt.is_block:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD).astype(qt.dtype)
+    if qt.ggml.name in SCALE_FIELDS:
+        return _random_blocks(qt, rows * cols // qt.block_size, rng).reshape(rows, cols // qt.block_size * qt.type_size)
     if qt.name not in ("q4_0", "q8_0"):                 # other block types: gguf-py's reference quantizer
         return quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD, qt.ggml)
     nb = rows * cols // qt.block_size
@@ -87,7 +113,8 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
                  types: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
                  drop=(), arch: str = "llama") -> Source:
     """A Source whose tensors are random blocks with the sizes of `shape` (a SHAPES name, or any ModelConfig)
-    and `layers` of its layers, weight matrices in `type_name`.
+    and `layers` of its layers, weight matrices in `type_name`: a type ("q4_0") or one of llama.cpp's file
+    types ("q4_k_m": each tensor in the type llama.cpp's quantizer gives it, see quantize/mixes.py).
 
     For hostile files, by GGUF tensor name: types (a weight matrix stored in another type, any type gguf-py
     knows), shapes (a tensor written with another shape), drop (tensors left out); arch is written as
@@ -102,8 +129,14 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
     if not 1 <= n_layer <= base.n_layer:
         raise ValueError(f"--layers must be between 1 and {base.n_layer} for {label}, got {n_layer}")
     cfg = ModelConfig(**{**base.__dict__, "n_layer": n_layer})
-    qt, f32 = qtype(type_name), qtype("f32")
-    types, shapes = types or {}, shapes or {}
+    f32 = qtype("f32")
+    mix = {}
+    try:
+        qt = qtype(type_name)
+    except ValueError:
+        ftype(type_name)                                  # ValueError naming the known file types
+        qt, mix = f32, {n: t.lower() for n, t in tensor_types(cfg, type_name).items()}
+    types, shapes = {**mix, **(types or {})}, shapes or {}
     rng = np.random.default_rng(seed)
 
     def matrix(t: QType, rows: int, cols: int) -> list:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
@@ -89,3 +90,44 @@ def test_random_weights_route_almost_uniformly(one_layer_8x7b):
     # random attention averages over the prompt, which still skews routing (seen: one expert at 37 %)
     assert expert_load(ids, 8).max() < 0.5 and (expert_load(ids, 8) > 0).sum() >= 6
     assert first[0] < 0.6
+
+
+def test_synth_command_writes_a_llama_cpp_mix(tmp_path, capsys):
+    from lazymoe.quantize.mixes import FTYPES
+    path = str(tmp_path / "q4_k_m.gguf")
+    assert main(["synth", "--shape", "mixtral-8x7b", "--layers", "1", "-t", "q4_k_m", "-o", path, "-q"]) == 0
+    with GGUFFile(path) as g:
+        assert g.get("general.file_type") == int(FTYPES["q4_k_m"][0])
+        assert g.tensors["blk.0.ffn_gate_exps.weight"].type_name == "Q4_K"
+        assert g.tensors["blk.0.attn_output.weight"].type_name == "Q5_K"
+    assert main(["synth", "--shape", "mixtral-8x7b", "-t", "q9_k", "-o", path, "-f"]) == 2
+    assert "q9_k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k", "q6_k", "q5_1"])
+def test_llama_cpp_mixes(tmp_path, ft):
+    """synth lays tensors out as llama.cpp's quantizer would (quantize/mixes.py), with sane random blocks of
+    every type; llama.cpp runs the file."""
+    from lazymoe.format.config import ModelConfig
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.mixes import tensor_types
+    from lazymoe.quantize.synth import synth_source
+    cfg = ModelConfig(n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=512, n_ctx_train=64,
+                      rms_eps=1e-5, rope_theta=1e4, n_expert=8, n_expert_used=2)
+    path = str(tmp_path / f"{ft}.gguf")
+    write_gguf(synth_source(cfg, type_name=ft), path, qtype("f32"), progress=False, file_type=ft)
+    want = tensor_types(cfg, ft)
+    with GGUFFile(path) as g:
+        assert {n: g.tensors[n].type_name.upper() for n in want} == want
+        for n in ("blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_output.weight", "output.weight"):
+            info = g.tensors[n]
+            w = gguf.quants.dequantize(g.raw(n), info.ggml_type)
+            assert np.isfinite(w).all() and 0.01 < w.std() < 0.04 and abs(w.mean()) < 0.005, n
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m = llama_cpp.Llama(path, n_ctx=16, n_batch=16, logits_all=True, verbose=False, n_threads=2)
+    try:
+        m.eval([1, 300, 400])
+        assert np.isfinite(np.array(m.scores[:3], dtype=np.float32)).all()
+    finally:
+        m.close()

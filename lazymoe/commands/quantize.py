@@ -24,6 +24,7 @@ def _quantize(args) -> int:
 
 
 def add_synth_parser(sub) -> None:
+    from lazymoe.quantize.mixes import FTYPES
     from lazymoe.quantize.synth import SHAPES
     p = sub.add_parser("synth", help="write a GGUF with a real model's exact shapes and random weights (for benchmarks)",
                        description="Write a GGUF with the exact shapes, names and metadata of a real Mixtral and random, "
@@ -31,7 +32,10 @@ def add_synth_parser(sub) -> None:
                                    "expert-cache hit rates on them are a lower bound.")
     p.add_argument("--shape", required=True, choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: all of the real model's)")
-    p.add_argument("-t", "--type", default="q4_0", choices=["q4_0", "q8_0"], help="weight type (default q4_0)")
+    p.add_argument("-t", "--type", default="q4_0", metavar="TYPE",
+                   help="weight type (q4_0, q8_0, f16, f32) or one of llama.cpp's file types, each tensor in the type "
+                        "llama.cpp's quantizer gives it: " + ", ".join(t for t in FTYPES if t not in QTYPES)
+                        + " (default q4_0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
@@ -43,6 +47,10 @@ def _synth(args) -> int:
     from lazymoe.kernels.qtypes import qtype
     from lazymoe.quantize.convert import write_gguf
     from lazymoe.quantize.synth import synth_source
-    src = synth_source(args.shape, args.layers, args.type, args.seed)
-    print(write_gguf(src, args.output, qtype(args.type), force=args.force, progress=not args.quiet))
+    from lazymoe.quantize.mixes import FTYPES
+    if args.type.lower() not in FTYPES:
+        raise ValueError(f"--type {args.type!r} is not a weight or file type; expected one of {', '.join(FTYPES)}")
+    src = synth_source(args.shape, args.layers, args.type.lower(), args.seed)
+    qt = qtype(args.type) if args.type.lower() in QTYPES else qtype("f32")
+    print(write_gguf(src, args.output, qt, force=args.force, progress=not args.quiet, file_type=args.type.lower()))
     return 0
