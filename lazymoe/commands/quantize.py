@@ -46,8 +46,8 @@ def add_synth_parser(sub) -> None:
 def _synth(args) -> int:
     from lazymoe.kernels.qtypes import qtype
     from lazymoe.quantize.convert import write_gguf
-    from lazymoe.quantize.synth import synth_source
     from lazymoe.quantize.mixes import FTYPES
+    from lazymoe.quantize.synth import synth_source
     if args.type.lower() not in FTYPES:
         raise ValueError(f"--type {args.type!r} is not a weight or file type; expected one of {', '.join(FTYPES)}")
     src = synth_source(args.shape, args.layers, args.type.lower(), args.seed)
