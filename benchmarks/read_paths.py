@@ -31,24 +31,22 @@ import time
 import numpy as np
 
 from lazymoe.benchmarks.machine import drop_page_cache
+from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.runtime.expert_cache import IO_ALIGN, read_ranges
+from lazymoe.runtime.weights import check_tensors, expert_layout
 
-NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MB = 1e6
 
 
 def expert_ranges(path: str, n: int):
-    """[(offset, nbytes) x 3] for n experts spread over the file's layers and expert ids."""
+    """[(offset, nbytes) x 3] for n experts spread over the file's layers and expert ids (the runtime's layout)."""
     with GGUFFile(path) as g:
-        L = sum(1 for t in g.tensors if t.endswith("ffn_gate_exps.weight"))
-        E = g.tensors["blk.0.ffn_gate_exps.weight"].shape[0]
-        out = []
-        for i in range(n):
-            layer, e = (i * 5) % L, (i * 3) % E
-            infos = [g.tensors[f"blk.{layer}.{name}.weight"] for name in NAMES]
-            out.append([(t.offset + e * (t.nbytes // E), t.nbytes // E) for t in infos])
-    return out
+        cfg = config_from_metadata(g.metadata, path)
+        check_tensors(g, cfg)
+        parts, offsets = expert_layout(g, cfg)
+    L, E = cfg.n_layer, cfg.n_expert
+    return [[(o, p.nbytes) for o, p in zip(offsets[(i * 5) % L][(i * 3) % E], parts[(i * 5) % L])] for i in range(n)]
 
 
 def _aligned(nbytes: int) -> np.ndarray:

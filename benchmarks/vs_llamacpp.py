@@ -160,9 +160,9 @@ def profile_worker(model: str, ids: list[int], gen: int, ram, top: int = 14) -> 
         t_gen += time.perf_counter() - t1
         tok = int(np.argmax(logits))
     cfg, f = m.cfg, m.file
-    expert = sum(f.tensors[f"blk.0.{n}.weight"].nbytes for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) // cfg.n_expert
+    experts = sum(p.nbytes for lp in m.weights.expert_parts for p in lp)        # one expert of every layer
     per_token = (sum(f.tensors[n].nbytes for n in m.weights.resident_names if n != "token_embd.weight")
-                 + cfg.n_layer * cfg.n_expert_used * expert)
+                 + cfg.n_expert_used * experts)
     out = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_steps": gen - 1, "gen_s": t_gen,
            "weight_bytes_per_token": per_token, "gen_weight_gb_per_s": per_token * (gen - 1) / t_gen / 1e9 if t_gen else None,
            "cache": m.experts.counters() if m.experts else None, "prompt_top": prompt_top, "gen_top": table(pr)}

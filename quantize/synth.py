@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from lazymoe.format.config import ModelConfig
+from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.quantize.mixes import ftype, tensor_types
 from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
@@ -32,7 +33,7 @@ def synthetic_vocab(n: int) -> dict:
     """A valid SentencePiece-style vocabulary of n pieces: <unk>, <s>, </s>, the 256 byte pieces,
     then made-up pieces (llama.cpp needs the byte pieces to load it)."""
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
     letters = "etaoinshrdlucmfwypvbgkqjxz"
     i = 0
     while len(pieces) < n:
@@ -43,7 +44,7 @@ def synthetic_vocab(n: int) -> dict:
             if k == 0:
                 break
         pieces.append("\u2581" + w)
-        types.append(1)
+        types.append(NORMAL)
         i += 1
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces[:n],
             "tokenizer.ggml.scores": -np.arange(n, dtype=np.float32), "tokenizer.ggml.token_type": np.asarray(types[:n], np.int32),
