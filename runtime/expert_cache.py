@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -50,9 +51,25 @@ _pread.restype = ctypes.c_ssize_t
 _mincore = getattr(_libc, "mincore", None)
 
 
-def open_for_reads(path: str, read: str) -> tuple[int, str]:
-    """(fd, mode): read "direct" opens with O_DIRECT, falling back to buffered where the filesystem refuses it
-    (tmpfs and others); "buffered" opens plainly."""
+# macOS has no O_DIRECT; fcntl F_NOCACHE keeps a file's reads out of the unified buffer cache and F_RDAHEAD 0
+# turns off read-ahead for the random expert reads (sys/fcntl.h; Python's fcntl module lacks the names).
+F_RDAHEAD, F_NOCACHE = 45, 48
+
+
+def open_for_reads(path: str, read: str, platform: str | None = None) -> tuple[int, str]:
+    """(fd, mode): read "direct" bypasses the page cache (Linux: O_DIRECT; macOS: F_NOCACHE and no read-ahead),
+    falling back to buffered where the filesystem or system refuses it (tmpfs and others); "buffered" opens
+    plainly. platform: sys.platform unless given (tests)."""
+    platform = sys.platform if platform is None else platform
+    if read == "direct" and platform == "darwin":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            import fcntl
+            fcntl.fcntl(fd, F_NOCACHE, 1)
+            fcntl.fcntl(fd, F_RDAHEAD, 0)
+            return fd, "direct"
+        except OSError:
+            return fd, "buffered"
     if read == "direct" and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, os.O_RDONLY | os.O_DIRECT), "direct"
@@ -306,7 +323,7 @@ class ExpertCache:
     parts: the 3 ExpertParts (gate, up, down) of every layer's experts, or one tuple for all layers; layers
     with the same parts share a pool of slots of their size (see slot_classes), n_slots[c] slots for class c
     (an int for a model with one class). offsets[layer][expert] -> 3 absolute file offsets of its matrices.
-    policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT), "buffered" or "auto": buffered
+    policy: a name in POLICIES or a policy object; read: "direct" (O_DIRECT; F_NOCACHE on macOS), "buffered" or "auto": buffered
     when at least WARM_SHARE of the expert pages are in the page cache already (a model that fits in RAM and
     was just used: O_DIRECT would read from disk what RAM holds), direct otherwise.
     """
