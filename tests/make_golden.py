@@ -47,7 +47,8 @@ def weights_sha256(gguf_path: str) -> str:
     return h.hexdigest()
 
 
-def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
+def reference_model(gguf_path: str, config_path: str):
+    """(transformers' model in float32 holding the GGUF's dequantized weights, the golden ids [T] int64)."""
     import torch
     import transformers
 
@@ -68,6 +69,13 @@ def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.n
     torch.manual_seed(0)
     model = cls(conf).to(torch.float32).eval()
     model.load_state_dict(hf_state_dict(g, cfg, moe), strict=True)
+    return model, ids
+
+
+def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T], transformers' float32 logits [T, V] on the GGUF's dequantized weights)."""
+    import torch
+    model, ids = reference_model(gguf_path, config_path)
     with torch.no_grad():
         out = model(torch.from_numpy(ids)[None]).logits[0].numpy().astype(np.float32)
     return ids, out

@@ -226,6 +226,7 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
     intrinsics are inlined into matvec.py's cached functions) cannot leave stale machine code in use."""
     import subprocess
     import sys
+
     from lazymoe.kernels import sources_key
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.txt").write_text("ignored\n")
