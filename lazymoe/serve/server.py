@@ -322,6 +322,7 @@ _model_route = _route("GET", Handler.model)
 class Server(ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on open connections (beyond it: 503 and close) that can close them all."""
     daemon_threads = True
+    request_queue_size = 128           # listen backlog: bursts of clients beyond the default 5 are not reset
 
     def __init__(self, host: str, port: int, app: App):
         self.app = app
