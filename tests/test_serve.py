@@ -216,6 +216,38 @@ def test_401_without_the_key(server):
     assert server.raw("GET", "/", key=None)[0] == 200 and server.healthy()     # the page and /health are open
 
 
+def test_engine_stops_within_one_token_and_matches_the_runtime():
+    """In process: the worker ends a generation right after the token during which the client left, and a
+    greedy request through parse and the engine gives the runtime's own text."""
+    from lazymoe.runtime import DEMO_MODEL
+    from lazymoe.runtime.generate import collect
+    from lazymoe.runtime.model import load_model
+    from lazymoe.serve.engine import END, Engine, Job
+    from lazymoe.serve.openai_api import ServedModel, parse
+
+    model = load_model(DEMO_MODEL, progress=False)
+    served = ServedModel(MODEL_ID, model.ctx, model.tokenizer, model.chat_template)
+    engine = Engine(model, 2)
+
+    def run(body, gone=lambda: False):
+        job = Job(parse("completion", body, served), gone)
+        engine.submit(job)
+        events = []
+        while (ev := job.events.get(timeout=30)) is not END:
+            events.append(ev)
+        return [e for e in events if hasattr(e, "token")]
+    try:
+        polls = []
+        steps = run({"prompt": "def f(x):\n", "max_tokens": 500}, lambda: polls.append(1) or len(polls) > 5)
+        assert len(steps) == 5 and steps[-1].finish_reason is None      # polled once before it began, then per token
+        steps = run({"prompt": "def f(x):\n", "max_tokens": 12})
+        text, last = collect(model.stream_generate("def f(x):\n", max_tokens=12))
+        assert "".join(s.text for s in steps) == text and steps[-1].token_ids == last.token_ids
+    finally:
+        engine.stop()
+        model.close()
+
+
 # --- every bad request: 400 (or the matching 4xx) with OpenAI's error object, and the server keeps serving ------
 
 MSG = [{"role": "user", "content": "hi"}]
