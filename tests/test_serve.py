@@ -226,7 +226,7 @@ def test_engine_stops_within_one_token_and_matches_the_runtime():
     from lazymoe.serve.openai_api import ServedModel, parse
 
     model = load_model(DEMO_MODEL, progress=False)
-    served = ServedModel(MODEL_ID, model.ctx, model.tokenizer, model.chat_template)
+    served = ServedModel.of(MODEL_ID, model)
     engine = Engine(model, 2)
 
     def run(body, gone=lambda: False):
@@ -294,6 +294,8 @@ BAD = [
     ("empty prompt", COMP, {"prompt": ""}, 400, "prompt"),
     ("prompt ids out of range", COMP, {"prompt": [1, 10**9]}, 400, "prompt"),
     ("prompt past ctx", COMP, {"prompt": [1] * CTX}, 400, "prompt"),
+    ("prompt text past ctx", COMP, {"prompt": "x" * (CTX * 64)}, 400, "prompt"),
+    ("messages past ctx", CHAT, {"messages": [{"role": "user", "content": "def f(): pass\n" * CTX}]}, 400, "messages"),
     ("two prompts", COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
     ("echo", COMP, {"prompt": "a", "echo": True}, 400, "echo"),
 ]

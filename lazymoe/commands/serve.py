@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
     model = load(path, args.ram, args.ctx, cache_options(args), quiet=False)
     try:
         model_id = os.path.basename(path).removesuffix(".gguf")
-        served = ServedModel(model_id, model.ctx, model.tokenizer, model.chat_template, defaults=gen)
+        served = ServedModel.of(model_id, model, gen)
         engine = Engine(model, args.queue)
         app = App(engine, served, int(os.path.getmtime(path)), args.api_key,
                   max_connections=max(64, 4 * (args.queue + 1)), loopback=is_loopback(args.host), log=not args.quiet)

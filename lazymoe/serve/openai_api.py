@@ -46,13 +46,25 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the parser needs of the loaded model: its id, context, tokenizer and chat template, and the
-    defaults for fields a request leaves out (max_tokens and the Sampler's arguments)."""
+    """What the parser needs of the loaded model: its id, context, tokenizer and chat template, the
+    defaults for fields a request leaves out (max_tokens and the Sampler's arguments), and the longest
+    piece in characters (a text longer than ctx of them cannot fit, and is refused before tokenizing)."""
     id: str
     ctx: int
     tokenizer: object
     chat_template: str | None
     defaults: dict = field(default_factory=dict)
+    max_piece_chars: int = 64
+
+    @classmethod
+    def of(cls, model_id: str, model, defaults: dict | None = None) -> ServedModel:
+        tok = model.tokenizer
+        return cls(model_id, model.ctx, tok, model.chat_template, defaults or {}, max(len(p) for p in tok.pieces))
+
+    def check_length(self, text: str, param: str) -> None:
+        if len(text) > self.ctx * self.max_piece_chars:
+            raise bad(f"the prompt is {len(text)} characters, more than the context of {self.ctx} tokens (--ctx) "
+                      f"can hold", param, "context_length_exceeded")
 
 
 @dataclass
@@ -134,6 +146,7 @@ def _prompt(body: dict, served: ServedModel) -> list[int]:
     if isinstance(p, str):
         if not p:
             raise bad("prompt is empty", "prompt", "invalid_value")
+        served.check_length(p, "prompt")
         return served.tokenizer.encode(p, bos=True)
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         n_vocab = len(served.tokenizer.pieces)
@@ -188,6 +201,7 @@ def parse(kind: str, body, served: ServedModel) -> Request:
             text = render_chat(_messages(body), served.chat_template, tok.pieces[tok.bos_id], tok.pieces[tok.eos_id])
         except ValueError as e:
             raise bad(str(e), "messages", "invalid_value") from None
+        served.check_length(text, "messages")
         ids, where = tok.encode(text, bos=False, special=True), "messages"
     else:
         ids, where = _prompt(body, served), "prompt"
