@@ -248,6 +248,39 @@ def test_engine_stops_within_one_token_and_matches_the_runtime():
         model.close()
 
 
+def test_ollama_api(server):
+    name = MODEL_ID + ":latest"
+    status, _, tags = server.raw("GET", "/api/tags")
+    assert status == 200 and [m["name"] for m in tags["models"]] == [name]
+    assert server.raw("GET", "/api/version")[2]["version"]
+    msgs = [{"role": "user", "content": "def fib(n):"}]
+    want = chat(server.client(), max_tokens=12).choices[0].message.content
+    body = {"model": name, "messages": msgs, "stream": False, "options": {"temperature": 0, "num_predict": 12}}
+    status, _, r = server.raw("POST", "/api/chat", body)
+    assert status == 200 and r["done"] and r["message"]["content"] == want and r["eval_count"] <= 12
+    assert r["done_reason"] in ("stop", "length") and r["lazymoe"]["gen_tok_per_s"] > 0
+    status, headers, text = server.raw("POST", "/api/chat", {**body, "stream": True})     # Ollama's default: stream
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert headers["Content-Type"] == "application/x-ndjson" and lines[-1]["done"] and not any(x["done"] for x in lines[:-1])
+    assert "".join(x["message"]["content"] for x in lines) == want
+    completion = server.client().completions.create(model=MODEL_ID, prompt="def f(x):\n", max_tokens=8, temperature=0)
+    status, _, r = server.raw("POST", "/api/generate", {"model": MODEL_ID, "prompt": "def f(x):\n", "raw": True,
+                                                        "stream": False, "options": {"temperature": 0, "num_predict": 8}})
+    assert status == 200 and r["response"] == completion.choices[0].text
+    assert server.raw("POST", "/api/generate", {"model": name})[2]["done_reason"] == "load"
+    status, _, r = server.raw("POST", "/api/chat", {"model": "llama3", "messages": msgs})
+    assert status == 404 and set(r) == {"error"}
+    status, _, r = server.raw("POST", "/api/chat", {**body, "options": {"temperature": "hot"}})
+    assert status == 400 and "temperature" in r["error"] and server.healthy()
+
+
+def test_cross_site_browser_requests_refused(server):
+    status, _, r = server.raw("POST", COMP, {"prompt": "x", "max_tokens": 1}, {"Origin": "http://evil.example"})
+    assert status == 403 and r["error"]["code"] == "forbidden_origin"
+    own = {"Origin": f"http://127.0.0.1:{server.port}"}
+    assert server.raw("POST", COMP, {"prompt": "x", "max_tokens": 1}, own)[0] == 200
+
+
 # --- every bad request: 400 (or the matching 4xx) with OpenAI's error object, and the server keeps serving ------
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -21,7 +21,8 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over OpenAI's API (and a chat page at /)",
         description="Serve a model over OpenAI's API: GET /v1/models, POST /v1/chat/completions, POST "
-                    "/v1/completions (stream: true sends Server-Sent Events), GET /health, and a chat page at /. "
+                    "/v1/completions (stream: true sends Server-Sent Events), GET /health, Ollama's /api/chat, /api/generate, "
+                    "/api/tags and /api/version, and a chat page at /. "
                     "One request decodes at a time; up to --queue more wait, beyond that the answer is 503. "
                     "The sampling flags (-n, --temp, --top-k, --top-p, --min-p, --repeat-penalty, -s, --stop) are "
                     "the defaults for requests that leave those fields out.")
@@ -60,11 +61,12 @@ def cmd_serve(args) -> int:
               f"machine can use the model", file=sys.stderr)
 
     model = load(path, args.ram, args.ctx, cache_options(args), quiet=False)
+    engine = None
     try:
         model_id = os.path.basename(path).removesuffix(".gguf")
         served = ServedModel.of(model_id, model, gen)
         engine = Engine(model, args.queue)
-        app = App(engine, served, int(os.path.getmtime(path)), args.api_key,
+        app = App(engine, served, path, args.api_key,
                   max_connections=max(64, 4 * (args.queue + 1)), loopback=is_loopback(args.host), log=not args.quiet)
         try:
             httpd = Server(args.host, args.port, app)
@@ -73,7 +75,9 @@ def cmd_serve(args) -> int:
             raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         return _run(httpd, engine)
     finally:
-        model.close()
+        if engine is None or not engine.thread.is_alive():     # else the worker is still inside a forward pass:
+            model.close()                                       # the process exit frees the model instead
+
 
 
 def _run(httpd, engine) -> int:

@@ -9,8 +9,10 @@ loopback, JSON errors (never a traceback), and SSE over chunked transfer encodin
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import json
 import os
+import queue
 import select
 import socket
 import sys
@@ -19,6 +21,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from lazymoe.serve import ollama_api
 from lazymoe.serve.engine import END, Busy, Engine, Job
 from lazymoe.serve.openai_api import ApiError, Request, ServedModel, bad, chunk, models, parse, response, usage_chunk
 
@@ -36,9 +39,10 @@ def is_loopback(host: str) -> bool:
 class App:
     """What every handler shares: the engine, the served model's facts, the key, counters."""
 
-    def __init__(self, engine: Engine, served: ServedModel, created: int, api_key: str | None,
+    def __init__(self, engine: Engine, served: ServedModel, path: str, api_key: str | None,
                  max_connections: int, loopback: bool, log: bool):
-        self.engine, self.served, self.created = engine, served, created
+        self.engine, self.served, self.path = engine, served, path
+        self.created = int(os.path.getmtime(path))
         self.api_key = api_key.encode() if api_key else None
         self.max_connections, self.loopback, self.log = max_connections, loopback, log
         with open(PAGE, "rb") as f:
@@ -118,8 +122,10 @@ class Handler(BaseHTTPRequestHandler):
         self._started = False
         self._body_read = method in ("GET", "HEAD")
         path = self.path.split("?", 1)[0]
+        self._ollama_route = path.startswith("/api/")
         try:
             self._check_host()
+            self._check_origin()
             if path in ("/", "/index.html") and method in ("GET", "HEAD"):
                 return self._page()
             if path == "/health" and method in ("GET", "HEAD"):
@@ -141,13 +147,14 @@ class Handler(BaseHTTPRequestHandler):
             self._refuse(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
 
     def _refuse(self, e: ApiError) -> None:
+        body = ollama_api.error_body(e) if self._ollama_route else e.body()
         if self._started:               # headers already sent: end the stream with an error event
-            self._end_stream(e.body())
+            self._end_stream(body)
             return
         if not self._body_read:         # the unread body would be taken for the next request
             self.close_connection = True
         try:
-            self._send_json(e.status, e.body(), e.headers)
+            self._send_json(e.status, body, e.headers)
         except OSError:
             self.close_connection = True
 
@@ -160,6 +167,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, f"Host {host[:80]!r} is not a loopback name; the server is bound to loopback",
                            code="forbidden_host")
 
+    def _check_origin(self) -> None:
+        """A browser sends Origin with every cross-site POST, even the simple ones (text/plain) that need no
+        preflight: only the server's own pages may call it from a browser."""
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+            raise ApiError(403, f"requests from the web page at {origin[:80]!r} are not accepted", code="forbidden_origin")
+
     def _check_key(self) -> None:
         key = self.app.api_key
         if key is None:
@@ -170,7 +184,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def _json_body(self):
+    def _json_body(self, json_only: bool = True):
+        """The request body parsed; json_only: its Content-Type must say JSON (Ollama's own examples send
+        curl's default form type, so its routes take any)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise ApiError(411, "send the body with a Content-Length (chunked bodies are not accepted)",
                            code="length_required")
@@ -185,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = len(data) == int(length)
         if not self._body_read:
             raise bad("the request body ended before its Content-Length", None, "invalid_json")
-        if ctype != "application/json":
+        if json_only and ctype != "application/json":
             raise ApiError(415, f"Content-Type must be application/json, got {ctype[:60]!r}",
                            code="unsupported_media_type")
         try:
@@ -223,14 +239,40 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, models(name, self.app.created)["data"][0])
 
     def chat(self) -> None:
-        self._generate("chat")
+        self._generate("chat", self._json_body())
 
     def completions(self) -> None:
-        self._generate("completion")
+        self._generate("completion", self._json_body())
 
-    def _generate(self, kind: str) -> None:
+    def ollama_version(self) -> None:
+        try:
+            v = importlib.metadata.version("lazymoe")
+        except importlib.metadata.PackageNotFoundError:
+            v = "0"
+        self._send_json(200, {"version": v})
+
+    def ollama_tags(self) -> None:
+        path = self.app.path
+        self._send_json(200, ollama_api.tags(self.app.served.id, os.path.getsize(path), os.path.getmtime(path)))
+
+    def ollama_chat(self) -> None:
+        self._ollama("chat")
+
+    def ollama_generate(self) -> None:
+        self._ollama("generate")
+
+    def _ollama(self, kind: str) -> None:
+        body = self._json_body(json_only=False)
+        parse_kind, openai_body, stream = ollama_api.to_openai(kind, body, self.app.served.id)
+        if parse_kind == "load":
+            return self._send_json(200, ollama_api.loaded(ollama_api.model_name(self.app.served.id)))
+        openai_body["stream"] = stream
+        self._generate(parse_kind, openai_body, ollama=kind)
+
+    def _generate(self, kind: str, body, ollama: str | None = None) -> None:
+        """Parse, queue, answer: whole or streamed, in OpenAI's shapes or (ollama: "chat"/"generate") Ollama's."""
         app = self.app
-        req = parse(kind, self._json_body(), app.served)
+        req = parse(kind, body, app.served)
         job = Job(req, self.client_gone)
         try:
             app.engine.submit(job)
@@ -239,9 +281,8 @@ class Handler(BaseHTTPRequestHandler):
                            f"retry later", code="queue_full",
                            headers={"Retry-After": str(app.engine.retry_after())}) from None
         try:
-            (self._stream if req.stream else self._whole)(job, req)
+            (self._stream if req.stream else self._whole)(job, req, ollama)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            job.cancel()
             self.close_connection = True
         finally:
             job.cancel()
@@ -251,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             try:
                 ev = job.events.get(timeout=EVENT_POLL)
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 if not self.app.engine.thread.is_alive():
                     yield ApiError(500, "the model's worker stopped", code="internal_error")
                     return
@@ -260,7 +301,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             yield ev
 
-    def _whole(self, job: Job, req: Request) -> None:
+    def _whole(self, job: Job, req: Request, ollama: str | None) -> None:
         text, last = [], None
         for ev in self._events(job):
             if isinstance(ev, ApiError):
@@ -270,36 +311,53 @@ class Handler(BaseHTTPRequestHandler):
                 text.append(ev.text)
         if last is None or last.finish_reason is None:
             raise ApiError(500, "the generation ended early", code="internal_error")
-        self._send_json(200, response(req, self.app.served.id, "".join(text), last.finish_reason, last.stats))
+        text = "".join(text)
+        if ollama:
+            name = ollama_api.model_name(self.app.served.id)
+            self._send_json(200, ollama_api.line(ollama, name, text, last.finish_reason, last.stats, len(req.ids)))
+        else:
+            self._send_json(200, response(req, self.app.served.id, text, last.finish_reason, last.stats))
 
-    def _stream(self, job: Job, req: Request) -> None:
+    def _stream(self, job: Job, req: Request, ollama: str | None) -> None:
+        """Server-Sent Events (`data: {chunk}` ... `data: [DONE]`), or for Ollama one JSON object per line."""
         model_id = self.app.served.id
+        name = ollama_api.model_name(model_id)
         for ev in self._events(job):
             if isinstance(ev, ApiError):
                 raise ev
             if ev == "started":
                 self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Type", "application/x-ndjson" if ollama else "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 self._started = True
-                if req.kind == "chat":
-                    self._sse(chunk(req, model_id, None, first=True))
+                if req.kind == "chat" and not ollama:
+                    self._emit(chunk(req, model_id, None, first=True))
                 continue
             if ev.text:
-                self._sse(chunk(req, model_id, ev.text))
+                self._emit(ollama_api.line(ollama, name, ev.text) if ollama else chunk(req, model_id, ev.text))
             if ev.finish_reason is not None:
-                self._sse(chunk(req, model_id, None, ev.finish_reason, ev.stats))
+                if ollama:
+                    self._emit(ollama_api.line(ollama, name, "", ev.finish_reason, ev.stats, len(req.ids)))
+                    self._write_chunk(b"")
+                    return
+                self._emit(chunk(req, model_id, None, ev.finish_reason, ev.stats))
                 if req.include_usage:
-                    self._sse(usage_chunk(req, model_id, ev.stats))
+                    self._emit(usage_chunk(req, model_id, ev.stats))
                 self._end_stream(b"[DONE]")
                 return
+
+    def _emit(self, obj) -> None:
+        if self._ollama_route:
+            self._write_chunk(json.dumps(obj).encode() + b"\n")
+        else:
+            self._sse(obj)
 
     def _end_stream(self, last) -> None:
         """The last event (`[DONE]` or an error object), then the end of the chunked body."""
         try:
-            self._sse(last)
+            self._emit(last)
             self._write_chunk(b"")
         except OSError:
             self.close_connection = True
@@ -315,7 +373,9 @@ def _route(method: str, fn):
 
 
 ROUTES = {"/v1/models": _route("GET", Handler.models), "/v1/chat/completions": _route("POST", Handler.chat),
-          "/v1/completions": _route("POST", Handler.completions)}
+          "/v1/completions": _route("POST", Handler.completions),
+          "/api/version": _route("GET", Handler.ollama_version), "/api/tags": _route("GET", Handler.ollama_tags),
+          "/api/chat": _route("POST", Handler.ollama_chat), "/api/generate": _route("POST", Handler.ollama_generate)}
 _model_route = _route("GET", Handler.model)
 
 
