@@ -181,15 +181,18 @@ def test_eight_concurrent_streams_complete(server):
 
 
 def test_kv_prefix_reused_across_turns(server):
+    """Turn 2 evaluates only what follows turn 1's prompt (the demo model's replies never start with the space
+    its chat template puts before them, so the reply itself cannot be reused here: see the engine test)."""
     c = server.client()
     turn1 = [{"role": "user", "content": "def fib(n):"}]
-    r1 = c.chat.completions.create(model=MODEL_ID, messages=turn1, max_tokens=8, temperature=0)
-    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
-                     {"role": "user", "content": "and now def fact(n):"}]
-    r2 = c.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=8, temperature=0)
-    cached = r2.usage.prompt_tokens_details.cached_tokens
-    assert cached >= r1.usage.prompt_tokens - 1
-    assert r2.model_extra["lazymoe"]["prompt_tokens"] == r2.usage.prompt_tokens - cached
+    for temperature in (0, 1.5):
+        r1 = c.chat.completions.create(model=MODEL_ID, messages=turn1, max_tokens=24, temperature=temperature, seed=3)
+        turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "and now def fact(n):"}]
+        r2 = c.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=8, temperature=0)
+        cached = r2.usage.prompt_tokens_details.cached_tokens
+        assert cached >= r1.usage.prompt_tokens - 1, temperature
+        assert r2.model_extra["lazymoe"]["prompt_tokens"] == r2.usage.prompt_tokens - cached
 
 
 def test_disconnect_mid_stream_stops_generation(server):
@@ -216,36 +219,66 @@ def test_401_without_the_key(server):
     assert server.raw("GET", "/", key=None)[0] == 200 and server.healthy()     # the page and /health are open
 
 
-def test_engine_stops_within_one_token_and_matches_the_runtime():
-    """In process: the worker ends a generation right after the token during which the client left, and a
-    greedy request through parse and the engine gives the runtime's own text."""
+def test_engine_stops_within_one_token_reuses_replies_and_matches_the_runtime():
+    """In process: the worker ends a generation right after the token during which the client left; a prompt
+    that continues the last prompt and reply (as text) reuses the generated ids; a greedy request through
+    parse and the engine gives the runtime's own text."""
+    import dataclasses
+
     from lazymoe.runtime import DEMO_MODEL
     from lazymoe.runtime.generate import collect
     from lazymoe.runtime.model import load_model
-    from lazymoe.serve.engine import END, Engine, Job
+    from lazymoe.serve.engine import Engine, Job
     from lazymoe.serve.openai_api import ServedModel, parse
 
     model = load_model(DEMO_MODEL, progress=False)
     served = ServedModel.of(MODEL_ID, model)
     engine = Engine(model, 2)
+    tok = model.tokenizer
 
-    def run(body, gone=lambda: False):
-        job = Job(parse("completion", body, served), gone)
-        engine.submit(job)
-        events = []
-        while (ev := job.events.get(timeout=30)) is not END:
-            events.append(ev)
-        return [e for e in events if hasattr(e, "token")]
     try:
         polls = []
-        steps = run({"prompt": "def f(x):\n", "max_tokens": 500}, lambda: polls.append(1) or len(polls) > 5)
+        req = parse("completion", {"prompt": "def f(x):\n", "max_tokens": 500}, served)
+        job = Job(req, lambda: polls.append(1) or len(polls) > 5)
+        engine.submit(job)
+        steps = drain(job)
         assert len(steps) == 5 and steps[-1].finish_reason is None      # polled once before it began, then per token
-        steps = run({"prompt": "def f(x):\n", "max_tokens": 12})
+
+        # turn 2 as text: the previous prompt and reply, a control piece, more; re-encoding the reply differs
+        turn1 = "<s> [INST] def fib(n): [/INST]"
+        req = dataclasses.replace(parse("completion", {"prompt": "x", "max_tokens": 24}, served),
+                                  ids=tok.encode(turn1, bos=False, special=True), text=turn1)
+        job = Job(req)
+        engine.submit(job)
+        generated = list(drain(job)[-1].token_ids)
+        turn2 = turn1 + engine._continuation(generated) + "</s> [INST] more [/INST]"
+        plain = tok.encode(turn2, bos=False, special=True)
+        assert plain[:len(req.ids) + len(generated)] != req.ids + generated
+        req2 = dataclasses.replace(req, ids=plain, text=turn2, max_tokens=4)
+        job = Job(req2)
+        engine.submit(job)
+        last = drain(job)[-1]
+        assert req2.ids[:len(req.ids) + len(generated)] == req.ids + generated
+        assert last.stats["prompt_tokens_cached"] == len(req.ids) + len(generated) - 1     # the last was never evaluated
+        assert tok.decode(req2.ids) == tok.decode(plain)
+
+        job = Job(parse("completion", {"prompt": "def f(x):\n", "max_tokens": 12}, served))
+        engine.submit(job)
+        steps = drain(job)
         text, last = collect(model.stream_generate("def f(x):\n", max_tokens=12))
         assert "".join(s.text for s in steps) == text and steps[-1].token_ids == last.token_ids
     finally:
         engine.stop()
         model.close()
+
+
+def drain(job):
+    """The Steps of a submitted job, to its end."""
+    from lazymoe.serve.engine import END
+    events = []
+    while (ev := job.events.get(timeout=30)) is not END:
+        events.append(ev)
+    return [e for e in events if hasattr(e, "token")]
 
 
 def test_ollama_api(server):

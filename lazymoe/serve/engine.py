@@ -4,6 +4,12 @@ The model is not thread-safe and decodes one sequence at a time, so one thread o
 order; HTTP threads submit Jobs and read their events. Every job's prompt is evaluated with reuse=True:
 the KV cache keeps the longest prefix shared with the previous request, so the next turn of a
 conversation evaluates only its new tokens.
+
+A chat's next turn comes back as text, and re-tokenizing the previous reply rarely gives the ids that
+were generated (sampled tokens are often not the canonical split), which would end the shared prefix at
+the reply's first difference. So the worker remembers the text of the last prompt plus its reply with
+their ids, and a prompt that starts with that text, followed by a control piece ("</s>", "<|im_end|>"),
+is tokenized as those ids plus the rest: the same text, and the cache holds all of it.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import sys
 import threading
 import time
 
+from lazymoe.format.tokens import CONTROL, NORMAL
 from lazymoe.runtime.generate import stream_generate
 from lazymoe.serve.openai_api import ApiError, Request
 
@@ -47,6 +54,11 @@ class Engine:
         self.stopping = threading.Event()
         self.job_s = 1.0                 # running mean of a job's seconds: the Retry-After estimate
         self.running: Job | None = None
+        tok = model.tokenizer
+        self.controls = tuple(p for p, t in zip(tok.pieces, tok.types) if t == CONTROL and p)
+        self.anchor = next(i for i, (p, t) in enumerate(zip(tok.pieces, tok.types))    # a piece with text and
+                           if t == NORMAL and p and not p.startswith("\u2581"))          # no leading space
+        self.previous: tuple[str, list[int]] | None = None    # (prompt text + reply text, their ids)
         self.thread = threading.Thread(target=self._loop, name="lazymoe-model", daemon=True)
         self.thread.start()
 
@@ -79,7 +91,10 @@ class Engine:
         running = self.running
         if running is not None:
             running.cancel()
-        self.jobs.put(END)
+        try:
+            self.jobs.put(END, timeout=1.0)
+        except queue.Full:              # jobs that raced past the stopping check: the loop refuses them, then ends
+            pass
         self.thread.join(timeout)
 
     def _loop(self) -> None:
@@ -89,7 +104,11 @@ class Engine:
                 return
             if self.stopping.is_set():
                 job.events.put(ApiError(503, "the server is shutting down", code="shutting_down"))
-            if self.stopping.is_set() or job.stopped():
+                job.events.put(END)
+                if self.jobs.empty():
+                    return
+                continue
+            if job.stopped():
                 job.events.put(END)
                 continue
             self.running = job
@@ -101,8 +120,27 @@ class Engine:
                 job.events.put(END)
             self.job_s = 0.8 * self.job_s + 0.2 * (time.perf_counter() - t0)
 
+    def _continuation(self, ids) -> str:
+        """ids decoded as text that follows other text (a text's first piece loses its leading space)."""
+        d = self.model.tokenizer.stream()
+        d.feed(self.anchor)
+        return "".join(d.feed(i) for i in ids) + d.flush()
+
+    def _splice(self, req: Request) -> None:
+        """Give req the previous generation's own ids for the part of its text they spell (module doc)."""
+        prev, self.previous = self.previous, None
+        if not req.text or prev is None or not req.text.startswith(prev[0]):
+            return
+        rest = req.text[len(prev[0]):]
+        if not rest.startswith(self.controls):             # else the tokenizer would put a space before rest
+            return
+        ids = prev[1] + self.model.tokenizer.encode(rest, bos=False, special=True)
+        if len(ids) + req.max_tokens <= self.model.ctx:
+            req.ids = ids
+
     def _run(self, job: Job) -> None:
         req = job.req
+        self._splice(req)
         try:
             steps = stream_generate(self.model, req.ids, req.sampler, req.max_tokens, req.stop, reuse=True)
         except ValueError as e:
@@ -114,6 +152,8 @@ class Engine:
             for step in steps:
                 job.events.put(step)
                 finished = step.finish_reason is not None
+                if step.finish_reason in ("eos", "length") and req.text:
+                    self.previous = (req.text + self._continuation(step.token_ids), req.ids + list(step.token_ids))
                 if not finished and (job.stopped() or self.stopping.is_set()):
                     break
         except Exception as e:  # a failure inside the model must not end the worker: the client gets a 500

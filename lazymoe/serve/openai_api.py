@@ -79,6 +79,7 @@ class Request:
     include_usage: bool
     id: str = ""
     created: int = 0
+    text: str = ""              # a chat's rendered prompt (the engine matches it against the last reply)
 
 
 def _typed(body: dict, name: str, kinds, what: str):
@@ -204,7 +205,7 @@ def parse(kind: str, body, served: ServedModel) -> Request:
         served.check_length(text, "messages")
         ids, where = tok.encode(text, bos=False, special=True), "messages"
     else:
-        ids, where = _prompt(body, served), "prompt"
+        text, ids, where = "", _prompt(body, served), "prompt"
     if len(ids) >= served.ctx:
         raise bad(f"the prompt is {len(ids)} tokens; the context holds {served.ctx} (--ctx), with room for at least "
                   f"one new token", where, "context_length_exceeded")
@@ -221,7 +222,7 @@ def parse(kind: str, body, served: ServedModel) -> Request:
                   f"tokens (--ctx); ask for at most {room}", name, "context_length_exceeded")
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     return Request(kind, ids, max_tokens, sampler, stop, stream, include_usage and stream,
-                   prefix + uuid.uuid4().hex[:24], int(time.time()))
+                   prefix + uuid.uuid4().hex[:24], int(time.time()), text)
 
 
 # --- responses ----------------------------------------------------------------------
