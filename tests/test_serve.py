@@ -432,6 +432,19 @@ def test_queue_full_then_sigterm(tmp_path):
     assert "Traceback" not in s.stderr()
 
 
+def test_cli_errors_are_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, expect in ((["--port", str(port)], "cannot listen on 127.0.0.1"), (["--queue", "0"], "--queue"),
+                             (["--port", "70000"], "--port"), ([str(tmp_path / "none.gguf")], "no such model file")):
+            r = subprocess.run([sys.executable, "-m", "lazymoe.cli", "serve", "-q", *args], capture_output=True,
+                               text=True, timeout=START_TIMEOUT)
+            lines = [x for x in r.stderr.splitlines() if not x.startswith("RAM plan")]
+            assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
+
+
 # --- the chat page in a real browser ------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
