@@ -3,8 +3,9 @@
 The standard library's ThreadingHTTPServer (as mlx_lm.server uses): one model decodes one sequence at a
 time, so an async stack would buy no throughput, and without it `serve` runs on a fresh offline machine
 with no extra dependency. What http.server lacks for a long-running service is added here: a body
-limit, a socket timeout, a cap on open connections, a Host check against DNS rebinding while bound to
-loopback, JSON errors (never a traceback), and SSE over chunked transfer encoding (keep-alive works).
+limit, a socket timeout, a listen backlog and a cap on open connections, a Host check against DNS
+rebinding while bound to loopback, an Origin check against cross-site requests from browsers, JSON
+errors (never a traceback), and streams over chunked transfer encoding (keep-alive works).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def is_loopback(host: str) -> bool:
 
 
 class App:
-    """What every handler shares: the engine, the served model's facts, the key, counters."""
+    """What every handler shares: the engine, the served model and its file, the key, the limits, the page."""
 
     def __init__(self, engine: Engine, served: ServedModel, path: str, api_key: str | None,
                  max_connections: int, loopback: bool, log: bool):
