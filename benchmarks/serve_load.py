@@ -165,6 +165,8 @@ def load_phase(host, port, clients, n_requests, warmup, max_tokens, time_limit, 
         "rss_end_bytes": rss[-1][1] if rss else None,
         "peak_rss_bytes": max(x[2] for x in rss) if rss else None,
         "peak_rss_after_warmup_growth_bytes": (max(x[2] for x in after_warm) - after_warm[0][2]) if after_warm else None,
+        "rss_by_quarter_bytes": [after_warm[min(len(after_warm) - 1, len(after_warm) * q // 4)][1] for q in (1, 2, 3, 4)]
+        if after_warm else [],
     }
 
 
