@@ -56,8 +56,8 @@ class Engine:
         self.running: Job | None = None
         tok = model.tokenizer
         self.controls = tuple(p for p, t in zip(tok.pieces, tok.types) if t == CONTROL and p)
-        self.anchor = next(i for i, (p, t) in enumerate(zip(tok.pieces, tok.types))    # a piece with text and
-                           if t == NORMAL and p and not p.startswith("\u2581"))          # no leading space
+        self.anchor = next((i for i, (p, t) in enumerate(zip(tok.pieces, tok.types))   # a piece with text and
+                            if t == NORMAL and p and not p.startswith("\u2581")), None)  # no leading space
         self.previous: tuple[str, list[int]] | None = None    # (prompt text + reply text, their ids)
         self.thread = threading.Thread(target=self._loop, name="lazymoe-model", daemon=True)
         self.thread.start()
@@ -129,7 +129,7 @@ class Engine:
     def _splice(self, req: Request) -> None:
         """Give req the previous generation's own ids for the part of its text they spell (module doc)."""
         prev, self.previous = self.previous, None
-        if not req.text or prev is None or not req.text.startswith(prev[0]):
+        if not req.text or prev is None or self.anchor is None or not req.text.startswith(prev[0]):
             return
         rest = req.text[len(prev[0]):]
         if not rest.startswith(self.controls):             # else the tokenizer would put a space before rest
@@ -152,7 +152,7 @@ class Engine:
             for step in steps:
                 job.events.put(step)
                 finished = step.finish_reason is not None
-                if step.finish_reason in ("eos", "length") and req.text:
+                if step.finish_reason in ("eos", "length") and req.text and self.anchor is not None:
                     self.previous = (req.text + self._continuation(step.token_ids), req.ids + list(step.token_ids))
                 if not finished and (job.stopped() or self.stopping.is_set()):
                     break
