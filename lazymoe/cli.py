@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lazymoe.commands.info import add_info_parser
     from lazymoe.commands.quantize import add_quantize_parser, add_synth_parser
     from lazymoe.commands.run import add_chat_parser, add_run_parser
+    from lazymoe.commands.serve import add_serve_parser
 
     p = argparse.ArgumentParser(prog="lazymoe", description="Run Mixture-of-Experts models larger than RAM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_chat_parser(sub)
     add_demo_parser(sub)
+    add_serve_parser(sub)
     add_bench_parser(sub)
     return p
 

@@ -1,7 +1,7 @@
 """Choosing the next token from logits, and stopping.
 
-Order (llama.cpp's default chain): repetition penalty -> top-k -> top-p -> min-p
--> temperature -> draw. Temperature 0 is greedy: argmax after the penalty.
+Order (llama.cpp's default chain): penalties (repetition, frequency, presence) -> top-k -> top-p -> min-p
+-> temperature -> draw. Temperature 0 is greedy: argmax after the penalties.
 """
 from __future__ import annotations
 
@@ -13,15 +13,23 @@ REPEAT_LAST_N = 64      # tokens of history the repetition penalty looks at (lla
 
 
 class Sampler:
-    """Stateful sampler: `sample(logits [V], history)` -> token id. A seed makes draws repeatable."""
+    """Stateful sampler: `sample(logits [V], history)` -> token id. A seed makes draws repeatable.
+
+    frequency_penalty and presence_penalty are OpenAI's: the logit of token j drops by
+    c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, where c[j] counts how often this sampler has
+    drawn j (the generated text, not the prompt); both in [-2, 2], 0 turns them off."""
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repeat_penalty: float = 1.0, seed: int | None = None):
+                 repeat_penalty: float = 1.0, seed: int | None = None, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0):
         self.temperature = number(temperature, "temperature", 0.0, 100.0)
         self.top_k = whole_number(top_k, "top_k", 0, hint=" (0 turns it off)")
         self.top_p = number(top_p, "top_p", 0.0, 1.0, lo_open=True)
         self.min_p = number(min_p, "min_p", 0.0, 1.0)
         self.repeat_penalty = number(repeat_penalty, "repeat_penalty", 0.0, 100.0, lo_open=True)
+        self.frequency_penalty = number(frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        self.presence_penalty = number(presence_penalty, "presence_penalty", -2.0, 2.0)
+        self.counts: dict[int, int] = {}                            # token id -> times drawn
         if seed is not None:
             whole_number(seed, "seed", 0)
         self.rng = np.random.default_rng(seed)
@@ -32,6 +40,15 @@ class Sampler:
             seen = np.unique(np.asarray(history[-REPEAT_LAST_N:], dtype=np.int64))
             v = z[seen]
             z[seen] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        if (self.frequency_penalty or self.presence_penalty) and self.counts:
+            ids = np.fromiter(self.counts, np.int64, len(self.counts))
+            c = np.fromiter(self.counts.values(), np.float64, len(self.counts))
+            z[ids] -= c * self.frequency_penalty + self.presence_penalty
+        tok = self._draw(z)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        return tok
+
+    def _draw(self, z: np.ndarray) -> int:
         if self.temperature == 0.0:
             return int(np.argmax(z))
         ids = np.argsort(-z, kind="stable")                         # [V] best first

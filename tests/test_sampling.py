@@ -70,3 +70,27 @@ def test_stop_strings():
     for bad in ([""], [None], [3]):
         with pytest.raises(ValueError):
             StopStrings(bad)
+
+
+def test_frequency_and_presence_penalties():
+    # OpenAI's rule: z[j] -= c[j] * frequency + (c[j] > 0) * presence, c counting the sampler's own draws
+    s = Sampler(frequency_penalty=0.3)
+    assert [s.sample(LOGITS) for _ in range(4)] == [1, 1, 4, 1]     # 3.0 - 0.6 = 2.4 < 2.5; then 2.5 - 0.3 < 2.4
+    assert s.counts == {1: 3, 4: 1}
+    s = Sampler(presence_penalty=0.6)                               # once drawn, 1 -> 2.4 and 4 -> 1.9 for good
+    assert [s.sample(LOGITS) for _ in range(4)] == [1, 4, 1, 1]
+    s = Sampler(presence_penalty=1.2)                               # 1 -> 1.8, 4 -> 1.3: token 2 (2.0) wins
+    assert [s.sample(LOGITS) for _ in range(4)] == [1, 4, 2, 1]
+    assert Sampler(frequency_penalty=-2.0, presence_penalty=2.0).sample(LOGITS) == 1
+    # the history passed in (the prompt) does not count, unlike repeat_penalty
+    assert Sampler(presence_penalty=2.0).sample(LOGITS, [1, 1, 1]) == 1
+    z = np.zeros(3, np.float32)
+    s = Sampler(presence_penalty=-1.0)                              # negative values favour repeats
+    assert [s.sample(z) for _ in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("kw", [dict(frequency_penalty=2.5), dict(presence_penalty=-2.01),
+                                dict(frequency_penalty="0.5"), dict(presence_penalty=float("nan"))])
+def test_invalid_penalties(kw):
+    with pytest.raises(ValueError, match="penalty"):
+        Sampler(**kw)
