@@ -89,13 +89,13 @@ class Model:
 
     def stream_generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
                         top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
-                        stop=(), reuse: bool = False):
+                        stop=(), reuse: bool = False, frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
         """Check the request, then return a generator of generate.Step records (token id, text piece, running
         stats, finish_reason on the last) continuing `prompt` (text, or token ids). Greedy by default.
         reuse=True keeps the longest prefix already in the KV cache (chat turns)."""
         from lazymoe.runtime.generate import stream_generate
         from lazymoe.runtime.sampling import Sampler
-        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed, frequency_penalty, presence_penalty)
         return stream_generate(self, self.prompt_ids(prompt), sampler, max_tokens, stop, reuse=reuse)
 
     def generate(self, prompt, **options):

@@ -27,5 +27,6 @@ def test_wheel_has_one_top_level_name(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"lazymoe"}, tops
     for module in ("lazymoe/cli.py", "lazymoe/kernels/dispatch.py", "lazymoe/format/gguf_file.py",
-                   "lazymoe/quantize/convert.py", "lazymoe/runtime/model.py", "lazymoe/runtime/data/lazymoe-demo-q4_0.gguf"):
+                   "lazymoe/quantize/convert.py", "lazymoe/runtime/model.py", "lazymoe/runtime/data/lazymoe-demo-q4_0.gguf",
+                   "lazymoe/serve/server.py", "lazymoe/serve/page.html"):
         assert module in names, module

@@ -13,8 +13,14 @@ import sys
 CLI_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
-    p.add_argument("model", help="a GGUF model file (lazymoe quantize or llama.cpp)")
+def add_model_args(p: argparse.ArgumentParser, n_default: int, model_default: str | None = None) -> None:
+    """The flags run, chat and serve share: the model, generation, the RAM budget and the expert cache.
+    With model_default the model is optional (serve's demo model)."""
+    if model_default is None:
+        p.add_argument("model", help="a GGUF model file (lazymoe quantize or llama.cpp)")
+    else:
+        p.add_argument("model", nargs="?", default=model_default,
+                       help="a GGUF model file (default: the demo model shipped with lazymoe)")
     p.add_argument("-n", "--n-predict", type=int, default=n_default, metavar="N",
                    help=f"most tokens to generate (default {n_default})")
     p.add_argument("--ram", default=None, metavar="SIZE",
@@ -48,7 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser, n_default: int) -> None:
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="generate text from a prompt",
                               description="Generate text from a prompt; text on stdout, stats on stderr.")
-    _add_model_args(p, 128)
+    add_model_args(p, 128)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and every stat instead")
     p.add_argument("--trace", default=None, metavar="FILE",
@@ -60,7 +66,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("chat", help="chat interactively (stdin lines; /exit or EOF ends)",
                               description="Chat with the model's chat template; the KV cache is kept across turns.")
-    _add_model_args(p, 512)
+    add_model_args(p, 512)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     p.set_defaults(func=cmd_chat)
     return p
@@ -80,7 +86,8 @@ def check_generation(gen: dict) -> dict:
     from lazymoe.format.checks import whole_number
     from lazymoe.runtime.sampling import Sampler, StopStrings
     Sampler(gen.get("temperature", 0.0), gen.get("top_k", 0), gen.get("top_p", 1.0), gen.get("min_p", 0.0),
-            gen.get("repeat_penalty", 1.0), gen.get("seed"))
+            gen.get("repeat_penalty", 1.0), gen.get("seed"), gen.get("frequency_penalty", 0.0),
+            gen.get("presence_penalty", 0.0))
     StopStrings(gen.get("stop", ()))
     whole_number(gen.get("max_tokens", 1), "max_tokens", 1)
     return gen

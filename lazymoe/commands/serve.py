@@ -11,7 +11,8 @@ import signal
 import sys
 import threading
 
-from lazymoe.commands.run import _add_model_args, cache_options, load, sampling
+from lazymoe.commands.run import add_model_args, cache_options, load, sampling
+from lazymoe.runtime import DEMO_MODEL
 
 DEFAULT_PORT = 8080             # llama-server's
 DEFAULT_QUEUE = 16
@@ -26,10 +27,7 @@ def add_serve_parser(subparsers) -> None:
                     "One request decodes at a time; up to --queue more wait, beyond that the answer is 503. "
                     "The sampling flags (-n, --temp, --top-k, --top-p, --min-p, --repeat-penalty, -s, --stop) are "
                     "the defaults for requests that leave those fields out.")
-    _add_model_args(p, 512)
-    model = next(a for a in p._actions if a.dest == "model")   # optional here: the demo model by default
-    model.nargs, model.default = "?", None
-    model.help = "a GGUF model file (default: the demo model shipped with lazymoe)"
+    add_model_args(p, 512, model_default=DEMO_MODEL)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT})")
@@ -43,7 +41,6 @@ def add_serve_parser(subparsers) -> None:
 
 def cmd_serve(args) -> int:
     from lazymoe.format.checks import whole_number
-    from lazymoe.runtime import DEMO_MODEL
     from lazymoe.serve.engine import Engine
     from lazymoe.serve.openai_api import ServedModel
     from lazymoe.serve.server import App, Server, is_loopback
@@ -53,7 +50,7 @@ def cmd_serve(args) -> int:
     whole_number(args.queue, "--queue", 1)
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
-    path = args.model or DEMO_MODEL
+    path = args.model
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such model file")
     if not is_loopback(args.host) and not args.api_key:
