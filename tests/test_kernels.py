@@ -22,9 +22,9 @@ from gguf import quants
 
 from lazymoe import kernels as K
 from lazymoe.kernels import simd
+from lazymoe.kernels.activations import quantize_q8
+from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
-from lazymoe.kernels.matmul import TILE_ROWS
-from lazymoe.kernels.matvec import quantize_q8
 
 GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "f16": G.F16, "f32": G.F32}
 TYPES = list(GG)
@@ -130,16 +130,18 @@ def test_portable_dots_match_avx2(name):
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
-    from lazymoe.kernels.matvec import _matmul_dots, _matmul_tiles, quantize_q8_rows
+    from lazymoe.kernels.activations import quantize_q8_rows
+    from lazymoe.kernels.int_matmul import int_matmul_parallel
+    code = K.KERNELS[name].code
     w, Wd = weights(name, (37, 512), heavy=True)
     for tokens in (2, 5, 9):
         X = RNG.standard_normal((tokens, 512)).astype(np.float32)
         xq, xd, xc = np.empty((tokens, 512), np.int8), np.empty((tokens, 16), np.float32), np.empty((tokens, 16), np.float32)
         quantize_q8_rows(X, xq, xd, xc)
         a, b = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
-        _matmul_dots(w, xq, xd, xc, a, 2, name == "q8_0")
+        int_matmul_parallel(code, False, w, X, xq, xd, xc, a, 2)
         if simd.HAVE_AVX2:
-            _matmul_tiles(w, xq, xd, xc, b, 2, name == "q8_0")
+            int_matmul_parallel(code, True, w, X, xq, xd, xc, b, 2)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
         check_product(name, Wd, X, a)
 
@@ -149,8 +151,9 @@ def ffn_reference(W1, W3, W2, X):
     return (g / (1 + np.exp(-g)) * u) @ W2.T
 
 
-# Mixed types take the unfused path; q4_0/q4_0 w1/w3 the fused one.
-FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0")]
+# Mixed w1/w3 types take the unfused path; one type for w1 and w3 the fused one (in parallel, d * f >= 2^18).
+FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0"),
+             ("f16", "f16", "f32")]
 
 
 def ffn_bound(types, X):
@@ -178,6 +181,16 @@ def test_expert_ffn_batch(types, tokens):
     Y = K.expert_ffn_batch(types[0], w1, types[1], w3, types[2], w2, X)
     assert Y.shape == (tokens, d) and Y.dtype == np.float32
     assert rel(Y, ffn_reference(W1, W3, W2, X.astype(np.float64))) <= ffn_bound(types, X)
+
+
+def test_registry_rows_agree_with_qtypes():
+    """A KERNELS row's code is its GGML type id, and its activation blocks tile the weight blocks."""
+    for name, k in K.KERNELS.items():
+        q = K.qtype(name)
+        assert k.code == int(q.ggml), name
+        assert k.act.block == 0 or q.block_size % k.act.block == 0, name
+        assert k.int_matmul == (k.act.quantize is not None), name
+    assert set(K.KERNELS) == set(GG)
 
 
 def test_swapped_nibbles_are_caught():
@@ -226,6 +239,7 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
     intrinsics are inlined into matvec.py's cached functions) cannot leave stale machine code in use."""
     import subprocess
     import sys
+
     from lazymoe.kernels import sources_key
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.txt").write_text("ignored\n")
