@@ -20,11 +20,13 @@ Activations come pre-quantized (activations.Q8, `activations.quantize_q8`): xq i
 xd f32 [cols/32] scales, xc f32 [cols/32] = xd * sum(xq of block), from which Q4_0's -8 offset
 is 8 * d_w * xc. Float types read x itself.
 
-Without AVX2 (`HAVE_AVX2` False) the integer dots
+Without AVX2 (`HAVE_AVX2` False; LAZYMOE_NO_AVX2=1 forces it, for the tests) the integer dots
 are plain-Numba `*_portable` loops with the same arithmetic, compiled in place, and there are
 no tiles; the float dots and the dequantizers are generic IR on every CPU.
 """
 from __future__ import annotations
+
+import os
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -33,7 +35,8 @@ from numba import njit, types
 from numba.core import cgutils, typing
 from numba.extending import intrinsic
 
-HAVE_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+# Numba's cache does not see this flag: kernels/__init__.py keys the cache directory by it too.
+HAVE_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",") and not os.environ.get("LAZYMOE_NO_AVX2")
 
 # Bytes ahead of the current block that a dot asks the cache for. Q4_0 matvec, 14336 x 4096, side by side:
 # 1 thread 9.2 -> 10.1-10.4 GB/s, 2 threads 16.1-17.7 -> 17.9-20.3 GB/s at 2048-2304 (3072-8192 no better).

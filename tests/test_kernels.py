@@ -146,6 +146,37 @@ def test_tiles_match_dots(name):
         check_product(name, Wd, X, a)
 
 
+@pytest.mark.skipif(not simd.HAVE_AVX2 or bool(os.environ.get("LAZYMOE_NO_AVX2")),
+                    reason="this run is the portable build already")
+def test_portable_build(tmp_path):
+    """LAZYMOE_NO_AVX2=1 builds what a CPU without AVX2 runs (the *_portable dots compiled in place, no tiles):
+    every product test of this file passes on it too, in a fresh process and cache."""
+    import subprocess
+    import sys
+    env = os.environ | {"LAZYMOE_NO_AVX2": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", "matvec or matmul or ffn or portable or tiles or x86"],
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.skipif(simd.HAVE_AVX2, reason="checks the build without AVX2")
+def test_no_x86_ir_without_avx2():
+    """Without AVX2 no AVX2 intrinsic reaches the compiled drivers (LLVM cannot select them on other CPUs).
+    (The x86 backend's own llvm.x86.atomic.* for Numba's refcounts is the host's, not ours.)"""
+    from lazymoe.kernels.int_matmul import _token_rows
+    from lazymoe.kernels.matvec import dot_rows
+    assert all(k.tile is None for k in K.KERNELS.values())
+    w, _ = weights("q4_0", (8, 64))
+    K.matvec("q4_0", w, np.ones(64, np.float32))
+    K.matmul("q4_0", w, np.ones((5, 64), np.float32))
+    for fn in (dot_rows, _token_rows):
+        for ll in fn.inspect_llvm().values():
+            assert "llvm.x86.avx" not in ll, fn
+
+
 def ffn_reference(W1, W3, W2, X):
     g, u = X @ W1.T, X @ W3.T
     return (g / (1 + np.exp(-g)) * u) @ W2.T
