@@ -37,7 +37,7 @@ def quantize_q8(x, xq, xd, xc):
     """x f32 [C] -> xq int8 [C], xd f32 [NB] block scales, xc f32 [NB] = xd * sum(xq of the block).
 
     Same rounding as llama.cpp's reference quantize_row_q8_0: d = amax / 127, q = round(x / d); xc is
-    its quantize_row_q8_1 `s` (kept in float32), which offset types (Q4_0's -8; Q4_1's min) need.
+    its quantize_row_q8_1 `s` (kept in float32), which offset types (Q4_0's -8; Q5_1's min) need.
     """
     for b in range(xd.shape[0]):
         amax = np.float32(0.0)
@@ -64,6 +64,6 @@ def quantize_q8_rows(X, xq, xd, xc):
 # x as is (f32, f16 weights).
 FLOAT = ActScheme("f32", 0, 0, None, None)
 # 32-activation int8 blocks with a scale and a block sum: llama.cpp's Q8_0 and Q8_1 in one, for the
-# 32-weight types (Q4_0, Q8_0; Q4_1, Q5_0, Q5_1 read the same). K-quants take Q8_K, 256 per scale
+# 32-weight types (Q4_0, Q8_0, Q5_1; Q4_1 and Q5_0 would read the same). K-quants take Q8_K, 256 per scale
 # and 16 sums, its own scheme row here.
 Q8 = ActScheme("q8", 32, 1, quantize_q8, quantize_q8_rows)

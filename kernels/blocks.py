@@ -48,6 +48,7 @@ KERNELS: dict[str, TypeKernels] = {
     "f16": TypeKernels(int(G.F16), FLOAT, simd.dot_f16, simd.dequant_f16),
     "q8_0": TypeKernels(int(G.Q8_0), Q8, simd.dot_q8_0, simd.dequant_q8_0, simd.tile_q8_0),
     "q4_0": TypeKernels(int(G.Q4_0), Q8, simd.dot_q4_0, simd.dequant_q4_0, simd.tile_q4_0),
+    "q5_1": TypeKernels(int(G.Q5_1), Q8, simd.dot_q5_1, simd.dequant_q5_1, simd.tile_q5_1),
 }
 
 

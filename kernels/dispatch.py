@@ -1,6 +1,6 @@
 """Input validation and matvec / matmul for every type in KERNELS (blocks.py).
 
-Adding a type (Q4_1, Q4_K, ...) takes:
+Adding a type (Q4_1, Q4_K, ...; Q5_1 was added this way) takes:
   * qtypes.py: its QType row (block size, bytes per block); quantizers.py: its quantizer;
   * simd.py: its codegens: a row dot (AVX2 IR, and a plain-Numba `*_portable` twin with the same
     arithmetic for other CPUs), a dequantizer, and, if they pay, 1 row x 1..4 token tiles;

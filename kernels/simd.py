@@ -75,9 +75,20 @@ def _data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val)
 
 
+def _high_bits(builder, wp, off):
+    """<32 x i8>: 16 where bit j of the little-endian u32 at byte off is set (Q5's fifth bit of element j)."""
+    qh = _load(builder, wp, off, _I32)
+    v = builder.insert_element(ir.Constant(_V(_I32, 32), None), qh, ir.Constant(_I32, 0))
+    v = builder.shuffle_vector(v, v, ir.Constant(_V(_I32, 32), [0] * 32))
+    bits = builder.and_(v, ir.Constant(_V(_I32, 32), [1 << j for j in range(32)]))
+    return builder.select(builder.icmp_unsigned("!=", bits, _splat(_I32, 32, 0)), _splat(_I8, 32, 16), _splat(_I8, 32, 0))
+
+
 def _block_dot_codegen(kind):
-    """IR for sum_b d_w[b] * d_x[b] * <q_w[b], q_x[b]> (minus the Q4_0 offset term)."""
-    bytes_per_block = {"q4_0": 18, "q8_0": 34}[kind]
+    """IR for sum_b d_w[b] * d_x[b] * <q_w[b], q_x[b]> plus the offset term: Q4_0's -8 * d_w[b] * xc[b],
+    Q5_1's m_w[b] * xc[b] (xc = d_x * sum q_x, so the offset costs one multiply-add per block)."""
+    bytes_per_block = {"q4_0": 18, "q5_1": 24, "q8_0": 34}[kind]
+    qoff = 8 if kind == "q5_1" else 2                            # byte of the quants in a block
 
     def codegen(context, builder, sig, args):
         wa = _data(context, builder, sig.args[0], args[0])
@@ -99,17 +110,19 @@ def _block_dot_codegen(kind):
             builder.call(prefetch, [builder.gep(wp, [builder.add(o, ir.Constant(_I64, PREFETCH_AHEAD))]),
                                     ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             d = builder.fpext(_load(builder, wp, o, ir.HalfType()), _F32)
-            o2 = builder.add(o, ir.Constant(_I64, 2))
+            oq = builder.add(o, ir.Constant(_I64, qoff))
             x = _load(builder, xqa.data, builder.mul(b, ir.Constant(_I64, 32)), _V(_I8, 32))
-            if kind == "q4_0":
-                v = _load(builder, wp, o2, _V(_I8, 16))
+            if kind in ("q4_0", "q5_1"):
+                v = _load(builder, wp, oq, _V(_I8, 16))
                 lo = builder.and_(v, _splat(_I8, 16, 15))             # elements 0..15
                 hi = builder.lshr(v, _splat(_I8, 16, 4))              # elements 16..31
                 u = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
+                if kind == "q5_1":
+                    u = builder.or_(u, _high_bits(builder, wp, builder.add(o, ir.Constant(_I64, 4))))
             else:
                 # vpmaddubsw wants an unsigned left operand: |w| and x with w's sign.
                 # |w| <= 128, |x| <= 127, so a pair sum <= 32385 never saturates i16.
-                w = _load(builder, wp, o2, _V(_I8, 32))
+                w = _load(builder, wp, oq, _V(_I8, 32))
                 neg = builder.icmp_signed("<", w, _splat(_I8, 32, 0))
                 u = builder.select(neg, builder.neg(w), w)
                 x = builder.select(neg, builder.neg(x), x)
@@ -117,10 +130,15 @@ def _block_dot_codegen(kind):
             dx = builder.load(builder.gep(xda.data, [b]))
             s = builder.fmul(d, dx)
             builder.store(builder.call(fma, [builder.sitofp(p, _V(_F32, 8)), _bcast(builder, s), builder.load(acc)]), acc)
-            if kind == "q4_0":
+            if kind in ("q4_0", "q5_1"):
                 c = builder.load(builder.gep(xca.data, [b]))
-                builder.store(builder.fadd(builder.load(corr), builder.fmul(d, c)), corr)
-        return builder.fsub(_hsum8(builder, builder.load(acc)), builder.fmul(ir.Constant(_F32, 8.0), builder.load(corr)))
+                dm = d if kind == "q4_0" else builder.fpext(_load(builder, wp, builder.add(o, ir.Constant(_I64, 2)),
+                                                                   ir.HalfType()), _F32)
+                builder.store(builder.fadd(builder.load(corr), builder.fmul(dm, c)), corr)
+        tot = _hsum8(builder, builder.load(acc))
+        if kind == "q4_0":
+            return builder.fsub(tot, builder.fmul(ir.Constant(_F32, 8.0), builder.load(corr)))
+        return builder.fadd(tot, builder.load(corr)) if kind == "q5_1" else tot
 
     return codegen
 
@@ -192,7 +210,9 @@ def _emit_tile(context, builder, sig, args, kind, kk):
     Each block of the weight row is unpacked once for kk tokens; kk independent accumulators keep the
     FMA and multiply units busy (one dot at a time waits on its accumulator). Returns the kk dots.
     """
-    bytes_per_block = {"q4_0": 18, "q8_0": 34}[kind]
+    bytes_per_block = {"q4_0": 18, "q5_1": 24, "q8_0": 34}[kind]
+    qoff = 8 if kind == "q5_1" else 2
+    nibbles = kind in ("q4_0", "q5_1")
     c64 = lambda v: ir.Constant(_I64, v)                         # noqa: E731
     wa = _data(context, builder, sig.args[0], args[0])
     xqa = _data(context, builder, sig.args[2], args[2])
@@ -211,21 +231,24 @@ def _emit_tile(context, builder, sig, args, kind, kk):
     fma = _fn(builder, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
     fmac = _fn(builder, "llvm.fma.v4f32", _V(_F32, 4), [_V(_F32, 4)] * 3)
     acc = [cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 8), None)) for _ in range(kk)]
-    corr = cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 4), None))   # Q4_0 offset terms, tokens k0..
+    corr = cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 4), None))   # offset terms, tokens k0..
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         o = builder.mul(b, c64(bytes_per_block))
-        o2 = builder.add(o, c64(2))
+        o2 = builder.add(o, c64(qoff))
         xs = [_load(builder, xps[k], builder.mul(b, c64(32)), _V(_I8, 32)) for k in range(kk)]
         dx = [_bcast(builder, builder.load(builder.gep(dps[k], [b]))) for k in range(kk)]
         d = builder.fpext(_load(builder, wp, o, ir.HalfType()), _F32)
-        if kind == "q4_0":
+        if nibbles:
             xc = _load(builder, xca.data, builder.add(builder.mul(b, tp), k0), _V(_F32, 4))
             v = _load(builder, wp, o2, _V(_I8, 16))
             lo = builder.and_(v, _splat(_I8, 16, 15))
             hi = builder.lshr(v, _splat(_I8, 16, 4))
             u = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
-            builder.store(builder.call(fmac, [_bcast(builder, d, 4), xc, builder.load(corr)]), corr)
+            if kind == "q5_1":
+                u = builder.or_(u, _high_bits(builder, wp, builder.add(o, c64(4))))
+            dm = d if kind == "q4_0" else builder.fpext(_load(builder, wp, builder.add(o, c64(2)), ir.HalfType()), _F32)
+            builder.store(builder.call(fmac, [_bcast(builder, dm, 4), xc, builder.load(corr)]), corr)
             xw = xs
         else:                                                    # |w| and x with w's sign, as in the dot
             w = _load(builder, wp, o2, _V(_I8, 32))
@@ -240,8 +263,11 @@ def _emit_tile(context, builder, sig, args, kind, kk):
     vals = []
     for k in range(kk):
         t = _hsum8(builder, builder.load(acc[k]))
+        c = builder.extract_element(cv, ir.Constant(_I32, k))
         if kind == "q4_0":
-            t = builder.fsub(t, builder.fmul(ir.Constant(_F32, 8.0), builder.extract_element(cv, ir.Constant(_I32, k))))
+            t = builder.fsub(t, builder.fmul(ir.Constant(_F32, 8.0), c))
+        elif kind == "q5_1":
+            t = builder.fadd(t, c)
         vals.append(t)
     return vals
 
@@ -270,8 +296,9 @@ def _tile_codegen(kind):
 
 
 def _dequant_codegen(kind):
-    """IR for out[oo + 32 b + j] = d_b * q_bj over the cols / 32 blocks starting at byte wo of w."""
-    bytes_per_block = {"q4_0": 18, "q8_0": 34}[kind]
+    """IR for out[oo + 32 b + j] = d_b * q_bj (+ m_b for Q5_1) over the cols / 32 blocks at byte wo of w."""
+    bytes_per_block = {"q4_0": 18, "q5_1": 24, "q8_0": 34}[kind]
+    qoff = 8 if kind == "q5_1" else 2
 
     def codegen(context, builder, sig, args):
         wa = _data(context, builder, sig.args[0], args[0])
@@ -282,18 +309,25 @@ def _dequant_codegen(kind):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, bytes_per_block))
             d = builder.fpext(_load(builder, wp, o, ir.HalfType()), _F32)
-            o2 = builder.add(o, ir.Constant(_I64, 2))
-            if kind == "q4_0":
+            o2 = builder.add(o, ir.Constant(_I64, qoff))
+            if kind in ("q4_0", "q5_1"):
                 v = _load(builder, wp, o2, _V(_I8, 16))
                 lo = builder.and_(v, _splat(_I8, 16, 15))
                 hi = builder.lshr(v, _splat(_I8, 16, 4))
                 q = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
-                q = builder.sub(builder.zext(q, _V(_I32, 32)), _splat(_I32, 32, 8))
+                if kind == "q5_1":
+                    q = builder.or_(q, _high_bits(builder, wp, builder.add(o, ir.Constant(_I64, 4))))
+                q = builder.zext(q, _V(_I32, 32))
+                if kind == "q4_0":
+                    q = builder.sub(q, _splat(_I32, 32, 8))
             else:
                 q = builder.sext(_load(builder, wp, o2, _V(_I8, 32)), _V(_I32, 32))
-            dv = _bcast(builder, d, 32)
+            y = builder.fmul(builder.sitofp(q, _V(_F32, 32)), _bcast(builder, d, 32))
+            if kind == "q5_1":
+                m = builder.fpext(_load(builder, wp, builder.add(o, ir.Constant(_I64, 2)), ir.HalfType()), _F32)
+                y = builder.fadd(y, _bcast(builder, m, 32))
             dst = builder.bitcast(builder.gep(op, [builder.mul(b, ir.Constant(_I64, 32))]), _V(_F32, 32).as_pointer())
-            builder.store(builder.fmul(builder.sitofp(q, _V(_F32, 32)), dv), dst, align=4)
+            builder.store(y, dst, align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -327,6 +361,24 @@ def dot_q4_0_portable(w, wo, xq, xd, xc):
             s += (v & 15) * xq[b * 32 + j] + (v >> 4) * xq[b * 32 + 16 + j]
         d = f16_to_f32(np.uint16(w[o]) | np.uint16(w[o + 1]) << np.uint16(8))
         acc += d * (xd[b] * np.float32(s) - np.float32(8.0) * xc[b])
+    return acc
+
+
+@njit(cache=True)
+def dot_q5_1_portable(w, wo, xq, xd, xc):
+    acc = np.float32(0.0)
+    for b in range(xd.shape[0]):
+        o = wo + b * 24
+        qh = np.uint32(w[o + 4]) | np.uint32(w[o + 5]) << 8 | np.uint32(w[o + 6]) << 16 | np.uint32(w[o + 7]) << 24
+        s = 0
+        for j in range(16):
+            v = w[o + 8 + j]
+            lo = (v & 15) | ((qh >> j) & 1) << 4
+            hi = (v >> 4) | ((qh >> (j + 16)) & 1) << 4
+            s += lo * xq[b * 32 + j] + hi * xq[b * 32 + 16 + j]
+        d = f16_to_f32(np.uint16(w[o]) | np.uint16(w[o + 1]) << np.uint16(8))
+        m = f16_to_f32(np.uint16(w[o + 2]) | np.uint16(w[o + 3]) << np.uint16(8))
+        acc += d * xd[b] * np.float32(s) + m * xc[b]
     return acc
 
 
@@ -393,11 +445,13 @@ def rows_of(dot):
 _PORTABLE_ARGS = (0, 1, 3, 4, 5)           # (w, wo, xq, xd, xc) of the dot's (w, wo, x, xq, xd, xc)
 dot_q4_0 = _block_dot_codegen("q4_0") if HAVE_AVX2 else _inline(dot_q4_0_portable, _PORTABLE_ARGS)
 dot_q8_0 = _block_dot_codegen("q8_0") if HAVE_AVX2 else _inline(dot_q8_0_portable, _PORTABLE_ARGS)
+dot_q5_1 = _block_dot_codegen("q5_1") if HAVE_AVX2 else _inline(dot_q5_1_portable, _PORTABLE_ARGS)
 dot_f16, dot_f32 = _float_dot_codegen("f16"), _float_dot_codegen("f32")
 # 1 row x 4 tokens tiles for int_matmul (1 x 1..3 at the edge). At 24 and 120 tokens (14328 x 4096 Q4_0,
 # 2 threads) 1 x 4 ran 111 GFLOP/s, 1 x 3 102, 1 x 5 104, 1 x 6 89, 2 x 2 86, 2 x 4 76-83 (its 8 accumulators
 # and 4 token vectors spill), 4 x 2 63.
 tile_q4_0 = _tile_codegen("q4_0") if HAVE_AVX2 else None
 tile_q8_0 = _tile_codegen("q8_0") if HAVE_AVX2 else None
-dequant_q4_0, dequant_q8_0 = _dequant_codegen("q4_0"), _dequant_codegen("q8_0")
+tile_q5_1 = _tile_codegen("q5_1") if HAVE_AVX2 else None
+dequant_q4_0, dequant_q8_0, dequant_q5_1 = _dequant_codegen("q4_0"), _dequant_codegen("q8_0"), _dequant_codegen("q5_1")
 dequant_f16, dequant_f32 = _float_dequant_codegen("f16"), _float_dequant_codegen("f32")

@@ -26,7 +26,7 @@ from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
 
-GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "f16": G.F16, "f32": G.F32}
+GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "f16": G.F16, "f32": G.F32}
 TYPES = list(GG)
 RNG = np.random.default_rng(1234)
 
@@ -97,14 +97,14 @@ def test_matmul(name, tokens):
         check_product(name, Wd, X, Y)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "f16"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "f16"])
 def test_matmul_several_tiles(name):
     w, Wd = weights(name, (TILE_ROWS + 77, 64))
     X = RNG.standard_normal((INT_MATMUL_MAX_TOKENS + 1, 64)).astype(np.float32)
     assert rel(K.matmul(name, w, X), X.astype(np.float64) @ Wd.T) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_expert_slices_of_3d_tensor(name):
     w3d, Wd3 = weights(name, (4, 96, 256))          # [E, rows, row_bytes] as GGUF stores experts
     x = RNG.standard_normal(256).astype(np.float32)
@@ -114,20 +114,20 @@ def test_expert_slices_of_3d_tensor(name):
         check_product(name, Wd3[e], X, K.matmul(name, w3d[e], X))
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_portable_dots_match_avx2(name):
     w, Wd = weights(name, (7, 512), heavy=True)
     x = RNG.standard_normal(512).astype(np.float32)
     xq, xd, xc = np.empty(512, np.int8), np.empty(16, np.float32), np.empty(16, np.float32)
     quantize_q8(x, xq, xd, xc)
-    dot = simd.dot_q4_0_portable if name == "q4_0" else simd.dot_q8_0_portable
+    dot = getattr(simd, f"dot_{name}_portable")
     flat = w.reshape(-1)
     y = np.array([dot(flat, r * w.shape[1], xq, xd, xc) for r in range(7)], np.float32)
     check_product(name, Wd, x[None], y[None])
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
     from lazymoe.kernels.activations import quantize_q8_rows
@@ -184,7 +184,7 @@ def ffn_reference(W1, W3, W2, X):
 
 # Mixed w1/w3 types take the unfused path; one type for w1 and w3 the fused one (in parallel, d * f >= 2^18).
 FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0"),
-             ("f16", "f16", "f32")]
+             ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1")]
 
 
 def ffn_bound(types, X):
@@ -247,7 +247,7 @@ def test_bad_inputs():
         lambda: K.matvec("q4_0", w, np.ones(128, np.float32)[::2]),            # non-contiguous x
         lambda: K.matvec("q4_0", w.reshape(-1), x),                            # 1-D weights
         lambda: K.matvec("q4_0", w, x, out=np.empty(7, np.float32)),           # wrong out shape
-        lambda: K.matvec("q5_1", w, x),                                        # unknown type
+        lambda: K.matvec("q4_k", w, x),                                        # unknown type
         lambda: K.matvec("f32", np.ones((8, 64), np.float16), x),              # f16 array as f32
         lambda: K.matmul("q4_0", w, x),                                        # X must be 2-D
         lambda: K.matmul("q4_0", w, np.ones((3, 64), np.float32).T.copy()),    # [64, 3]: wrong cols
