@@ -280,7 +280,7 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert sources_key(str(tmp_path)) != k1 and len(k1) == 16
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", "import kernels, os, numba; print(os.environ['NUMBA_CACHE_DIR']); "
+    out = subprocess.run([sys.executable, "-c", "import lazymoe.kernels, os, numba; print(os.environ['NUMBA_CACHE_DIR']); "
                           "print(numba.config.CACHE_DIR)"], env=env, capture_output=True, text=True, check=True)
     want = os.path.join(str(tmp_path), "lazymoe", "numba-" + sources_key(os.path.dirname(K.__file__)))
     assert out.stdout.split() == [want, want]
