@@ -4,6 +4,7 @@ against OpenBLAS on the same shape, the fused expert FFN against three matvecs.
     python -m lazymoe.benchmarks.kernels            # full run (~2 GiB RAM, a few minutes)
     python -m lazymoe.benchmarks.kernels --quick    # smoke run
     python -m lazymoe.benchmarks.kernels --json     # one JSON object on stdout
+    python -m lazymoe.benchmarks.kernels --first-call [--cold-jit]   # only import + first calls, then exit
 
 Matvec weights cycle through >= 1 GiB of distinct matrices so every byte comes from DRAM;
 each trial times one stream pass and one matvec pass back to back, and the ratio is the
@@ -36,10 +37,38 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args) -> float:
     t = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t
+
+
+def _matvecs(K, qt, ws, x, y):
+    for w in ws:
+        K.matvec(qt, w, x, y)
+
+
+def first_calls(K, types) -> dict:
+    """Seconds of the first call of each public entry point per type, on shapes that reach every driver:
+    the serial and the parallel matvec, the integer and the dequantize + sgemm matmul, the fused expert FFN.
+    In a fresh process that is a JIT compile, or a load from Numba's on-disk cache."""
+    from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
+    jit = {}
+    for name in types:
+        qt = K.qtype(name)
+        small = np.zeros(qt.storage_shape((64, 256)), qt.dtype)       # below PARALLEL_MIN_WEIGHTS: serial
+        w = np.zeros(qt.storage_shape((512, 512)), qt.dtype)          # 2^18 weights: parallel
+        w1 = np.zeros(qt.storage_shape((1024, 512)), qt.dtype)
+        w2 = np.zeros(qt.storage_shape((512, 1024)), qt.dtype)
+        x, X4 = np.ones(512, np.float32), np.ones((4, 512), np.float32)
+        jit[f"matvec {name} serial"] = _timed(K.matvec, qt, small, np.ones(256, np.float32))
+        jit[f"matvec {name}"] = _timed(K.matvec, qt, w, x)
+        jit[f"matmul {name} 4 tokens"] = _timed(K.matmul, qt, w, X4)
+        jit[f"matmul {name} {INT_MATMUL_MAX_TOKENS + 1} tokens"] = _timed(
+            K.matmul, qt, w, np.ones((INT_MATMUL_MAX_TOKENS + 1, 512), np.float32))
+        jit[f"expert_ffn {name}"] = _timed(K.expert_ffn, qt, w1, qt, w1, qt, w2, x)
+        jit[f"expert_ffn_batch {name}"] = _timed(K.expert_ffn_batch, qt, w1, qt, w1, qt, w2, X4)
+    return jit
 
 
 def make_pool(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -68,6 +97,7 @@ def bench(quick: bool, trials: int) -> dict:
     from numba import njit, prange
 
     from lazymoe import kernels as K
+    from lazymoe.kernels.dequant_matmul import dequant_parallel
     from lazymoe.kernels.dispatch import KERNELS
 
     @njit(fastmath=True, cache=True)
@@ -93,20 +123,8 @@ def bench(quick: bool, trials: int) -> dict:
                        "load_avg": os.getloadavg()[0], "numba": numba.__version__, "numpy": np.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M")}}
 
-    # first-call time of each public entry point (JIT compile, or cache load if cached)
+    res["first_call_s"] = first_calls(K, TYPES + ["f16", "f32"])
     rng = np.random.default_rng(1)
-    jit = {}
-    for name in TYPES + ["f16", "f32"]:
-        qt = K.qtype(name)
-        w = np.zeros(qt.storage_shape((64, 256)), qt.dtype)
-        jit[f"matvec {name}"] = _timed(lambda: K.matvec(qt, w, np.ones(256, np.float32)))
-        jit[f"matmul {name}"] = _timed(lambda: K.matmul(qt, w, np.ones((4, 256), np.float32)))
-    for name in TYPES:
-        qt = K.qtype(name)
-        w1 = np.zeros(qt.storage_shape((64, 256)), np.uint8)
-        w2 = np.zeros(qt.storage_shape((256, 64)), np.uint8)
-        jit[f"expert_ffn {name}"] = _timed(lambda: K.expert_ffn(qt, w1, qt, w1, qt, w2, np.ones(256, np.float32)))
-    res["first_call_s"] = jit
 
     big = np.ones(pool_bytes // 4, np.float32)
     stream_sum(big, nt)
@@ -115,7 +133,7 @@ def bench(quick: bool, trials: int) -> dict:
     # (1)+(2) matvec from DRAM against streaming reads, side by side per trial
     mv = []
     for name in TYPES:
-        qt, k = K.qtype(name), KERNELS[name]
+        qt = K.qtype(name)
         for rows, cols in SHAPES:
             ws = matrices(pool, qt, rows, cols)
             x = rng.standard_normal(cols).astype(np.float32)
@@ -123,8 +141,8 @@ def bench(quick: bool, trials: int) -> dict:
             K.matvec(qt, ws[0], x, y)
             s_bw, m_bw, ratio = [], [], []
             for _ in range(trials):
-                ts = _timed(lambda: stream_sum(big, nt))
-                tm = _timed(lambda: [K.matvec(qt, w, x, y) for w in ws])
+                ts = _timed(stream_sum, big, nt)
+                tm = _timed(_matvecs, K, qt, ws, x, y)
                 s_bw.append(big.nbytes / ts / 1e9)
                 m_bw.append(ws.nbytes / tm / 1e9)
                 ratio.append(m_bw[-1] / s_bw[-1])
@@ -139,18 +157,18 @@ def bench(quick: bool, trials: int) -> dict:
     # (3) matmul against OpenBLAS sgemm on the same matrix already dequantized
     mm = []
     for name in TYPES:
-        qt, k = K.qtype(name), KERNELS[name]
+        qt = K.qtype(name)
         for rows, cols in SHAPES:
             ws = matrices(pool, qt, rows, cols)
             wf = np.empty((rows, cols), np.float32)
-            k.dequant(ws[0], 0, rows, wf, nt)
+            dequant_parallel(KERNELS[name].code, ws[0], 0, rows, wf, nt)
             for t in ([16, 256] if quick else [16, 64, 256]):
                 X = rng.standard_normal((t, cols)).astype(np.float32)
                 Y = np.empty((t, rows), np.float32)
                 K.matmul(qt, ws[0], X, Y)
                 np.matmul(X, wf.T)
-                ours = statistics.median(_timed(lambda: K.matmul(qt, ws[0], X, Y)) for _ in range(trials))
-                blas = statistics.median(_timed(lambda: np.matmul(X, wf.T)) for _ in range(trials))
+                ours = statistics.median(_timed(K.matmul, qt, ws[0], X, Y) for _ in range(trials))
+                blas = statistics.median(_timed(np.matmul, X, wf.T) for _ in range(trials))
                 fl = 2.0 * t * rows * cols / 1e9
                 mm.append({"type": name, "rows": rows, "cols": cols, "tokens": t, "GFLOPs": fl / ours,
                            "blas_GFLOPs": fl / blas, "ratio": blas / ours})
@@ -168,19 +186,19 @@ def bench(quick: bool, trials: int) -> dict:
                    for i in range(n)]
         x = rng.standard_normal(d).astype(np.float32)
 
-        def separate():
+        def separate(qt, experts, x):
             for w1, w3, w2 in experts:
                 g, u = K.matvec(qt, w1, x), K.matvec(qt, w3, x)
                 with np.errstate(over="ignore"):
                     K.matvec(qt, w2, g / (1 + np.exp(-g)) * u)
 
-        def fused():
+        def fused(qt, experts, x):
             for w1, w3, w2 in experts:
                 K.expert_ffn(qt, w1, qt, w3, qt, w2, x)
 
-        separate(), fused()
-        ts = statistics.median(_timed(separate) for _ in range(trials)) / n
-        tf = statistics.median(_timed(fused) for _ in range(trials)) / n
+        separate(qt, experts, x), fused(qt, experts, x)
+        ts = statistics.median(_timed(separate, qt, experts, x) for _ in range(trials)) / n
+        tf = statistics.median(_timed(fused, qt, experts, x) for _ in range(trials)) / n
         nbytes = 3 * up[0].nbytes
         ff.append({"type": name, "experts": n, "fused_ms": tf * 1e3, "separate_ms": ts * 1e3,
                    "fused_GBps": nbytes / tf / 1e9, "speedup": ts / tf})
@@ -204,9 +222,15 @@ def table(res: dict) -> str:
     for r in res["expert_ffn"]:
         out.append(f"  4096/14336 x{r['experts']:<2}       {r['type']:<5} {r['fused_ms']:8.2f}  {r['separate_ms']:11.2f}"
                    f"  {r['fused_GBps']:10.1f}  {r['speedup']:7.2f}")
-    out += ["", "first call (JIT compile or cache load), s: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in res["first_call_s"].items())]
+    out += ["", first_call_table(res)]
     return "\n".join(out)
+
+
+def first_call_table(res: dict) -> str:
+    jit = res["first_call_s"]
+    head = f"import {res['import_s']:.2f} s, " if "import_s" in res else ""
+    return (f"first call (JIT compile or cache load): {head}calls {sum(jit.values()):.2f} s in all; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in jit.items()))
 
 
 def main(argv=None) -> int:
@@ -216,12 +240,26 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--cold-jit", action="store_true",
                    help="compile into an empty Numba cache so first-call times are real compile times")
+    p.add_argument("--first-call", action="store_true",
+                   help="only time importing the kernels and the first call of each entry point per type, then exit "
+                        "(run it twice: the second process loads from Numba's cache)")
     a = p.parse_args(argv)
     if a.cold_jit:
-        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lazymoe-numba-")
         if "numba" in sys.modules:
             print("--cold-jit must be used before numba is imported", file=sys.stderr)
             return 2
+        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lazymoe-numba-")
+    if a.first_call:
+        if "lazymoe.kernels" in sys.modules:
+            print("--first-call must run in a fresh process", file=sys.stderr)
+            return 2
+        t = time.perf_counter()
+        from lazymoe import kernels as K
+        res = {"import_s": time.perf_counter() - t}
+        res["first_call_s"] = first_calls(K, TYPES + ["f16", "f32"])
+        res["first_call_total_s"] = res["import_s"] + sum(res["first_call_s"].values())
+        print(json.dumps(res, indent=1) if a.json else first_call_table(res))
+        return 0
     res = bench(a.quick, a.trials or (2 if a.quick else 5))
     res["machine"]["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res, indent=1) if a.json else table(res))

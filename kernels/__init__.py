@@ -41,7 +41,9 @@ def _numba_cache_dir() -> None:
     if "NUMBA_CACHE_DIR" in os.environ:
         return
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "lazymoe", "numba-" + sources_key(os.path.dirname(os.path.abspath(__file__))))
+    # LAZYMOE_NO_AVX2 (simd.py) changes the code that the same sources compile to
+    portable = "-portable" if os.environ.get("LAZYMOE_NO_AVX2") else ""
+    path = os.path.join(base, "lazymoe", "numba-" + sources_key(os.path.dirname(os.path.abspath(__file__))) + portable)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:

@@ -1,40 +1,27 @@
-"""The one table from weight type to kernels, input validation, and matvec / matmul.
+"""Input validation and matvec / matmul for every type in KERNELS (blocks.py).
 
-Adding a type (Q4_K, Q6_K): its QType in qtypes.py, a block dot in simd.py, a rows body
-and driver in matvec.py, a dequant body and driver in matmul.py, one row in KERNELS.
+Adding a type (Q4_1, Q4_K, ...; Q5_1 was added this way) takes:
+  * qtypes.py: its QType row (block size, bytes per block); quantizers.py: its quantizer;
+  * simd.py: its codegens: a row dot (AVX2 IR, and a plain-Numba `*_portable` twin with the same
+    arithmetic for other CPUs), a dequantizer, and, if they pay, 1 row x 1..4 token tiles;
+  * blocks.py: one KERNELS row naming those and its activation scheme; a new scheme (Q8_K for the
+    K-quants: 256 per scale, 16 sums) is one ActScheme row in activations.py with its quantizers.
+Nothing else: the drivers (matvec.py: matvec and fused gate+up; int_matmul.py: few tokens;
+dequant_matmul.py: dequantize + sgemm), ffn.py and this module are written once for all types.
 (Submodules are imported by name: the package exports functions called matvec and matmul.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 import numba
 import numpy as np
 
-from .matmul import dequant_f16, dequant_q4_0, dequant_q8_0, tiled_matmul
-from .matvec import (_rows_f16, _rows_f32, _rows_q4_0, _rows_q8_0, gate_up_q4_0, gate_up_q8_0, matmul_q4_0,
-                     matmul_q8_0, matvec_f16, matvec_f32, matvec_q4_0, matvec_q8_0, quantize_q8, quantize_q8_rows)
+from .blocks import KERNELS, TypeKernels
+from .dequant_matmul import tiled_matmul
+from .int_matmul import int_matmul_parallel
+from .matvec import dot_rows, matvec_parallel
 from .qtypes import QType, qtype
 
-
-@dataclass(frozen=True)
-class TypeKernels:
-    matvec: Callable                 # driver (w, x, xq, xd, xc, y, nt)
-    matmul: Optional[Callable]       # integer driver (w, Xq, Xd, Xc, Y, nt) for few tokens, or None
-    dequant: Optional[Callable]      # driver (w, r0, r1, out, nt); None: w is float32 already
-    gate_up: Optional[Callable]      # fused silu(W1 x) * (W3 x) driver, or None
-    q8_activations: bool             # x is quantized to Q8 blocks before the dot products
-    view: np.dtype                   # dtype the kernels see (f16 bits as uint16: Numba has no f16)
-    rows: Callable                   # serial body (w, x, xq, xd, xc, y, r0, r1) for small matrices
-
-
-KERNELS: dict[str, TypeKernels] = {
-    "f32": TypeKernels(matvec_f32, None, None, None, False, np.dtype(np.float32), _rows_f32),
-    "f16": TypeKernels(matvec_f16, None, dequant_f16, None, False, np.dtype(np.uint16), _rows_f16),
-    "q8_0": TypeKernels(matvec_q8_0, matmul_q8_0, dequant_q8_0, gate_up_q8_0, True, np.dtype(np.uint8), _rows_q8_0),
-    "q4_0": TypeKernels(matvec_q4_0, matmul_q4_0, dequant_q4_0, gate_up_q4_0, True, np.dtype(np.uint8), _rows_q4_0),
-}
+__all__ = ["INT_MATMUL_MAX_TOKENS", "KERNELS", "PARALLEL_MIN_WEIGHTS", "TypeKernels", "matmul", "matvec"]
 
 # Below this many weights a matvec runs serially in the calling thread: a parallel region costs
 # tens of microseconds to start and join, more than a 256x512 Q4_0 matvec takes on one core (~10 us).
@@ -45,13 +32,11 @@ def threads_for(n_weights: int) -> int:
     """Threads to use for a product over n_weights weights."""
     return 1 if n_weights < PARALLEL_MIN_WEIGHTS else numba.get_num_threads()
 
-# Up to this many tokens the integer kernels (matvec.matmul_*: 1 row x 4 token tiles, each weight row read
+# Up to this many tokens the integer kernels (int_matmul.py: 1 row x 4 token tiles, each weight row read
 # from DRAM once) beat dequantize + sgemm, which is memory-bound on few tokens. Side by side (2 threads,
 # Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
 # at 64, 0.85-0.87x at 128.
 INT_MATMUL_MAX_TOKENS = 64
-
-_NO_Q8 = (np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32))
 
 
 def resolve(qt) -> tuple[QType, TypeKernels]:
@@ -83,7 +68,7 @@ def check_weight(q: QType, k: TypeKernels, w, what="w") -> tuple[np.ndarray, int
         cols = n // q.type_size * q.block_size
     else:
         cols = n
-    return (w.view(k.view) if w.dtype != k.view else w), rows, cols
+    return (w if w.dtype == np.uint8 else w.view(np.uint8)), rows, cols   # [R, row_bytes]: what the drivers read
 
 
 def check_vector(x, n, what, name="x") -> None:
@@ -112,23 +97,22 @@ def check_out(out, shape, name="out") -> np.ndarray:
     return out
 
 
-def q8_buffers(k: TypeKernels, cols: int):
-    """Scratch for x quantized to Q8 blocks (int8 [C], scales [C/32], offset terms [C/32])."""
-    if not k.q8_activations:
-        return _NO_Q8
-    return np.empty(cols, np.int8), np.empty(cols // 32, np.float32), np.empty(cols // 32, np.float32)
+def quantize_act(k: TypeKernels, x):
+    """x f32 [C] -> (xq, xd, xc) per k's activation scheme, to share between matrices of k's scheme."""
+    qx = k.act.buffers(x.shape[0])
+    if k.act.quantize is not None:
+        k.act.quantize(x, *qx)
+    return qx
 
 
-def run_matvec(k: TypeKernels, wk, x, y, nt, q8=None):
-    """y = W x on validated inputs; q8 = x already quantized (shared by several matrices)."""
-    if q8 is None:
-        q8 = q8_buffers(k, x.shape[0])
-        if k.q8_activations:
-            quantize_q8(x, *q8)
+def run_matvec(k: TypeKernels, wk, x, y, nt, qx=None):
+    """y = W x on validated inputs; qx = x already quantized for k (shared by several matrices)."""
+    if qx is None:
+        qx = quantize_act(k, x)
     if nt == 1:
-        k.rows(wk, x, *q8, y, 0, y.shape[0])
+        dot_rows(k.code, wk, x, *qx, y, 0, y.shape[0])
     else:
-        k.matvec(wk, x, *q8, y, nt)
+        matvec_parallel(k.code, wk, x, *qx, y, nt)
     return y
 
 
@@ -146,12 +130,12 @@ def run_matmul(k: TypeKernels, wk, X, rows, cols, Y, nt):
     if t == 1:
         run_matvec(k, wk, X[0], Y[0], nt)
         return Y
-    if k.matmul is not None and t <= INT_MATMUL_MAX_TOKENS:
-        xq, xd, xc = np.empty((t, cols), np.int8), np.empty((t, cols // 32), np.float32), np.empty((t, cols // 32), np.float32)
-        quantize_q8_rows(X, xq, xd, xc)
-        k.matmul(wk, xq, xd, xc, Y, nt)
+    if k.int_matmul and t <= INT_MATMUL_MAX_TOKENS:
+        qx = k.act.buffers(cols, t)
+        k.act.quantize_rows(X, *qx)
+        int_matmul_parallel(k.code, k.tile is not None, wk, X, *qx, Y, nt)
         return Y
-    return tiled_matmul(k.dequant, wk, X, rows, cols, Y, nt)
+    return tiled_matmul(k.code, k.as_stored, wk, X, rows, cols, Y, nt)
 
 
 def matmul(qt, w, X, out=None) -> np.ndarray:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dispatch import (check_out, check_tokens, check_vector, check_weight, q8_buffers, resolve,
-                       run_matmul, run_matvec, threads_for)
-from .matvec import quantize_q8
+from .dispatch import check_out, check_tokens, check_vector, check_weight, quantize_act, resolve, run_matmul, run_matvec, threads_for
+from .matvec import gate_up_parallel
 
 
 def _check_expert(qt1, w1, qt3, w3, qt2, w2):
@@ -40,11 +39,9 @@ def expert_ffn(qt1, w1, qt3, w3, qt2, w2, x) -> np.ndarray:
     check_vector(x, d, f"expert with hidden size {d}")
     nt = threads_for(f * d)
     h = np.empty(f, np.float32)                                       # [F]
-    if k1 is k3 and k1.gate_up is not None and nt > 1:
+    if k1 is k3 and nt > 1:
         # fused: x quantized once, one parallel pass computes both rows and silu * up
-        q8 = q8_buffers(k1, d)
-        quantize_q8(x, *q8)
-        k1.gate_up(w1k, w3k, x, *q8, h, nt)
+        gate_up_parallel(k1.code, w1k, w3k, x, *quantize_act(k1, x), h, nt)
     else:
         u = np.empty(f, np.float32)
         _silu_mul(run_matvec(k1, w1k, x, h, nt), run_matvec(k3, w3k, x, u, nt))

@@ -61,6 +61,7 @@ QTYPES: dict[str, QType] = {
         _qt("f16", GGMLQuantizationType.F16, np.float16),
         _qt("q8_0", GGMLQuantizationType.Q8_0, np.uint8),
         _qt("q4_0", GGMLQuantizationType.Q4_0, np.uint8),
+        _qt("q5_1", GGMLQuantizationType.Q5_1, np.uint8),
     )
 }
 

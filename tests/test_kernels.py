@@ -22,11 +22,11 @@ from gguf import quants
 
 from lazymoe import kernels as K
 from lazymoe.kernels import simd
+from lazymoe.kernels.activations import quantize_q8
+from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
-from lazymoe.kernels.matmul import TILE_ROWS
-from lazymoe.kernels.matvec import quantize_q8
 
-GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "f16": G.F16, "f32": G.F32}
+GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "f16": G.F16, "f32": G.F32}
 TYPES = list(GG)
 RNG = np.random.default_rng(1234)
 
@@ -97,14 +97,14 @@ def test_matmul(name, tokens):
         check_product(name, Wd, X, Y)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "f16"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "f16"])
 def test_matmul_several_tiles(name):
     w, Wd = weights(name, (TILE_ROWS + 77, 64))
     X = RNG.standard_normal((INT_MATMUL_MAX_TOKENS + 1, 64)).astype(np.float32)
     assert rel(K.matmul(name, w, X), X.astype(np.float64) @ Wd.T) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_expert_slices_of_3d_tensor(name):
     w3d, Wd3 = weights(name, (4, 96, 256))          # [E, rows, row_bytes] as GGUF stores experts
     x = RNG.standard_normal(256).astype(np.float32)
@@ -114,34 +114,67 @@ def test_expert_slices_of_3d_tensor(name):
         check_product(name, Wd3[e], X, K.matmul(name, w3d[e], X))
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_portable_dots_match_avx2(name):
     w, Wd = weights(name, (7, 512), heavy=True)
     x = RNG.standard_normal(512).astype(np.float32)
     xq, xd, xc = np.empty(512, np.int8), np.empty(16, np.float32), np.empty(16, np.float32)
     quantize_q8(x, xq, xd, xc)
-    dot = simd.dot_q4_0_portable if name == "q4_0" else simd.dot_q8_0_portable
+    dot = getattr(simd, f"dot_{name}_portable")
     flat = w.reshape(-1)
     y = np.array([dot(flat, r * w.shape[1], xq, xd, xc) for r in range(7)], np.float32)
     check_product(name, Wd, x[None], y[None])
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
-    from lazymoe.kernels.matvec import _matmul_dots, _matmul_tiles, quantize_q8_rows
+    from lazymoe.kernels.activations import quantize_q8_rows
+    from lazymoe.kernels.int_matmul import int_matmul_parallel
+    code = K.KERNELS[name].code
     w, Wd = weights(name, (37, 512), heavy=True)
     for tokens in (2, 5, 9):
         X = RNG.standard_normal((tokens, 512)).astype(np.float32)
         xq, xd, xc = np.empty((tokens, 512), np.int8), np.empty((tokens, 16), np.float32), np.empty((tokens, 16), np.float32)
         quantize_q8_rows(X, xq, xd, xc)
         a, b = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
-        _matmul_dots(w, xq, xd, xc, a, 2, name == "q8_0")
+        int_matmul_parallel(code, False, w, X, xq, xd, xc, a, 2)
         if simd.HAVE_AVX2:
-            _matmul_tiles(w, xq, xd, xc, b, 2, name == "q8_0")
+            int_matmul_parallel(code, True, w, X, xq, xd, xc, b, 2)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
         check_product(name, Wd, X, a)
+
+
+@pytest.mark.skipif(not simd.HAVE_AVX2 or bool(os.environ.get("LAZYMOE_NO_AVX2")),
+                    reason="this run is the portable build already")
+def test_portable_build(tmp_path):
+    """LAZYMOE_NO_AVX2=1 builds what a CPU without AVX2 runs (the *_portable dots compiled in place, no tiles):
+    every product test of this file passes on it too, in a fresh process and cache."""
+    import subprocess
+    import sys
+    env = os.environ | {"LAZYMOE_NO_AVX2": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", "matvec or matmul or ffn or portable or tiles or x86"],
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.skipif(simd.HAVE_AVX2, reason="checks the build without AVX2")
+def test_no_x86_ir_without_avx2():
+    """Without AVX2 no AVX2 intrinsic reaches the compiled drivers (LLVM cannot select them on other CPUs).
+    (The x86 backend's own llvm.x86.atomic.* for Numba's refcounts is the host's, not ours.)"""
+    from lazymoe.kernels.int_matmul import _token_rows
+    from lazymoe.kernels.matvec import dot_rows
+    assert all(k.tile is None for k in K.KERNELS.values())
+    w, _ = weights("q4_0", (8, 64))
+    K.matvec("q4_0", w, np.ones(64, np.float32))
+    K.matmul("q4_0", w, np.ones((5, 64), np.float32))
+    for fn in (dot_rows, _token_rows):
+        for ll in fn.inspect_llvm().values():
+            assert "llvm.x86.avx" not in ll, fn
 
 
 def ffn_reference(W1, W3, W2, X):
@@ -149,8 +182,9 @@ def ffn_reference(W1, W3, W2, X):
     return (g / (1 + np.exp(-g)) * u) @ W2.T
 
 
-# Mixed types take the unfused path; q4_0/q4_0 w1/w3 the fused one.
-FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0")]
+# Mixed w1/w3 types take the unfused path; one type for w1 and w3 the fused one (in parallel, d * f >= 2^18).
+FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0"),
+             ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1")]
 
 
 def ffn_bound(types, X):
@@ -180,6 +214,16 @@ def test_expert_ffn_batch(types, tokens):
     assert rel(Y, ffn_reference(W1, W3, W2, X.astype(np.float64))) <= ffn_bound(types, X)
 
 
+def test_registry_rows_agree_with_qtypes():
+    """A KERNELS row's code is its GGML type id, and its activation blocks tile the weight blocks."""
+    for name, k in K.KERNELS.items():
+        q = K.qtype(name)
+        assert k.code == int(q.ggml), name
+        assert k.act.block == 0 or q.block_size % k.act.block == 0, name
+        assert k.int_matmul == (k.act.quantize is not None), name
+    assert set(K.KERNELS) == set(GG)
+
+
 def test_swapped_nibbles_are_caught():
     w, Wd = weights("q4_0", (16, 256))
     blocks = w.reshape(16, -1, 18).copy()
@@ -203,7 +247,7 @@ def test_bad_inputs():
         lambda: K.matvec("q4_0", w, np.ones(128, np.float32)[::2]),            # non-contiguous x
         lambda: K.matvec("q4_0", w.reshape(-1), x),                            # 1-D weights
         lambda: K.matvec("q4_0", w, x, out=np.empty(7, np.float32)),           # wrong out shape
-        lambda: K.matvec("q5_1", w, x),                                        # unknown type
+        lambda: K.matvec("q4_k", w, x),                                        # unknown type
         lambda: K.matvec("f32", np.ones((8, 64), np.float16), x),              # f16 array as f32
         lambda: K.matmul("q4_0", w, x),                                        # X must be 2-D
         lambda: K.matmul("q4_0", w, np.ones((3, 64), np.float32).T.copy()),    # [64, 3]: wrong cols
@@ -236,7 +280,7 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert sources_key(str(tmp_path)) != k1 and len(k1) == 16
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", "import kernels, os, numba; print(os.environ['NUMBA_CACHE_DIR']); "
+    out = subprocess.run([sys.executable, "-c", "import lazymoe.kernels, os, numba; print(os.environ['NUMBA_CACHE_DIR']); "
                           "print(numba.config.CACHE_DIR)"], env=env, capture_output=True, text=True, check=True)
     want = os.path.join(str(tmp_path), "lazymoe", "numba-" + sources_key(os.path.dirname(K.__file__)))
     assert out.stdout.split() == [want, want]

@@ -1,0 +1,87 @@
+"""The registry: one row per weight type naming its kernels, and the three calls the drivers make.
+
+A KERNELS row names the type's code (GGML's type id, the numbering a GGUF file already carries),
+its activation scheme (activations.py) and its codegens in simd.py: a row dot, a dequantizer and,
+with AVX2 and where they pay, token tiles. From the rows this module builds row_dot (and rows_dot, its
+loop over rows), row_tile and dequant_row, each one intrinsic whose IR switches on the code
+(simd.code_switch). The drivers
+(matvec.py, int_matmul.py, dequant_matmul.py) are written once and pass the code, an ordinary int64
+argument, down to them: one compiled, cached signature per driver for all types, and a type is
+its codegens plus one row here. The switch costs one compare per call of rows_dot (per row of
+row_tile and dequant_row, where a row is the larger part of the work).
+
+Weights arrive as bytes: w is the flat uint8 view of a C-contiguous [R, row_bytes] matrix and wo the
+byte offset of a row in it, for f16 and f32 too. An unknown code yields NaN (row_dot, row_tile) or
+leaves the output untouched (rows_dot, dequant_row).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as G
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from . import simd
+from .activations import FLOAT, Q8, ActScheme
+
+
+@dataclass(frozen=True)
+class TypeKernels:
+    code: int                        # GGML's type id: the value the drivers pass down
+    act: ActScheme                   # how x is prepared for the row dots (activations.py)
+    dot: Callable                    # simd codegen (w, wo, x, xq, xd, xc) -> f32
+    dequant: Callable                # simd codegen (w, wo, out, oo, cols): the row as float32
+    tile: Callable | None = None     # simd codegen, 1 row x 1..4 tokens; None: one dot per (row, token)
+    as_stored: bool = False          # rows are float32: sgemm reads them as stored, no dequantizing
+
+    @property
+    def int_matmul(self) -> bool:
+        """Few tokens take the row dots on quantized activations rather than dequantize + sgemm."""
+        return self.act.quantize is not None
+
+
+KERNELS: dict[str, TypeKernels] = {
+    "f32": TypeKernels(int(G.F32), FLOAT, simd.dot_f32, simd.dequant_f32, as_stored=True),
+    "f16": TypeKernels(int(G.F16), FLOAT, simd.dot_f16, simd.dequant_f16),
+    "q8_0": TypeKernels(int(G.Q8_0), Q8, simd.dot_q8_0, simd.dequant_q8_0, simd.tile_q8_0),
+    "q4_0": TypeKernels(int(G.Q4_0), Q8, simd.dot_q4_0, simd.dequant_q4_0, simd.tile_q4_0),
+    "q5_1": TypeKernels(int(G.Q5_1), Q8, simd.dot_q5_1, simd.dequant_q5_1, simd.tile_q5_1),
+}
+
+
+def _nan(context, builder, ty):
+    nan = ir.Constant(ir.FloatType(), float("nan"))
+    return context.make_tuple(builder, ty, [nan] * ty.count) if isinstance(ty, types.UniTuple) else nan
+
+
+_DOTS = simd.code_switch({k.code: k.dot for k in KERNELS.values()}, _nan)
+_ROWS = simd.code_switch({k.code: simd.rows_of(k.dot) for k in KERNELS.values()}, None)
+_TILES = simd.code_switch({k.code: k.tile for k in KERNELS.values() if k.tile is not None}, _nan)
+_DEQUANTS = simd.code_switch({k.code: k.dequant for k in KERNELS.values()}, None)
+
+
+@intrinsic
+def row_dot(typingctx, code, w, wo, x, xq, xd, xc):
+    """The dot of the row at byte wo of w with x (or its quantized xq, xd, xc): float32."""
+    return types.float32(code, w, wo, x, xq, xd, xc), _DOTS
+
+
+@intrinsic
+def rows_dot(typingctx, code, w, rb, x, xq, xd, xc, y, r0, r1):
+    """y[r] = row_dot of row r (byte r * rb of w) for r in [r0, r1): the switch on code once, not per row."""
+    return types.none(code, w, rb, x, xq, xd, xc, y, r0, r1), _ROWS
+
+
+@intrinsic
+def row_tile(typingctx, code, w, wo, xq, xd, xct, k0, kk):
+    """The row at byte wo times tokens k0 .. k0+kk-1, kk in 1..4, as 4 floats (types with a tile)."""
+    return types.UniTuple(types.float32, 4)(code, w, wo, xq, xd, xct, k0, kk), _TILES
+
+
+@intrinsic
+def dequant_row(typingctx, code, w, wo, out, oo, cols):
+    """out[oo : oo + cols] = the row of cols weights at byte wo of w, as float32."""
+    return types.none(code, w, wo, out, oo, cols), _DEQUANTS

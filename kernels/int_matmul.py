@@ -1,0 +1,53 @@
+"""A few tokens: Y [T, R] = X [T, C] W^T with integer row dots, each weight row read from DRAM once.
+
+For up to dispatch.INT_MATMUL_MAX_TOKENS tokens this beats dequantize + sgemm (dequant_matmul.py),
+which is memory-bound on few tokens. The tokens come quantized per the type's activation scheme:
+xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
+
+A type whose registry row has a tile (AVX2 only) runs tiles of 1 row x 4 tokens (blocks.row_tile):
+each block unpacked once per 4 tokens, 4 independent accumulators. Against one block dot per (row,
+token) a 2 x 4 tile measured 1.4-2.2x at 2 tokens and 1.9-3.6x at 4-64 tokens; 1 x 4 is 1.3-1.5x faster
+again (see simd.py; this machine, 2026-11-27). Other types take one block dot per (row, token).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .blocks import row_dot, row_tile
+from .matvec import split
+
+
+@njit(cache=True)
+def _token_rows(code, tiles, flat, rb, X, xq, xd, xc, xct, Y, r0, r1):
+    T = Y.shape[0]
+    for r in range(r0, r1):
+        o = r * rb
+        k = 0
+        while tiles and k + 4 <= T:      # kk = 4 a constant: LLVM folds the tile's switch on kk
+            t = row_tile(code, flat, o, xq, xd, xct, k, 4)
+            Y[k, r], Y[k + 1, r], Y[k + 2, r], Y[k + 3, r] = t
+            k += 4
+        if tiles and k < T:
+            t = row_tile(code, flat, o, xq, xd, xct, k, T - k)
+            for j in range(T - k):
+                Y[k + j, r] = t[j]
+            k = T
+        for j in range(k, T):
+            Y[j, r] = row_dot(code, flat, o, X[j], xq[j], xd[j], xc[j])
+
+
+@njit(parallel=True, cache=True)
+def int_matmul_parallel(code, tiles, w, X, xq, xd, xc, Y, nt):
+    """Y [T, R] from w uint8 [R, row_bytes] of type code and X [T, C] quantized as (xq, xd, xc);
+    tiles: the type has a tile (else one row dot per (row, token))."""
+    flat = w.reshape(-1)
+    T, ns = xc.shape
+    xct = np.zeros((ns, T + 3), np.float32)          # [NB * sums, T + 3]: a tile loads 4 tokens' sums at once
+    if tiles:
+        for k in range(T):
+            for b in range(ns):
+                xct[b, k] = xc[k, b]
+    for t in prange(nt):
+        r0, r1 = split(w.shape[0], nt, t)
+        _token_rows(code, tiles, flat, w.shape[1], X, xq, xd, xc, xct, Y, r0, r1)
