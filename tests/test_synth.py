@@ -104,8 +104,9 @@ def test_synth_command_writes_a_llama_cpp_mix(tmp_path, capsys):
     assert "q9_k" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k", "q6_k", "q5_1"])
-def test_llama_cpp_mixes(tmp_path, ft):
+@pytest.mark.parametrize("ft, extra", [("q4_k_m", {}), ("q3_k_m", {}), ("q2_k", {}), ("q6_k", {}),
+                                       ("q5_k_m", {"blk.0.attn_q.weight": "q4_1", "blk.1.attn_q.weight": "q5_0"})])
+def test_llama_cpp_mixes(tmp_path, ft, extra):
     """synth lays tensors out as llama.cpp's quantizer would (quantize/mixes.py), with sane random blocks of
     every type; llama.cpp runs the file."""
     from lazymoe.format.config import ModelConfig
@@ -116,11 +117,12 @@ def test_llama_cpp_mixes(tmp_path, ft):
     cfg = ModelConfig(n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=512, n_ctx_train=64,
                       rms_eps=1e-5, rope_theta=1e4, n_expert=8, n_expert_used=2)
     path = str(tmp_path / f"{ft}.gguf")
-    write_gguf(synth_source(cfg, type_name=ft), path, qtype("f32"), progress=False, file_type=ft)
-    want = tensor_types(cfg, ft)
+    write_gguf(synth_source(cfg, type_name=ft, types=extra), path, qtype("f32"), progress=False, file_type=ft)
+    want = {**tensor_types(cfg, ft), **{n: t.upper() for n, t in extra.items()}}
     with GGUFFile(path) as g:
         assert {n: g.tensors[n].type_name.upper() for n in want} == want
-        for n in ("blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_output.weight", "output.weight"):
+        for n in ("blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_output.weight", "output.weight",
+                  *extra):
             info = g.tensors[n]
             w = gguf.quants.dequantize(g.raw(n), info.ggml_type)
             assert np.isfinite(w).all() and 0.01 < w.std() < 0.04 and abs(w.mean()) < 0.005, n
