@@ -16,14 +16,16 @@ Activations, quantized once per product:
   Q5_0        xc f32 [C/32] = 8 * xd * sum(xq of block). llama.cpp's Q8_1 `s` (d * sum) is xc / 8, exactly.
   BF16        float32 x as is: dot_bf16(w uint16, wo element offset, x f32 [C], n8) sums 8 * n8 products.
 
-Why the integer path and the arithmetic: every integer sum below is exact in int32 for any bytes (bounds at
-each kernel), so the three implementations of a K-quant dot give the same float32 bit for bit, and the only
-rounding is llama.cpp's: f32(d_w * d_x) * f32(sum) per super-block, added in block order.
+Arithmetic: every integer sum is exact in int32 for any bytes (bounds at each kernel), so the three forms of a
+K-quant dot give the same float32 bit for bit, rounding only as llama.cpp does: f32(d_w * d_x) * f32(sum) per
+super-block, added in block order. The 32-block dots keep 8 float lanes (as simd.py's Q4_0) whose grouping
+differs between the forms, so those agree to float rounding only.
 
-Fast form: generic LLVM vector IR (loads, shuffles, zext/sext, mul, add, llvm.vector.reduce.add) that LLVM
-lowers for AVX2 and NEON alike. The one x86-only piece is `vpmaddubsw` / `vpmaddwd` for the u8 x s8 -> i16
-pair sums and i16 x i16 -> i32 pair sums (`_maddubs`, `_maddwd`): `dot_<t>_x86` is the same codegen with
-those two swapped in, used where HAVE_AVX2. Their inputs never saturate: weights are < 64 after masking.
+Fast form, one codegen per scheme: generic LLVM vector IR (loads, shuffles, zext/sext, mul, add,
+llvm.vector.reduce.add, llvm.fma) except the 32-weight step `_chunk_dot`, which is either
+vpmaddubsw + vpmaddwd (`dot_<t>_x86`, used where HAVE_AVX2) or widening multiplies on register halves
+(`dot_<t>_ir`, everywhere else: LLVM lowers it to NEON smull / smlal; on AVX2 it runs ~3x slower than
+the x86 form, 12 against 34 Gweights/s in cache for Q4_K). Neither saturates: weights are < 64 after masking.
 
 Safety: a kernel reads block b of a row only at wo + b * type_size + fixed positions inside the block,
 and the block count is clamped once per call to what w, xq, xd and xc (or out) hold, so any bytes at all
@@ -114,26 +116,32 @@ def _hsum_f(b, v):
     return t
 
 
-_EVEN16 = list(range(0, 32, 2))
-_ODD16 = list(range(1, 32, 2))
+def _maddubs(b, u, x):
+    """x86: u <32 x i8> (0..63) . x <32 x i8> in adjacent pairs -> <16 x i16> (vpmaddubsw)."""
+    return b.call(_fn(b, "llvm.x86.avx2.pmadd.ub.sw", _V(_I16, 16), [_V(_I8, 32)] * 2), [u, x])
 
 
-def _maddubs(b, u, x, x86):
-    """u <32 x i8> (0..63) . x <32 x i8> in pairs -> <16 x i16>: lane i = u[2i] x[2i] + u[2i+1] x[2i+1]."""
+def _maddwd(b, p, s):
+    """x86: <16 x i16> . <16 x i16> in adjacent pairs -> <8 x i32> (vpmaddwd)."""
+    return b.call(_fn(b, "llvm.x86.avx2.pmadd.wd", _V(_I32, 8), [_V(_I16, 16)] * 2), [p, s])
+
+
+def _chunk_dot(b, u, x, s, x86):
+    """Partial sums <8 x i32> of sum_l s[l // 2] u[l] x[l] over 32 weights: u <32 x i8> (0..63), x <32 x i8>,
+    s <16 x i16> the scale of each 16 weights' half (lanes 0..7: weights 0..15, lanes 8..15: 16..31).
+
+    x86: vpmaddubsw + vpmaddwd on adjacent pairs. Generic: widening multiplies on register halves (8 lanes
+    of 16 bits: NEON's smull / smlal, and what AVX2 splits 256-bit vectors into); |u x| <= 63 * 128 and
+    a pair of them fit i16, so neither form saturates or wraps.
+    """
     if x86:
-        return b.call(_fn(b, "llvm.x86.avx2.pmadd.ub.sw", _V(_I16, 16), [_V(_I8, 32)] * 2), [u, x])
-    p = b.mul(b.sext(u, _V(_I16, 32)), b.sext(x, _V(_I16, 32)))          # |p| <= 63 * 128: fits i16
-    return b.add(_shuf(b, p, _EVEN16), _shuf(b, p, _ODD16))   # |pair| <= 16128
-
-
-def _maddwd(b, p, s, x86):
-    """<16 x i16> . <16 x i16> in pairs -> <8 x i32>."""
-    if x86:
-        return b.call(_fn(b, "llvm.x86.avx2.pmadd.wd", _V(_I32, 8), [_V(_I16, 16)] * 2), [p, s])
-    ev, od = list(range(0, 16, 2)), list(range(1, 16, 2))
+        return _maddwd(b, _maddubs(b, u, x), s)
+    p = b.mul(b.sext(u, _V(_I16, 32)), b.sext(x, _V(_I16, 32)))
+    h = b.add(_shuf(b, p, list(range(8)) + list(range(16, 24))), _shuf(b, p, list(range(8, 16)) + list(range(24, 32))))
     w = _V(_I32, 8)
-    return b.add(b.mul(b.sext(_shuf(b, p, ev), w), b.sext(_shuf(b, s, ev), w)),
-                 b.mul(b.sext(_shuf(b, p, od), w), b.sext(_shuf(b, s, od), w)))
+    lo, hi = list(range(8)), list(range(8, 16))
+    return b.add(b.mul(b.sext(_shuf(b, h, lo), w), b.sext(_shuf(b, s, lo), w)),
+                 b.mul(b.sext(_shuf(b, h, hi), w), b.sext(_shuf(b, s, hi), w)))
 
 
 def _nibbles32(b, q16):
@@ -275,7 +283,7 @@ def _k_dot_codegen(kind, x86):
             for c in range(8):
                 x = _load(b, xqa.data, b.add(xb, _c64(32 * c)), _V(_I8, 32))
                 s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
-                sumi = b.add(sumi, _maddwd(b, _maddubs(b, chunks[c], x, x86), s, x86))
+                sumi = b.add(sumi, _chunk_dot(b, chunks[c], x, s, x86))
             isum = _reduce_add(b, sumi)                           # |isum| <= 63 * 128 * 128 * 256 < 2^31
             bs = b.sext(_load(b, bsa.data, b.mul(i, _c64(16)), _V(_I16, 16)), _V(_I32, 16))
             corr = _reduce_add(b, b.mul(bs, b.sext(mn if mn is not None else sc, _V(_I32, 16))))
@@ -356,7 +364,7 @@ def _dot32_codegen(kind, x86):
             _prefetch(b, p)
             d, m, u = _unpack_32(kind, b, p)
             x = _load(b, xqa.data, b.mul(i, _c64(32)), _V(_I8, 32))
-            s = _maddwd(b, _maddubs(b, u, x, x86), ones, x86)          # <8 x i32>
+            s = _chunk_dot(b, u, x, ones, x86)                          # <8 x i32>
             dx = b.load(b.gep(xda.data, [i]))
             b.store(b.call(fma, [b.sitofp(s, _V(_F32, 8)), _bcast(b, b.fmul(d, dx), 8), b.load(acc)]), acc)
             c = b.load(b.gep(xca.data, [i]))
@@ -441,7 +449,10 @@ dequant_q5_1 = _dequant("dequant_q5_1", _dequant32_codegen("q5_1"))
 
 @intrinsic
 def dot_bf16_ir(typingctx, w, wo, x, n8):
-    """sum_i bf16(w[wo + i]) * x[i] for i < 8 * n8 (clamped to what w and x hold); 8-lane FMA."""
+    """sum_i bf16(w[wo + i]) * x[i] for i < 8 * n8 (clamped to what w and x hold).
+
+    Four 8-lane FMA accumulators, 32 weights a step: one accumulator waits on the FMA latency (4 cycles).
+    """
     def codegen(context, b, sig, args):
         wa, wn = _shape0(context, b, sig.args[0], args[0])
         xa, xn = _shape0(context, b, sig.args[2], args[2])
@@ -450,12 +461,21 @@ def dot_bf16_ir(typingctx, w, wo, x, n8):
         n = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), n)
         wp = b.gep(wa.data, [wo])
         fma = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
-        acc = cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None))
-        with cgutils.for_range(b, n) as loop:
-            o = b.mul(loop.index, _c64(8))
+        accs = [cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None)) for _ in range(4)]
+
+        def step(o, acc):
             wv = b.bitcast(_shl(b, b.zext(_load(b, wp, o, _V(_I16, 8)), _V(_I32, 8)), 16), _V(_F32, 8))
             b.store(b.call(fma, [wv, _load(b, xa.data, o, _V(_F32, 8)), b.load(acc)]), acc)
-        return _hsum_f(b, b.load(acc))
+
+        n4 = b.sdiv(n, _c64(4))
+        with cgutils.for_range(b, n4) as loop:
+            o = b.mul(loop.index, _c64(32))
+            for k in range(4):
+                step(b.add(o, _c64(8 * k)), accs[k])
+        with cgutils.for_range(b, b.sub(n, b.mul(n4, _c64(4)))) as loop:
+            step(b.mul(b.add(b.mul(n4, _c64(4)), loop.index), _c64(8)), accs[0])
+        v = b.fadd(b.fadd(b.load(accs[0]), b.load(accs[1])), b.fadd(b.load(accs[2]), b.load(accs[3])))
+        return _hsum_f(b, v)
     return types.float32(w, wo, x, types.int64), codegen
 
 

@@ -6,8 +6,9 @@ Tolerances (y the kernel's float32 row dot, x̂ the activations as the kernel se
   offset term), because the kernel adds the scale and min/offset terms separately and each float32 operation
   (d_w d_x, int -> float, product, running sum, gguf's own d * sc) costs at most half an ulp of its part of S.
 - against ŵ . x in float64: that, plus sum |ŵ| |x - x̂|: the activation quantization error, exactly bounded.
-- K-quant dots: the three implementations agree bit for bit (exact int32 sums, the same float operations);
-  the 32-block IR and x86 forms too (the same 8 lanes); dequantizers equal gguf's bit for bit.
+- K-quant dots: the three implementations agree bit for bit (exact int32 sums, the same float operations).
+  The 32-block forms add their 8 float lanes in different groupings, so each meets the bounds on its own.
+- Dequantizers equal gguf's bit for bit (the same float32 operations in the same order, no FMA).
 """
 from __future__ import annotations
 
@@ -140,8 +141,6 @@ def test_dot_against_reference(t, rows, cols, heavy):
     if t in KQ:
         for f in FORMS[1:]:
             np.testing.assert_array_equal(ys[f], ys["ir"])
-    elif K.HAVE_AVX2:
-        np.testing.assert_array_equal(ys["x86"], ys["ir"])
 
 
 @pytest.mark.parametrize("t", KQ + B32)
@@ -175,9 +174,10 @@ def test_dequant_bit_exact(t):
     np.testing.assert_array_equal(row.view(np.uint32), ref[3 * 768:4 * 768].view(np.uint32))
 
 
-def test_bf16():
+@pytest.mark.parametrize("cols", [4096, 4104, 8])
+def test_bf16(cols):
     rng = np.random.default_rng(6)
-    rows, cols = 5, 4096
+    rows = 5
     wf = (rng.standard_t(3, (rows, cols)) * 0.02).astype(np.float32)
     w = quantize(wf, G.BF16).view(np.uint16)
     wh = dequantize(w.view(np.uint8), G.BF16).astype(np.float64)
@@ -284,3 +284,12 @@ def test_bf16_hostile_bounds():
         assert _bf16_one(w, 60, x, 8, plain) == 0.0            # 4 elements left: no whole 8
         a, b = _bf16_one(w, 0, x, 1000, plain), _bf16_one(w, 0, x, 8, plain)
         assert np.isnan(a) and np.isnan(b) or a == b
+
+
+def test_second_process_loads_from_numba_cache():
+    """A fresh process with the same NUMBA_CACHE_DIR compiles nothing: cache=True kernels calling the intrinsics hit."""
+    from lazymoe.benchmarks.kquant_dots import cache_check
+    r = cache_check()
+    assert r["cold"]["cache_misses"] > 0
+    assert r["warm"]["cache_misses"] == 0 and r["warm"]["cache_hits"] >= 4
+    assert r["warm"]["total"] < r["cold"]["total"]
