@@ -1,4 +1,4 @@
-"""kernels/kquant.py against gguf.quants.dequantize and a float64 dot.
+"""kernels/kquant.py and kquant_plain.py against gguf.quants.dequantize and a float64 dot.
 
 Tolerances (y the kernel's float32 row dot, x̂ the activations as the kernel sees them, dequantized):
 - against ŵ . x̂ in float64: |y - ref| <= (n + 8) 2^-23 S, n the float32 additions the kernel chains (blocks
@@ -19,6 +19,7 @@ from gguf.quants import dequantize, quantize
 from numba import njit
 
 from lazymoe.kernels import kquant as K
+from lazymoe.kernels import kquant_plain as P
 from lazymoe.kernels.matvec import quantize_q8
 
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -54,7 +55,8 @@ def _deq(fn):
     return deq
 
 
-IMPLS = {t: {f: getattr(K, f"dot_{t}_{f}") for f in ("ir", "x86", "plain")} for t in KQ + B32}
+IMPLS = {t: {"ir": getattr(K, f"dot_{t}_ir"), "x86": getattr(K, f"dot_{t}_x86"), "plain": getattr(P, f"dot_{t}_plain")}
+         for t in KQ + B32}
 ROWS = {t: {f: _rows(d) for f, d in v.items()} for t, v in IMPLS.items()}
 ONE = {t: {f: _one(d) for f, d in v.items()} for t, v in IMPLS.items()}
 DEQ = {t: _deq(getattr(K, f"dequant_{t}")) for t in KQ + B32}
@@ -65,12 +67,12 @@ FORMS = ["ir", "x86", "plain"] if K.HAVE_AVX2 else ["ir", "plain"]
 @njit
 def _bf16_rows(w, cols, x, y, plain):
     for r in range(y.shape[0]):
-        y[r] = K.dot_bf16_plain(w, r * cols, x, cols // 8) if plain else K.dot_bf16_ir(w, r * cols, x, cols // 8)
+        y[r] = P.dot_bf16_plain(w, r * cols, x, cols // 8) if plain else K.dot_bf16_ir(w, r * cols, x, cols // 8)
 
 
 @njit
 def _bf16_one(w, wo, x, n8, plain):
-    return K.dot_bf16_plain(w, wo, x, n8) if plain else K.dot_bf16_ir(w, wo, x, n8)
+    return P.dot_bf16_plain(w, wo, x, n8) if plain else K.dot_bf16_ir(w, wo, x, n8)
 
 
 def _f16(v):
