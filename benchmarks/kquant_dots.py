@@ -1,0 +1,344 @@
+"""Single-thread row-dot speed of kernels/kquant.py from DRAM, beside simd.py's Q4_0 and Q8_0 dots.
+
+    python -m lazymoe.benchmarks.kquant_dots                 # table (~1.3 GiB RAM, about a minute)
+    python -m lazymoe.benchmarks.kquant_dots --json          # one JSON object on stdout
+    python -m lazymoe.benchmarks.kquant_dots --cache-check   # first-call time, fresh process, cold vs warm cache
+    python -m lazymoe.benchmarks.kquant_dots --arm64         # the generic dots' aarch64 loop (no arm64 needed)
+
+Form "dequant" is the dequantizer, row by row into one float32 row buffer (the dequantize + sgemm path's
+inner step), in stored bytes read per second.
+
+Each type's 4096 x 14336 matrices (Mixtral w2's shape) tile one pool of >= 1 GiB, so every byte comes from
+DRAM; a trial times one pass over the pool per (type, form), all types side by side in each trial (the
+machine is shared), and the table shows the median. Pool bytes are drawn from 0x10..0x2f, so every f16 or
+bf16 field anywhere is a normal positive number: no type needs its own pool and none hits denormals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from numba import njit
+
+from lazymoe.kernels import kquant as K
+from lazymoe.kernels import kquant_plain as P
+from lazymoe.kernels import simd
+from lazymoe.kernels.matvec import quantize_q8
+
+ROWS, COLS = 4096, 14336
+KQ = ["q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]
+B32 = ["q4_1", "q5_0", "q5_1"]
+SIZES = {**{t: (K.BLOCK[t], K.TYPE_SIZE[t]) for t in KQ + B32}, "q4_0": (32, 18), "q8_0": (32, 34), "bf16": (1, 2)}
+FORMS = {"fast": 0, "ir": 1, "x86": 2, "plain": 3}
+KIND = {t: i for i, t in enumerate(KQ + B32 + ["q4_0", "q8_0", "bf16"])}
+
+
+@njit(cache=True)
+def rows_k(kind, form, w, base, rb, xq, xd, xbs, y):
+    """y[r] = row dot of the K-quant matrix at byte base of w (kind: index in KQ; form: index in FORMS)."""
+    for r in range(y.shape[0]):
+        o = base + r * rb
+        if kind == 0:
+            y[r] = (K.dot_q4_k(w, o, xq, xd, xbs) if form == 0 else K.dot_q4_k_ir(w, o, xq, xd, xbs) if form == 1
+                    else K.dot_q4_k_x86(w, o, xq, xd, xbs) if form == 2 else P.dot_q4_k_plain(w, o, xq, xd, xbs))
+        elif kind == 1:
+            y[r] = (K.dot_q5_k(w, o, xq, xd, xbs) if form == 0 else K.dot_q5_k_ir(w, o, xq, xd, xbs) if form == 1
+                    else K.dot_q5_k_x86(w, o, xq, xd, xbs) if form == 2 else P.dot_q5_k_plain(w, o, xq, xd, xbs))
+        elif kind == 2:
+            y[r] = (K.dot_q6_k(w, o, xq, xd, xbs) if form == 0 else K.dot_q6_k_ir(w, o, xq, xd, xbs) if form == 1
+                    else K.dot_q6_k_x86(w, o, xq, xd, xbs) if form == 2 else P.dot_q6_k_plain(w, o, xq, xd, xbs))
+        elif kind == 3:
+            y[r] = (K.dot_q3_k(w, o, xq, xd, xbs) if form == 0 else K.dot_q3_k_ir(w, o, xq, xd, xbs) if form == 1
+                    else K.dot_q3_k_x86(w, o, xq, xd, xbs) if form == 2 else P.dot_q3_k_plain(w, o, xq, xd, xbs))
+        else:
+            y[r] = (K.dot_q2_k(w, o, xq, xd, xbs) if form == 0 else K.dot_q2_k_ir(w, o, xq, xd, xbs) if form == 1
+                    else K.dot_q2_k_x86(w, o, xq, xd, xbs) if form == 2 else P.dot_q2_k_plain(w, o, xq, xd, xbs))
+
+
+@njit(cache=True)
+def rows_32(kind, form, w, base, rb, xq, xd, xc, y):
+    """The same for Q4_1, Q5_0, Q5_1 (kind 5, 6, 7) and simd.py's Q4_0, Q8_0 (kind 8, 9; fast form only)."""
+    for r in range(y.shape[0]):
+        o = base + r * rb
+        if kind == 5:
+            y[r] = (K.dot_q4_1(w, o, xq, xd, xc) if form == 0 else K.dot_q4_1_ir(w, o, xq, xd, xc) if form == 1
+                    else K.dot_q4_1_x86(w, o, xq, xd, xc) if form == 2 else P.dot_q4_1_plain(w, o, xq, xd, xc))
+        elif kind == 6:
+            y[r] = (K.dot_q5_0(w, o, xq, xd, xc) if form == 0 else K.dot_q5_0_ir(w, o, xq, xd, xc) if form == 1
+                    else K.dot_q5_0_x86(w, o, xq, xd, xc) if form == 2 else P.dot_q5_0_plain(w, o, xq, xd, xc))
+        elif kind == 7:
+            y[r] = (K.dot_q5_1(w, o, xq, xd, xc) if form == 0 else K.dot_q5_1_ir(w, o, xq, xd, xc) if form == 1
+                    else K.dot_q5_1_x86(w, o, xq, xd, xc) if form == 2 else P.dot_q5_1_plain(w, o, xq, xd, xc))
+        elif kind == 8:
+            y[r] = simd.dot_q4_0(w, o, xq, xd, xc)
+        else:
+            y[r] = simd.dot_q8_0(w, o, xq, xd, xc)
+
+
+@njit(cache=True)
+def rows_bf16(form, w, base, cols, x, y):
+    """BF16 rows: w uint16, base and cols in elements."""
+    for r in range(y.shape[0]):
+        o = base + r * cols
+        y[r] = K.dot_bf16(w, o, x, cols // 8) if form != 3 else P.dot_bf16_plain(w, o, x, cols // 8)
+
+
+@njit(cache=True)
+def dequant_rows(kind, w, base, rb, nrows, out):
+    """Dequantize nrows rows at byte base of w, each into out (one row of floats, stays in L1/L2)."""
+    for r in range(nrows):
+        o = base + r * rb
+        if kind == 0:
+            K.dequant_q4_k(w, o, out, 0, out.shape[0] // 256)
+        elif kind == 1:
+            K.dequant_q5_k(w, o, out, 0, out.shape[0] // 256)
+        elif kind == 2:
+            K.dequant_q6_k(w, o, out, 0, out.shape[0] // 256)
+        elif kind == 3:
+            K.dequant_q3_k(w, o, out, 0, out.shape[0] // 256)
+        elif kind == 4:
+            K.dequant_q2_k(w, o, out, 0, out.shape[0] // 256)
+        elif kind == 5:
+            K.dequant_q4_1(w, o, out, 0, out.shape[0] // 32)
+        elif kind == 6:
+            K.dequant_q5_0(w, o, out, 0, out.shape[0] // 32)
+        elif kind == 7:
+            K.dequant_q5_1(w, o, out, 0, out.shape[0] // 32)
+        else:
+            simd.dequant_q4_0(w, o, out, 0, out.shape[0] // 32)
+
+
+def activations(t, x):
+    c = x.shape[0]
+    if t in KQ:
+        xq, xd, xc = np.empty(c, np.int8), np.empty(c // 256, np.float32), np.empty(c // 16, np.int16)
+        K.quantize_q8_k(x, xq, xd, xc)
+    else:
+        xq, xd, xc = np.empty(c, np.int8), np.empty(c // 32, np.float32), np.empty(c // 32, np.float32)
+        quantize_q8(x, xq, xd, xc)
+    return xq, xd, xc
+
+
+def dequant_pass(t, pool, out):
+    bs, ts = SIZES[t]
+    rb = COLS // bs * ts
+    n = pool.size // (ROWS * rb)
+    k = KIND[t]
+    return (lambda: [dequant_rows(k, pool, m * ROWS * rb, rb, ROWS, out) for m in range(n)]), n * ROWS * rb
+
+
+def pass_fn(t, form, pool, x, y):
+    """() -> None: one pass of row dots over every whole matrix of type t in the pool; and its bytes."""
+    bs, ts = SIZES[t]
+    rb = COLS // bs * ts
+    n = pool.size // (ROWS * rb)
+    f = FORMS[form]
+    if t == "bf16":
+        w16 = pool[: n * ROWS * rb].view(np.uint16)
+        return (lambda: [rows_bf16(f, w16, m * ROWS * COLS, COLS, x, y) for m in range(n)]), n * ROWS * rb
+    xq, xd, xc = activations(t, x)
+    rows = rows_k if t in KQ else rows_32
+    k = KIND[t]
+    return (lambda: [rows(k, f, pool, m * ROWS * rb, rb, xq, xd, xc, y) for m in range(n)]), n * ROWS * rb
+
+
+def bench(trials: int, pool_mib: int, forms: list[str], types: list[str], dequant: bool = True) -> dict:
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0x10, 0x30, pool_mib << 20, dtype=np.uint8)
+    x = rng.standard_normal(COLS).astype(np.float32)
+    y = np.empty(ROWS, np.float32)
+    runs = []
+    for t in types:
+        for form in (["fast"] if t in ("q4_0", "q8_0") else ["fast", "plain"] if t == "bf16" else forms):
+            if form == "x86" and not simd.HAVE_AVX2 or (t == "bf16" and form not in ("fast", "plain")):
+                continue
+            if t == "bf16" and form not in forms:
+                continue
+            fn, nbytes = pass_fn(t, form, pool, x, y)
+            if form == "plain":               # ~1 GB/s: one matrix's worth keeps the run short
+                bs, ts = SIZES[t]
+                fn1, nbytes = pass_fn(t, form, pool[: 4 * ROWS * (COLS // bs * ts)], x, y)
+                fn = fn1
+            fn()                               # compile or load from cache, outside the timings
+            runs.append({"type": t, "form": form, "bytes": nbytes, "fn": fn, "s": []})
+        if dequant and t not in ("q8_0", "bf16"):
+            fn, nbytes = dequant_pass(t, pool, np.empty(COLS, np.float32))
+            fn()
+            runs.append({"type": t, "form": "dequant", "bytes": nbytes, "fn": fn, "s": []})
+    for _ in range(trials):
+        for r in runs:
+            t0 = time.perf_counter()
+            r["fn"]()
+            r["s"].append(time.perf_counter() - t0)
+    out = []
+    for r in runs:
+        s = statistics.median(r["s"])
+        bs, ts = SIZES[r["type"]]
+        out.append({"type": r["type"], "form": r["form"], "GBps": r["bytes"] / s / 1e9,
+                    "best_GBps": r["bytes"] / min(r["s"]) / 1e9,
+                    "Gweights_per_s": r["bytes"] / ts * bs / s / 1e9, "bits_per_weight": 8 * ts / bs,
+                    "trials_GBps": [round(r["bytes"] / v / 1e9, 2) for v in r["s"]]})
+    return {"shape": [ROWS, COLS], "pool_mib": pool_mib, "trials": trials, "threads": 1,
+            "have_avx2": simd.HAVE_AVX2, "date": time.strftime("%Y-%m-%d %H:%M"), "dots": out}
+
+
+def first_call() -> dict:
+    """Seconds to import the kernels and make the first call of each row loop in this process."""
+    t0 = time.perf_counter()
+    w = np.full(2 * 210 * 56, 0x20, np.uint8)
+    x = np.ones(COLS, np.float32)
+    y = np.empty(1, np.float32)
+    res = {}
+    t = time.perf_counter()
+    xq, xd, xc = activations("q4_k", x)
+    rows_k(0, 0, w, 0, 0, xq, xd, xc, y)
+    res["rows_k (5 K-quants x 4 forms)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    xq, xd, xc = activations("q4_1", x)
+    rows_32(5, 0, w, 0, 0, xq, xd, xc, y)
+    res["rows_32 (3 types x 4 forms + Q4_0, Q8_0)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows_bf16(0, w.view(np.uint16), 0, 0, x, y)
+    res["rows_bf16"] = time.perf_counter() - t
+    res["total"] = time.perf_counter() - t0
+    fns = (rows_k, rows_32, rows_bf16, K.quantize_q8_k)
+    res["cache_hits"] = sum(sum(f.stats.cache_hits.values()) for f in fns)
+    res["cache_misses"] = sum(sum(f.stats.cache_misses.values()) for f in fns)
+    return res
+
+
+def cache_check() -> dict:
+    """Run first_call in two fresh processes sharing a new, empty NUMBA_CACHE_DIR: cold, then warm."""
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, NUMBA_CACHE_DIR=d)
+        out = {}
+        for label in ("cold", "warm"):
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "lazymoe.benchmarks.kquant_dots", "--first-call"], env=env,
+                               capture_output=True, text=True, check=True)
+            out[label] = {"process_s": time.perf_counter() - t, **json.loads(p.stdout)}
+        out["cache_files"] = sum(len(f) for _, _, f in os.walk(d))
+    return out
+
+
+def _one(dot):
+    @njit
+    def one(w, wo, xq, xd, xc):
+        return dot(w, wo, xq, xd, xc)
+    return one
+
+
+def arm64_child(cpu: str) -> dict:
+    """Each generic dot (dot_<t>_ir) compiled for aarch64 by Numba's own LLVM: the hot loop's instructions.
+
+    Run with NUMBA_OPT=0 (see arm64_report): the x86-optimized module holds x86 intrinsics that aarch64
+    cannot lower, so the unoptimized module is optimized here for the aarch64 target machine instead.
+    """
+    import re
+
+    import llvmlite.binding as llvm
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
+    out = {}
+    for t in KQ + B32:
+        bs, ts = SIZES[t]
+        c = 1024
+        xc = np.zeros(c // 16, np.int16) if t in KQ else np.zeros(c // 32, np.float32)
+        f = _one(getattr(K, f"dot_{t}_ir"))
+        f(np.zeros(c // bs * ts, np.uint8), 0, np.zeros(c, np.int8), np.zeros(c // bs, np.float32), xc)
+        text = next(iter(f.inspect_llvm().values()))
+        text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", text)
+        m = llvm.parse_assembly(text)
+        m.triple, m.data_layout = "aarch64-unknown-linux-gnu", str(tm.target_data)
+        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(3))
+        pb.getModulePassManager().run(m, pb)
+        asm = tm.emit_assembly(m)
+        # the loop body over one block: the basic block with the most multiplies
+        body = max(re.split(r"\n(?=\S+:)", asm), key=lambda blk: blk.count("mul") + blk.count("mlal"))
+        ins = [ln.split()[0] for ln in body.splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")]
+        hist = {}
+        for i in ins:
+            hist[i] = hist.get(i, 0) + 1
+        out[t] = {"weights_per_block": bs, "instructions_per_block": len(ins),
+                  "top": sorted(hist.items(), key=lambda kv: -kv[1])[:6],
+                  "asm": "\n".join(ln.strip() for ln in body.splitlines() if ln.startswith("\t"))}
+    return out
+
+
+def arm64_report(cpu: str) -> dict:
+    """arm64_child in a fresh process (NUMBA_OPT=0, its own cache), plus llvm-mca's cycles if llvm-mca is found."""
+    import shutil
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, NUMBA_OPT="0", NUMBA_CACHE_DIR=d)
+        p = subprocess.run([sys.executable, "-m", "lazymoe.benchmarks.kquant_dots", "--arm64-child", cpu], env=env,
+                           capture_output=True, text=True, check=True)
+        res = json.loads(p.stdout)
+        mca = shutil.which("llvm-mca")
+        for r in res.values():
+            if mca:
+                path = os.path.join(d, "body.s")
+                with open(path, "w") as f:
+                    f.write(r["asm"] + "\n")
+                q = subprocess.run([mca, "-mtriple=aarch64", f"-mcpu={cpu}", path], capture_output=True, text=True)
+                import re
+                tot, it = re.search(r"Total Cycles:\s+(\d+)", q.stdout), re.search(r"Iterations:\s+(\d+)", q.stdout)
+                if tot and it:
+                    r["mca_cycles_per_block"] = int(tot.group(1)) / int(it.group(1))
+                    r["mca_weights_per_cycle"] = r["weights_per_block"] / r["mca_cycles_per_block"]
+            del r["asm"]
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"single thread, {res['shape'][0]} x {res['shape'][1]} per matrix, {res['pool_mib']} MiB pool, "
+             f"median of {res['trials']} ({res['date']}, AVX2 {res['have_avx2']})",
+             f"{'type':6} {'form':7} {'bits/w':>6} {'GB/s':>7} {'Gweights/s':>11} {'best GB/s':>10}"]
+    for r in res["dots"]:
+        lines.append(f"{r['type']:6} {r['form']:7} {r['bits_per_weight']:6.3f} {r['GBps']:7.2f} {r['Gweights_per_s']:11.2f}"
+                     f" {r['best_GBps']:10.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-t", "--trials", type=int, default=5)
+    ap.add_argument("--pool-mib", type=int, default=1280)
+    ap.add_argument("--forms", default="fast,ir,x86,plain", help="comma list of fast, ir, x86, plain")
+    ap.add_argument("--types", default=",".join(["q4_0", "q8_0"] + KQ + B32 + ["bf16"]))
+    ap.add_argument("--no-dequant", action="store_true", help="skip the dequantizers (row by row into one buffer)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cache-check", action="store_true")
+    ap.add_argument("--arm64", metavar="CPU", nargs="?", const="apple-m1",
+                    help="compile the generic dots for aarch64 (default cpu apple-m1) and count the loop's instructions")
+    ap.add_argument("--first-call", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--arm64-child", metavar="CPU", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.first_call:
+        print(json.dumps(first_call()))
+        return 0
+    if a.arm64_child:
+        print(json.dumps(arm64_child(a.arm64_child)))
+        return 0
+    if a.arm64:
+        print(json.dumps(arm64_report(a.arm64), indent=1))
+        return 0
+    if a.cache_check:
+        print(json.dumps(cache_check(), indent=1))
+        return 0
+    res = bench(a.trials, a.pool_mib, a.forms.split(","), a.types.split(","), not a.no_dequant)
+    for r in res["dots"]:
+        r.pop("fn", None)
+    print(json.dumps(res) if a.json else table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
