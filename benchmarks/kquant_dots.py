@@ -30,7 +30,7 @@ from numba import njit
 from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
 from lazymoe.kernels import simd
-from lazymoe.kernels.matvec import quantize_q8
+from lazymoe.kernels.activations import quantize_q8
 
 ROWS, COLS = 4096, 14336
 KQ = ["q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]

@@ -20,7 +20,7 @@ from numba import njit
 
 from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
-from lazymoe.kernels.matvec import quantize_q8
+from lazymoe.kernels.activations import quantize_q8
 
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 B32 = ["q4_1", "q5_0", "q5_1"]
