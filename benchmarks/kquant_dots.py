@@ -25,19 +25,23 @@ import tempfile
 import time
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as G
 from numba import njit
 
 from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
 from lazymoe.kernels import simd
 from lazymoe.kernels.activations import quantize_q8
+from lazymoe.kernels.blocks import dequant_row, row_dot
 
 ROWS, COLS = 4096, 14336
 KQ = ["q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]
 B32 = ["q4_1", "q5_0", "q5_1"]
-SIZES = {**{t: (K.BLOCK[t], K.TYPE_SIZE[t]) for t in KQ + B32}, "q4_0": (32, 18), "q8_0": (32, 34), "bf16": (1, 2)}
+SIZES = {t: tuple(GGML_QUANT_SIZES[G[t.upper()]]) for t in KQ + B32 + ["q4_0", "q8_0", "bf16"]}
 FORMS = {"fast": 0, "ir": 1, "x86": 2, "plain": 3}
 KIND = {t: i for i, t in enumerate(KQ + B32 + ["q4_0", "q8_0", "bf16"])}
+REG_CODE = (0,) * 7 + (int(G.Q5_1), int(G.Q4_0), int(G.Q8_0))    # by KIND: the registry's type codes
 
 
 @njit(cache=True)
@@ -64,7 +68,8 @@ def rows_k(kind, form, w, base, rb, xq, xd, xbs, y):
 
 @njit(cache=True)
 def rows_32(kind, form, w, base, rb, xq, xd, xc, y):
-    """The same for Q4_1, Q5_0, Q5_1 (kind 5, 6, 7) and simd.py's Q4_0, Q8_0 (kind 8, 9; fast form only)."""
+    """The same for Q4_1, Q5_0 (kind 5, 6) and simd.py's Q5_1, Q4_0, Q8_0 (kind 7, 8, 9: the registry's dot as the
+    fast form; Q5_1's portable twin as its plain form)."""
     for r in range(y.shape[0]):
         o = base + r * rb
         if kind == 5:
@@ -73,13 +78,10 @@ def rows_32(kind, form, w, base, rb, xq, xd, xc, y):
         elif kind == 6:
             y[r] = (K.dot_q5_0(w, o, xq, xd, xc) if form == 0 else K.dot_q5_0_ir(w, o, xq, xd, xc) if form == 1
                     else K.dot_q5_0_x86(w, o, xq, xd, xc) if form == 2 else P.dot_q5_0_plain(w, o, xq, xd, xc))
-        elif kind == 7:
-            y[r] = (K.dot_q5_1(w, o, xq, xd, xc) if form == 0 else K.dot_q5_1_ir(w, o, xq, xd, xc) if form == 1
-                    else K.dot_q5_1_x86(w, o, xq, xd, xc) if form == 2 else P.dot_q5_1_plain(w, o, xq, xd, xc))
-        elif kind == 8:
-            y[r] = simd.dot_q4_0(w, o, xq, xd, xc)
-        else:
-            y[r] = simd.dot_q8_0(w, o, xq, xd, xc)
+        elif kind == 7 and form == 3:
+            y[r] = simd.dot_q5_1_portable(w, o, xq, xd, xc)
+        else:                              # simd.py's dots through the registry (x is not read: xd stands in)
+            y[r] = row_dot(REG_CODE[kind], w, o, xd, xq, xd, xc)
 
 
 @njit(cache=True)
@@ -109,10 +111,8 @@ def dequant_rows(kind, w, base, rb, nrows, out):
             K.dequant_q4_1(w, o, out, 0, out.shape[0] // 32)
         elif kind == 6:
             K.dequant_q5_0(w, o, out, 0, out.shape[0] // 32)
-        elif kind == 7:
-            K.dequant_q5_1(w, o, out, 0, out.shape[0] // 32)
         else:
-            simd.dequant_q4_0(w, o, out, 0, out.shape[0] // 32)
+            dequant_row(REG_CODE[kind], w, o, out, 0, out.shape[0])
 
 
 def activations(t, x):
@@ -156,7 +156,7 @@ def bench(trials: int, pool_mib: int, forms: list[str], types: list[str], dequan
     y = np.empty(ROWS, np.float32)
     runs = []
     for t in types:
-        for form in (["fast"] if t in ("q4_0", "q8_0") else ["fast", "plain"] if t == "bf16" else forms):
+        for form in (["fast"] if t in ("q4_0", "q8_0") else ["fast", "plain"] if t in ("bf16", "q5_1") else forms):
             if form == "x86" and not simd.HAVE_AVX2 or (t == "bf16" and form not in ("fast", "plain")):
                 continue
             if t == "bf16" and form not in forms:
@@ -248,7 +248,7 @@ def arm64_child(cpu: str) -> dict:
     llvm.initialize_all_asmprinters()
     tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
     out = {}
-    for t in KQ + B32:
+    for t in [t for t in KQ + B32 if t != "q5_1"]:      # simd.py's Q5_1 has no generic-IR form (its twin is plain Numba)
         bs, ts = SIZES[t]
         c = 1024
         xc = np.zeros(c // 16, np.int16) if t in KQ else np.zeros(c // 32, np.float32)

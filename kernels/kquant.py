@@ -1,4 +1,7 @@
-"""Block math for the K-quants (Q2_K..Q6_K), Q4_1, Q5_0, Q5_1 and BF16: row dots and dequantizers.
+"""Block math for the K-quants (Q2_K..Q6_K), Q4_1, Q5_0 and BF16: row dots and dequantizers.
+
+(Q5_1 is simd.py's: its dot there, with token tiles, measured 11.3 against 10.9 GB/s for this module's
+form, single thread from DRAM side by side, benchmarks/kquant_dots.py.)
 
 Layouts are llama.cpp's ggml-common.h; `gguf.quants.dequantize` is the reference. Each type has:
 
@@ -11,9 +14,10 @@ of the row, so drivers pass one array for every row, expert slice or cache slot.
 
 Activations, quantized once per product:
   K-quants    Q8_K (`quantize_q8_k`, llama.cpp's quantize_row_q8_K_ref): xq int8 [C], xd f32 [C/256] block
-              scales, xc = xbs int16 [C/16] sums of each 16 xq.
-  Q4_1, Q5_1  Q8 blocks of 32 as matvec.quantize_q8 makes them for Q4_0: xq int8 [C], xd f32 [C/32],
-  Q5_0        xc f32 [C/32] = 8 * xd * sum(xq of block). llama.cpp's Q8_1 `s` (d * sum) is xc / 8, exactly.
+              scales, xc = xbs [C/16] sums of each 16 xq, int16 as llama.cpp's or float32 (the registry's
+              buffers, one dtype for every scheme; the sums are whole numbers, exact either way).
+  Q4_1, Q5_0  Q8 blocks of 32 as activations.quantize_q8 makes them for Q4_0: xq int8 [C], xd f32 [C/32],
+              xc f32 [C/32] = xd * sum(xq of block), llama.cpp's Q8_1 `s`.
   BF16        float32 x as is: dot_bf16(w uint16, wo element offset, x f32 [C], n8) sums 8 * n8 products.
 
 Arithmetic: every integer sum is exact in int32 for any bytes (bounds at each kernel), so the three forms of a
@@ -37,7 +41,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, typing
 from numba.extending import intrinsic
 
 from .simd import HAVE_AVX2, PREFETCH_AHEAD
@@ -45,7 +49,7 @@ from .simd import HAVE_AVX2, PREFETCH_AHEAD
 QK_K = 256
 
 # weights per block and bytes per block, from gguf's table (the unpackers below hard-code the same layouts)
-_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_0", "q5_1")
+_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_0")
 BLOCK = {t: GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]][0] for t in _TYPES}
 TYPE_SIZE = {t: GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]][1] for t in _TYPES}
 
@@ -269,6 +273,7 @@ def _k_dot_codegen(kind, x86):
         xqa, xqn = _shape0(context, b, sig.args[2], args[2])
         xda, nb = _shape0(context, b, sig.args[3], args[3])
         bsa, bsn = _shape0(context, b, sig.args[4], args[4])
+        f32_sums = sig.args[4].dtype == types.float32           # the registry's ActScheme buffers; else int16
         wo = args[1]
         nb = _clamp(b, nb, [(xqn, QK_K), (bsn, QK_K // 16), (b.sub(wn, wo), ts)])
         nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
@@ -286,7 +291,10 @@ def _k_dot_codegen(kind, x86):
                 s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
                 sumi = b.add(sumi, _chunk_dot(b, chunks[c], x, s, x86))
             isum = _reduce_add(b, sumi)                           # |isum| <= 63 * 128 * 128 * 256 < 2^31
-            bs = b.sext(_load(b, bsa.data, b.mul(i, _c64(16)), _V(_I16, 16)), _V(_I32, 16))
+            if f32_sums:                                          # whole numbers, |s| <= 16 * 128: exact
+                bs = b.fptosi(_load(b, bsa.data, b.mul(i, _c64(16)), _V(_F32, 16)), _V(_I32, 16))
+            else:
+                bs = b.sext(_load(b, bsa.data, b.mul(i, _c64(16)), _V(_I16, 16)), _V(_I32, 16))
             corr = _reduce_add(b, b.mul(bs, b.sext(mn if mn is not None else sc, _V(_I32, 16))))
             dx = b.load(b.gep(xda.data, [i]))
             if mn is not None:
@@ -329,21 +337,20 @@ def _k_dequant_codegen(kind):
     return codegen
 
 
-# ---- 32-blocks: Q4_1 (d, m, qs[16]), Q5_0 (d, qh u32, qs[16]), Q5_1 (d, m, qh, qs[16]); weight j < 16 is the
+# ---- 32-blocks: Q4_1 (d, m, qs[16]), Q5_0 (d, qh u32, qs[16]); weight j < 16 is the
 # low nibble of qs[j], weight j + 16 the high nibble, bit j of qh is bit 4 of weight j.
-# Q4_1, Q5_1: w = d u + m;  Q5_0: w = d (u - 16).
+# Q4_1: w = d u + m;  Q5_0: w = d (u - 16).
 
 def _unpack_32(kind, b, p):
     """-> (d, m or None, u <32 x i8>)."""
     if kind == "q4_1":
         return _half(b, p, 0), _half(b, p, 2), _nibbles32(b, _load(b, p, 4, _V(_I8, 16)))
-    qs_at, qh_at = (6, 2) if kind == "q5_0" else (8, 4)
-    u = b.or_(_nibbles32(b, _load(b, p, qs_at, _V(_I8, 16))), _shl(b, _bits32(b, p, qh_at), 4))
-    return _half(b, p, 0), (None if kind == "q5_0" else _half(b, p, 2)), u
+    u = b.or_(_nibbles32(b, _load(b, p, 6, _V(_I8, 16))), _shl(b, _bits32(b, p, 2), 4))    # Q5_0
+    return _half(b, p, 0), None, u
 
 
 def _dot32_codegen(kind, x86):
-    """sum_b f32(d_w d_x) * u.x  +  (Q4_1, Q5_1) m_w * xc / 8  or  (Q5_0) - 2 d_w xc."""
+    """sum_b f32(d_w d_x) * u.x  +  (Q4_1) m_w * xc  or  (Q5_0) - 16 d_w xc."""
     ts = TYPE_SIZE[kind]
 
     def codegen(context, b, sig, args):
@@ -370,14 +377,16 @@ def _dot32_codegen(kind, x86):
             b.store(b.call(fma, [b.sitofp(s, _V(_F32, 8)), _bcast(b, b.fmul(d, dx), 8), b.load(acc)]), acc)
             c = b.load(b.gep(xca.data, [i]))
             b.store(b.fadd(b.load(corr), b.fmul(m if m is not None else d, c)), corr)
-        k = ir.Constant(_F32, -2.0 if kind == "q5_0" else 0.125)
-        return b.fadd(_hsum_f(b, b.load(acc)), b.fmul(k, b.load(corr)))
+        tot = _hsum_f(b, b.load(acc))
+        if kind == "q5_0":
+            return b.fadd(tot, b.fmul(ir.Constant(_F32, -16.0), b.load(corr)))
+        return b.fadd(tot, b.load(corr))
 
     return codegen
 
 
 def _dequant32_codegen(kind):
-    """out[oo + 32 i + j] = d u_j + m (Q4_1, Q5_1) or d (u_j - 16) (Q5_0), gguf's order."""
+    """out[oo + 32 i + j] = d u_j + m (Q4_1) or d (u_j - 16) (Q5_0), gguf's order."""
     ts = TYPE_SIZE[kind]
 
     def codegen(context, b, sig, args):
@@ -425,7 +434,6 @@ dot_q5_k_ir = _dot("dot_q5_k_ir", _k_dot_codegen("q5_k", False))
 dot_q6_k_ir = _dot("dot_q6_k_ir", _k_dot_codegen("q6_k", False))
 dot_q4_1_ir = _dot("dot_q4_1_ir", _dot32_codegen("q4_1", False))
 dot_q5_0_ir = _dot("dot_q5_0_ir", _dot32_codegen("q5_0", False))
-dot_q5_1_ir = _dot("dot_q5_1_ir", _dot32_codegen("q5_1", False))
 
 dot_q2_k_x86 = _dot("dot_q2_k_x86", _k_dot_codegen("q2_k", True))
 dot_q3_k_x86 = _dot("dot_q3_k_x86", _k_dot_codegen("q3_k", True))
@@ -434,7 +442,6 @@ dot_q5_k_x86 = _dot("dot_q5_k_x86", _k_dot_codegen("q5_k", True))
 dot_q6_k_x86 = _dot("dot_q6_k_x86", _k_dot_codegen("q6_k", True))
 dot_q4_1_x86 = _dot("dot_q4_1_x86", _dot32_codegen("q4_1", True))
 dot_q5_0_x86 = _dot("dot_q5_0_x86", _dot32_codegen("q5_0", True))
-dot_q5_1_x86 = _dot("dot_q5_1_x86", _dot32_codegen("q5_1", True))
 
 dequant_q2_k = _dequant("dequant_q2_k", _k_dequant_codegen("q2_k"))
 dequant_q3_k = _dequant("dequant_q3_k", _k_dequant_codegen("q3_k"))
@@ -443,7 +450,6 @@ dequant_q5_k = _dequant("dequant_q5_k", _k_dequant_codegen("q5_k"))
 dequant_q6_k = _dequant("dequant_q6_k", _k_dequant_codegen("q6_k"))
 dequant_q4_1 = _dequant("dequant_q4_1", _dequant32_codegen("q4_1"))
 dequant_q5_0 = _dequant("dequant_q5_0", _dequant32_codegen("q5_0"))
-dequant_q5_1 = _dequant("dequant_q5_1", _dequant32_codegen("q5_1"))
 
 
 # ---- BF16: uint16 bits, f32 = bits << 16 (exact) -------------------------------------------
@@ -538,8 +544,32 @@ def quantize_q8_k(x, xq, xd, xbs):
 
 if HAVE_AVX2:
     dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k, dot_q6_k = dot_q2_k_x86, dot_q3_k_x86, dot_q4_k_x86, dot_q5_k_x86, dot_q6_k_x86
-    dot_q4_1, dot_q5_0, dot_q5_1 = dot_q4_1_x86, dot_q5_0_x86, dot_q5_1_x86
+    dot_q4_1, dot_q5_0 = dot_q4_1_x86, dot_q5_0_x86
 else:
     dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k, dot_q6_k = dot_q2_k_ir, dot_q3_k_ir, dot_q4_k_ir, dot_q5_k_ir, dot_q6_k_ir
-    dot_q4_1, dot_q5_0, dot_q5_1 = dot_q4_1_ir, dot_q5_0_ir, dot_q5_1_ir
+    dot_q4_1, dot_q5_0 = dot_q4_1_ir, dot_q5_0_ir
 dot_bf16 = dot_bf16_ir
+
+
+# ---- the registry's codegens (blocks.py KERNELS rows), in simd.py's argument lists ------------------
+
+def _registry_dot(kind):
+    """Codegen (w, wo, x, xq, xd, xc) -> f32: the fast form chosen by HAVE_AVX2; x is not read."""
+    cg = (_k_dot_codegen if kind in _K_UNPACK else _dot32_codegen)(kind, HAVE_AVX2)
+
+    def codegen(context, b, sig, args):
+        inner = typing.signature(sig.return_type, sig.args[0], sig.args[1], *sig.args[3:6])
+        return cg(context, b, inner, [args[0], args[1], *args[3:6]])
+    return codegen
+
+
+def _registry_dequant(kind):
+    """Codegen (w, wo, out, oo, cols): cols weights (whole blocks) from byte wo of w into out[oo:]."""
+    cg = (_k_dequant_codegen if kind in _K_UNPACK else _dequant32_codegen)(kind)
+
+    def codegen(context, b, sig, args):
+        return cg(context, b, sig, [*args[:4], b.sdiv(args[4], _c64(BLOCK[kind]))])
+    return codegen
+
+
+REGISTRY = {t: (_registry_dot(t), _registry_dequant(t)) for t in _TYPES}

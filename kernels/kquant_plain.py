@@ -170,7 +170,7 @@ def _dot32_plain(w, wo, xq, xd, xc, ts, qs_at, qh_at, has_m):
         d = _h(w, p)
         acc += (d * xd[i]) * np.float32(t)
         corr += (_h(w, p + 2) if has_m else d) * xc[i]
-    return acc + (np.float32(0.125) if has_m else np.float32(-2.0)) * corr
+    return acc + corr if has_m else acc - np.float32(16.0) * corr
 
 
 @njit(cache=True)
@@ -181,11 +181,6 @@ def dot_q4_1_plain(w, wo, xq, xd, xc):
 @njit(cache=True)
 def dot_q5_0_plain(w, wo, xq, xd, xc):
     return _dot32_plain(w, wo, xq, xd, xc, 22, 6, 2, False)
-
-
-@njit(cache=True)
-def dot_q5_1_plain(w, wo, xq, xd, xc):
-    return _dot32_plain(w, wo, xq, xd, xc, 24, 8, 4, True)
 
 
 @njit(cache=True)
