@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .kquant import quantize_q8_k
+
 
 @dataclass(frozen=True)
 class ActScheme:
@@ -61,9 +63,17 @@ def quantize_q8_rows(X, xq, xd, xc):
         quantize_q8(X[k], xq[k], xd[k], xc[k])
 
 
-# x as is (f32, f16 weights).
+@njit(cache=True)
+def quantize_q8_k_rows(X, xq, xd, xc):
+    """X f32 [T, C] -> per-token Q8_K blocks xq [T, C], xd [T, C/256], xc [T, C/16] (sums of 16, as float32)."""
+    for k in range(X.shape[0]):
+        quantize_q8_k(X[k], xq[k], xd[k], xc[k])
+
+
+# x as is (f32, f16, bf16 weights).
 FLOAT = ActScheme("f32", 0, 0, None, None)
 # 32-activation int8 blocks with a scale and a block sum: llama.cpp's Q8_0 and Q8_1 in one, for the
-# 32-weight types (Q4_0, Q8_0, Q5_1; Q4_1 and Q5_0 would read the same). K-quants take Q8_K, 256 per scale
-# and 16 sums, its own scheme row here.
+# 32-weight types (Q4_0, Q8_0, Q4_1, Q5_0, Q5_1).
 Q8 = ActScheme("q8", 32, 1, quantize_q8, quantize_q8_rows)
+# llama.cpp's Q8_K for the K-quants: 256 activations per scale, a sum per 16 (kquant.quantize_q8_k).
+Q8_K = ActScheme("q8_k", 256, 16, quantize_q8_k, quantize_q8_k_rows)

@@ -24,8 +24,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import simd
-from .activations import FLOAT, Q8, ActScheme
+from . import kquant, simd
+from .activations import FLOAT, Q8, Q8_K, ActScheme
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,26 @@ class TypeKernels:
         return self.act.quantize is not None
 
 
+def _kq(code, act, name, **kw):
+    """A row whose dot and dequantizer are kquant.py's (the fast form per CPU)."""
+    dot, dequant = kquant.REGISTRY[name]
+    return TypeKernels(int(code), act, dot, dequant, **kw)
+
+
 KERNELS: dict[str, TypeKernels] = {
     "f32": TypeKernels(int(G.F32), FLOAT, simd.dot_f32, simd.dequant_f32, as_stored=True),
     "f16": TypeKernels(int(G.F16), FLOAT, simd.dot_f16, simd.dequant_f16),
+    "bf16": TypeKernels(int(G.BF16), FLOAT, simd.dot_bf16, simd.dequant_bf16),
     "q8_0": TypeKernels(int(G.Q8_0), Q8, simd.dot_q8_0, simd.dequant_q8_0, simd.tile_q8_0),
     "q4_0": TypeKernels(int(G.Q4_0), Q8, simd.dot_q4_0, simd.dequant_q4_0, simd.tile_q4_0),
     "q5_1": TypeKernels(int(G.Q5_1), Q8, simd.dot_q5_1, simd.dequant_q5_1, simd.tile_q5_1),
+    "q4_1": _kq(G.Q4_1, Q8, "q4_1"),
+    "q5_0": _kq(G.Q5_0, Q8, "q5_0"),
+    "q2_k": _kq(G.Q2_K, Q8_K, "q2_k"),
+    "q3_k": _kq(G.Q3_K, Q8_K, "q3_k"),
+    "q4_k": _kq(G.Q4_K, Q8_K, "q4_k"),
+    "q5_k": _kq(G.Q5_K, Q8_K, "q5_k"),
+    "q6_k": _kq(G.Q6_K, Q8_K, "q6_k"),
 }
 
 

@@ -21,7 +21,7 @@ from .int_matmul import int_matmul_parallel
 from .matvec import dot_rows, matvec_parallel
 from .qtypes import QType, qtype
 
-__all__ = ["INT_MATMUL_MAX_TOKENS", "KERNELS", "PARALLEL_MIN_WEIGHTS", "TypeKernels", "matmul", "matvec"]
+__all__ = ["INT_DOTS_MAX_TOKENS", "INT_MATMUL_MAX_TOKENS", "KERNELS", "PARALLEL_MIN_WEIGHTS", "TypeKernels", "matmul", "matvec"]
 
 # Below this many weights a matvec runs serially in the calling thread: a parallel region costs
 # tens of microseconds to start and join, more than a 256x512 Q4_0 matvec takes on one core (~10 us).
@@ -37,6 +37,10 @@ def threads_for(n_weights: int) -> int:
 # Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
 # at 64, 0.85-0.87x at 128.
 INT_MATMUL_MAX_TOKENS = 64
+# Types without tiles (the K-quants, Q4_1, Q5_0; every type on the portable build) run one row dot per
+# (row, token): against dequantize + sgemm, 14336 x 4096, 2 threads, side by side (2026-12-01): Q4_K, Q6_K,
+# Q2_K 1.7-1.8x at 16 tokens, 1.10-1.13x at 32, 0.62-0.66x at 64; Q5_0 0.91x at 32.
+INT_DOTS_MAX_TOKENS = 32
 
 
 def resolve(qt) -> tuple[QType, TypeKernels]:
@@ -117,7 +121,7 @@ def run_matvec(k: TypeKernels, wk, x, y, nt, qx=None):
 
 
 def matvec(qt, w, x, out=None) -> np.ndarray:
-    """y [R] = W [R, C] @ x [C] with W stored as qt (q4_0, q8_0: uint8 [R, row_bytes])."""
+    """y [R] = W [R, C] @ x [C] with W stored as qt (block types: uint8 [R, row_bytes]; bf16: uint16 [R, C])."""
     q, k = resolve(qt)
     wk, rows, cols = check_weight(q, k, w)
     check_vector(x, cols, f"{q.name} weights [{rows}, {cols}]")
@@ -125,14 +129,27 @@ def matvec(qt, w, x, out=None) -> np.ndarray:
     return run_matvec(k, wk, x, y, threads_for(rows * cols))
 
 
-def run_matmul(k: TypeKernels, wk, X, rows, cols, Y, nt):
+def int_path(k: TypeKernels, tokens: int) -> bool:
+    """Whether a product of k's type over this many tokens (> 1) takes the integer row dots."""
+    return k.int_matmul and tokens <= (INT_MATMUL_MAX_TOKENS if k.tile is not None else INT_DOTS_MAX_TOKENS)
+
+
+def quantize_act_rows(k: TypeKernels, X):
+    """X f32 [T, C] -> (xq, xd, xc) [T, ...] per k's activation scheme, to share between matrices."""
+    qx = k.act.buffers(X.shape[1], X.shape[0])
+    k.act.quantize_rows(X, *qx)
+    return qx
+
+
+def run_matmul(k: TypeKernels, wk, X, rows, cols, Y, nt, qx=None):
+    """Y = X W^T on validated inputs; qx = X already quantized for k ([T, ...], used on the integer path)."""
     t = X.shape[0]
     if t == 1:
-        run_matvec(k, wk, X[0], Y[0], nt)
+        run_matvec(k, wk, X[0], Y[0], nt, None if qx is None else tuple(a[0] for a in qx))
         return Y
-    if k.int_matmul and t <= INT_MATMUL_MAX_TOKENS:
-        qx = k.act.buffers(cols, t)
-        k.act.quantize_rows(X, *qx)
+    if int_path(k, t):
+        if qx is None:
+            qx = quantize_act_rows(k, X)
         int_matmul_parallel(k.code, k.tile is not None, wk, X, *qx, Y, nt)
         return Y
     return tiled_matmul(k.code, k.as_stored, wk, X, rows, cols, Y, nt)

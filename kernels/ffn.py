@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dispatch import check_out, check_tokens, check_vector, check_weight, quantize_act, resolve, run_matmul, run_matvec, threads_for
+from .dispatch import (
+    check_out,
+    check_tokens,
+    check_vector,
+    check_weight,
+    int_path,
+    quantize_act,
+    quantize_act_rows,
+    resolve,
+    run_matmul,
+    run_matvec,
+    threads_for,
+)
 from .matvec import gate_up_parallel
 
 
@@ -39,12 +51,13 @@ def expert_ffn(qt1, w1, qt3, w3, qt2, w2, x) -> np.ndarray:
     check_vector(x, d, f"expert with hidden size {d}")
     nt = threads_for(f * d)
     h = np.empty(f, np.float32)                                       # [F]
-    if k1 is k3 and nt > 1:
-        # fused: x quantized once, one parallel pass computes both rows and silu * up
-        gate_up_parallel(k1.code, w1k, w3k, x, *quantize_act(k1, x), h, nt)
+    qx = quantize_act(k1, x)                                          # x per W1's scheme, shared with W3 if it reads the same
+    if k1.act is k3.act and nt > 1:
+        # fused: one parallel pass computes both rows (each in its own type) and silu * up
+        gate_up_parallel(k1.code, k3.code, w1k, w3k, x, *qx, h, nt)
     else:
         u = np.empty(f, np.float32)
-        _silu_mul(run_matvec(k1, w1k, x, h, nt), run_matvec(k3, w3k, x, u, nt))
+        _silu_mul(run_matvec(k1, w1k, x, h, nt, qx), run_matvec(k3, w3k, x, u, nt, qx if k1.act is k3.act else None))
     return run_matvec(k2, w2k, h, np.empty(d, np.float32), nt)        # [D]
 
 
@@ -56,7 +69,8 @@ def expert_ffn_batch(qt1, w1, qt3, w3, qt2, w2, X) -> np.ndarray:
         return expert_ffn(qt1, w1, qt3, w3, qt2, w2, X[0])[None]
     t = X.shape[0]
     nt = threads_for(f * d * t)
-    g = run_matmul(k1, w1k, X, f, d, np.empty((t, f), np.float32), nt)   # [T, F]
-    u = run_matmul(k3, w3k, X, f, d, np.empty((t, f), np.float32), nt)   # [T, F]
+    qx = quantize_act_rows(k1, X) if int_path(k1, t) else None       # X per W1's scheme, shared with W3 if it reads the same
+    g = run_matmul(k1, w1k, X, f, d, np.empty((t, f), np.float32), nt, qx)                      # [T, F]
+    u = run_matmul(k3, w3k, X, f, d, np.empty((t, f), np.float32), nt, qx if k1.act is k3.act else None)  # [T, F]
     h = _silu_mul(g, u)                                                 # [T, F]
     return run_matmul(k2, w2k, h, d, f, check_out(None, (t, d)), nt)    # [T, D]

@@ -42,12 +42,13 @@ def _silu_mul(g, u):
 # GB/s for this order and for two separate matvecs (2 threads, 14336 x 4096 Q4_0, this machine, 2026-11-27).
 
 @njit(parallel=True, cache=True)
-def gate_up_parallel(code, w1, w3, x, xq, xd, xc, h, nt):
-    """h [F] = silu(W1 x) * (W3 x), W1 and W3 [F, D] of one type; x quantized once for both."""
+def gate_up_parallel(code1, code3, w1, w3, x, xq, xd, xc, h, nt):
+    """h [F] = silu(W1 x) * (W3 x), W1 and W3 [F, D] of types code1, code3 that read one activation
+    scheme; x quantized once for both."""
     u = np.empty(w1.shape[0], np.float32)
     for t in prange(nt):
         r0, r1 = split(w1.shape[0], nt, t)
-        dot_rows(code, w1, x, xq, xd, xc, h, r0, r1)
-        dot_rows(code, w3, x, xq, xd, xc, u, r0, r1)
+        dot_rows(code1, w1, x, xq, xd, xc, h, r0, r1)
+        dot_rows(code3, w3, x, xq, xd, xc, u, r0, r1)
         for r in range(r0, r1):
             h[r] = _silu_mul(h[r], u[r])

@@ -53,15 +53,23 @@ def _qt(name: str, ggml: GGMLQuantizationType, dtype) -> QType:
     return QType(name, ggml, bs, ts, np.dtype(dtype))
 
 
-# Types the kernels compute on. Q4_K / Q6_K (the types of Q4_K_M downloads) slot in here.
+# Types the kernels compute on (a KERNELS row each in blocks.py). BF16 is stored as its uint16 bits.
 QTYPES: dict[str, QType] = {
     q.name: q
     for q in (
         _qt("f32", GGMLQuantizationType.F32, np.float32),
         _qt("f16", GGMLQuantizationType.F16, np.float16),
+        _qt("bf16", GGMLQuantizationType.BF16, np.uint16),
         _qt("q8_0", GGMLQuantizationType.Q8_0, np.uint8),
         _qt("q4_0", GGMLQuantizationType.Q4_0, np.uint8),
+        _qt("q4_1", GGMLQuantizationType.Q4_1, np.uint8),
+        _qt("q5_0", GGMLQuantizationType.Q5_0, np.uint8),
         _qt("q5_1", GGMLQuantizationType.Q5_1, np.uint8),
+        _qt("q2_k", GGMLQuantizationType.Q2_K, np.uint8),
+        _qt("q3_k", GGMLQuantizationType.Q3_K, np.uint8),
+        _qt("q4_k", GGMLQuantizationType.Q4_K, np.uint8),
+        _qt("q5_k", GGMLQuantizationType.Q5_K, np.uint8),
+        _qt("q6_k", GGMLQuantizationType.Q6_K, np.uint8),
     )
 }
 

@@ -1,4 +1,4 @@
-"""Float32 rows -> stored GGUF bytes, for every type in kernels.qtypes.
+"""Float32 rows -> stored GGUF bytes, for the types of kernels.qtypes that lazymoe writes (WRITES).
 
 Q4_0 (32 weights in 18 bytes: f16 d, 16 bytes of nibbles, byte j = q[j] | q[j+16] << 4,
 x = (q - 8)·d) picks each block's scale to minimise squared error: it tries a ladder
@@ -137,6 +137,8 @@ def _quantize_q5_1(rows: np.ndarray) -> np.ndarray:
     return gq.quantize(np.ascontiguousarray(rows, dtype=np.float32), GGMLQuantizationType.Q5_1)
 
 
+# Types lazymoe writes (`lazymoe quantize -t`, synth's uniform files). The others in qtypes it reads only:
+# gguf 0.19 has no K-quant quantizer (llama.cpp's llama_model_quantize writes them).
 _QUANTIZE = {
     "f32": lambda r: np.ascontiguousarray(r, dtype=np.float32),
     "f16": lambda r: np.asarray(r, dtype=np.float32).astype(np.float16),
@@ -144,6 +146,7 @@ _QUANTIZE = {
     "q4_0": _quantize_q4_0,
     "q5_1": _quantize_q5_1,
 }
+WRITES = tuple(_QUANTIZE)
 
 
 def quantize(x: np.ndarray, qt: QType | str) -> np.ndarray:
@@ -159,7 +162,9 @@ def quantize(x: np.ndarray, qt: QType | str) -> np.ndarray:
         return out
     src = x.reshape(-1, shape[-1])
     dst = out.reshape(src.shape[0], -1)
-    fn = _QUANTIZE[qt.name]
+    fn = _QUANTIZE.get(qt.name)
+    if fn is None:
+        raise ValueError(f"lazymoe cannot write {qt.name} (it computes on it); types it writes: {', '.join(_QUANTIZE)}")
     for r in range(0, src.shape[0], ROWS_PER_CHUNK):
         dst[r:r + ROWS_PER_CHUNK] = fn(src[r:r + ROWS_PER_CHUNK])
     return out
@@ -168,6 +173,8 @@ def quantize(x: np.ndarray, qt: QType | str) -> np.ndarray:
 def dequantize(data: np.ndarray, qt: QType | str) -> np.ndarray:
     """Stored array of type qt -> float32 of the logical shape (llama.cpp's numpy reference)."""
     qt = qtype(qt) if isinstance(qt, str) else qt
+    if qt.name == "bf16":
+        return (np.asarray(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
     if not qt.is_block:
         return np.asarray(data, dtype=np.float32)
     return gq.dequantize(np.asarray(data), qt.ggml).astype(np.float32, copy=False)

@@ -151,29 +151,40 @@ def f16_to_f32(typingctx, u):
     return types.float32(u), codegen
 
 
+def _widen(builder, v, kind):
+    """f16, bf16 (i16 bits) or f32 weights (a scalar or a vector) -> float32: bf16 is its bits << 16, exact."""
+    if kind == "f16":
+        return builder.fpext(v, _V(_F32, v.type.count) if isinstance(v.type, ir.VectorType) else _F32)
+    if kind == "bf16":
+        if isinstance(v.type, ir.VectorType):
+            n = v.type.count
+            return builder.bitcast(builder.shl(builder.zext(v, _V(_I32, n)), _splat(_I32, n, 16)), _V(_F32, n))
+        return builder.bitcast(builder.shl(builder.zext(v, _I32), ir.Constant(_I32, 16)), _F32)
+    return v
+
+
 def _float_dot_codegen(kind):
-    """IR for sum_c w_c x_c over the C = len(x) f16 or f32 weights at byte wo of a flat uint8 w.
+    """IR for sum_c w_c x_c over the C = len(x) f16, bf16 or f32 weights at byte wo of a flat uint8 w.
 
     Four 8-lane accumulators over 32 weights at a time (one waits on its FMA's latency), then 8 at a
     time, then a scalar tail. Generic LLVM IR (f16 -> f32 is vcvtph2ps with F16C): no portable twin.
     Against the plain-Numba loops they replaced, 4096 x 4096 from DRAM (benchmarks/kernels_ab.py, 2026-12-01):
     f16 1.6-1.8x; f32 0.95x without the prefetch, 1.04x with it.
     """
-    ety = ir.HalfType() if kind == "f16" else _F32
-    esz = 2 if kind == "f16" else 4
+    ety = {"f16": ir.HalfType(), "bf16": _I16, "f32": _F32}[kind]
+    esz = 4 if kind == "f32" else 2
 
     def codegen(context, builder, sig, args):
         wa = _data(context, builder, sig.args[0], args[0])
         xa = _data(context, builder, sig.args[2], args[2])
+        widen = lambda v: _widen(builder, v, kind)                  # noqa: E731
         cols = cgutils.unpack_tuple(builder, xa.shape)[0]
         wp = builder.bitcast(builder.gep(wa.data, [args[1]]), ety.as_pointer())
         fma = _fn(builder, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
         acc = [cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 8), None)) for _ in range(4)]
 
         def step(o, a):
-            wv = _load(builder, wp, o, _V(ety, 8))
-            if kind == "f16":
-                wv = builder.fpext(wv, _V(_F32, 8))
+            wv = widen(_load(builder, wp, o, _V(ety, 8)))
             builder.store(builder.call(fma, [wv, _load(builder, xa.data, o, _V(_F32, 8)), builder.load(a)]), a)
 
         n32 = builder.sdiv(cols, ir.Constant(_I64, 32))
@@ -194,9 +205,7 @@ def _float_dot_codegen(kind):
                          builder.fadd(builder.load(acc[2]), builder.load(acc[3])))
         tot = cgutils.alloca_once_value(builder, _hsum8(builder, v))
         with cgutils.for_range(builder, cols, start=builder.mul(n8, ir.Constant(_I64, 8))) as loop:
-            wv = builder.load(builder.gep(wp, [loop.index]))
-            if kind == "f16":
-                wv = builder.fpext(wv, _F32)
+            wv = widen(builder.load(builder.gep(wp, [loop.index])))
             xv = builder.load(builder.gep(xa.data, [loop.index]))
             builder.store(builder.fadd(builder.load(tot), builder.fmul(wv, xv)), tot)
         return builder.load(tot)
@@ -334,8 +343,8 @@ def _dequant_codegen(kind):
 
 
 def _float_dequant_codegen(kind):
-    """IR for out[oo + c] = the c-th f16 or f32 weight at byte wo of w, c < cols."""
-    ety = ir.HalfType() if kind == "f16" else _F32
+    """IR for out[oo + c] = the c-th f16, bf16 or f32 weight at byte wo of w, c < cols."""
+    ety = {"f16": ir.HalfType(), "bf16": _I16, "f32": _F32}[kind]
 
     def codegen(context, builder, sig, args):
         wa = _data(context, builder, sig.args[0], args[0])
@@ -344,7 +353,7 @@ def _float_dequant_codegen(kind):
         op = builder.gep(oa.data, [args[3]])
         with cgutils.for_range(builder, args[4]) as loop:
             v = builder.load(builder.gep(wp, [loop.index]), align=1)
-            builder.store(builder.fpext(v, _F32) if kind == "f16" else v, builder.gep(op, [loop.index]))
+            builder.store(_widen(builder, v, kind), builder.gep(op, [loop.index]))
         return context.get_dummy_value()
 
     return codegen
@@ -446,7 +455,7 @@ _PORTABLE_ARGS = (0, 1, 3, 4, 5)           # (w, wo, xq, xd, xc) of the dot's (w
 dot_q4_0 = _block_dot_codegen("q4_0") if HAVE_AVX2 else _inline(dot_q4_0_portable, _PORTABLE_ARGS)
 dot_q8_0 = _block_dot_codegen("q8_0") if HAVE_AVX2 else _inline(dot_q8_0_portable, _PORTABLE_ARGS)
 dot_q5_1 = _block_dot_codegen("q5_1") if HAVE_AVX2 else _inline(dot_q5_1_portable, _PORTABLE_ARGS)
-dot_f16, dot_f32 = _float_dot_codegen("f16"), _float_dot_codegen("f32")
+dot_f16, dot_bf16, dot_f32 = _float_dot_codegen("f16"), _float_dot_codegen("bf16"), _float_dot_codegen("f32")
 # 1 row x 4 tokens tiles for int_matmul (1 x 1..3 at the edge). At 24 and 120 tokens (14328 x 4096 Q4_0,
 # 2 threads) 1 x 4 ran 111 GFLOP/s, 1 x 3 102, 1 x 5 104, 1 x 6 89, 2 x 2 86, 2 x 4 76-83 (its 8 accumulators
 # and 4 token vectors spill), 4 x 2 63.
@@ -454,4 +463,5 @@ tile_q4_0 = _tile_codegen("q4_0") if HAVE_AVX2 else None
 tile_q8_0 = _tile_codegen("q8_0") if HAVE_AVX2 else None
 tile_q5_1 = _tile_codegen("q5_1") if HAVE_AVX2 else None
 dequant_q4_0, dequant_q8_0, dequant_q5_1 = _dequant_codegen("q4_0"), _dequant_codegen("q8_0"), _dequant_codegen("q5_1")
-dequant_f16, dequant_f32 = _float_dequant_codegen("f16"), _float_dequant_codegen("f32")
+dequant_f16, dequant_bf16, dequant_f32 = (_float_dequant_codegen("f16"), _float_dequant_codegen("bf16"),
+                                          _float_dequant_codegen("f32"))

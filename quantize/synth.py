@@ -15,6 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from lazymoe.format.config import ModelConfig
 from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN
 from lazymoe.kernels.qtypes import QType, qtype
+from lazymoe.kernels.quantizers import WRITES
 from lazymoe.quantize.mixes import ftype, tensor_types
 from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
 
@@ -132,9 +133,9 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
     cfg = ModelConfig(**{**base.__dict__, "n_layer": n_layer})
     f32 = qtype("f32")
     mix = {}
-    try:
+    if type_name.lower() in WRITES:                       # a type lazymoe writes: every weight matrix in it
         qt = qtype(type_name)
-    except ValueError:
+    else:
         ftype(type_name)                                  # ValueError naming the known file types
         qt, mix = f32, {n: t.lower() for n, t in tensor_types(cfg, type_name).items()}
     types, shapes = {**mix, **(types or {})}, shapes or {}

@@ -63,6 +63,8 @@ class Network:
         rows = w[ids]                                                       # [T, row_bytes] or [T, D]
         if qt.is_block:
             return quants.dequantize(rows, qt.ggml).astype(np.float32).reshape(len(ids), self.cfg.n_embd)
+        if qt.name == "bf16":                                               # uint16 bits [T, D]: the top half of an f32
+            return (rows.astype(np.uint32) << 16).view(np.float32)
         return rows.astype(np.float32)                                      # [T, D]
 
     def _rope(self, x: np.ndarray, pos: int) -> None:

@@ -1,8 +1,11 @@
-"""Kernels against llama.cpp's numpy reference (gguf.quants) and a float64 product.
+"""Kernels against llama.cpp's numpy reference (gguf.quants) and a float64 product, for every KERNELS type.
+
+Weights: gguf's quantizer for the 32-block types and BF16; for the K-quants (gguf has no quantizer for
+them) random bytes with sane f16 scales (tests/test_kquant_kernels.make_weights), dequantized by gguf.
 
 Tolerances. Block types quantize the activation x to Q8 blocks (d = amax/127 per 32, q =
-round(x/d)), so the kernels compute W' x' exactly up to float32 rounding, where W' is the
-dequantized weight and x' the dequantized activation. Two checks follow:
+round(x/d); the K-quants to Q8_K: d = max/-127 per 256), so the kernels compute W' x' exactly up to
+float32 rounding, where W' is the dequantized weight and x' the dequantized activation. Two checks follow:
   * tight: against float64 W' x' with x' from `q8_reference` below, rel. error <= 1e-5
     (float32 accumulation over a few thousand terms); catches any layout slip (swapped
     nibbles, wrong scale, wrong row offset) at once, since those change y by O(1).
@@ -11,7 +14,8 @@ dequantized weight and x' the dequantized activation. Two checks follow:
     uncorrelated with e. We assert ||y - W' x|| <= 4 ||W'||_F sqrt(mean(d_b^2)/12): for
     Gaussian x that is a relative error ~ 4 * 2.1/(127 sqrt 12) ~ 2 %, while the observed
     error is ~0.5 %, i.e. ~1/127 per block as expected.
-Float types (f16, f32) and the dequantize+sgemm path take x as is: rel. error <= 1e-5.
+    (For Q8_K the steps d_b are per 256 and larger, the same bound with its d_b.)
+Float types (f16, bf16, f32) and the dequantize+sgemm path take x as is: rel. error <= 1e-5.
 """
 import os
 
@@ -24,10 +28,15 @@ from lazymoe import kernels as K
 from lazymoe.kernels import simd
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
-from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS
+from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
+from lazymoe.kernels.kquant import quantize_q8_k
+from tests.test_kquant_kernels import make_weights as kquant_weights
 
-GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "f16": G.F16, "f32": G.F32}
+GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "q4_1": G.Q4_1, "q5_0": G.Q5_0, "q2_k": G.Q2_K, "q3_k": G.Q3_K,
+      "q4_k": G.Q4_K, "q5_k": G.Q5_K, "q6_k": G.Q6_K, "f16": G.F16, "bf16": G.BF16, "f32": G.F32}
 TYPES = list(GG)
+KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+FLOATS = ("f16", "bf16", "f32")
 RNG = np.random.default_rng(1234)
 
 
@@ -39,12 +48,24 @@ def weights(name, shape, heavy=False):
     if name == "f16":
         w = W.astype(np.float16)
         return w, w.astype(np.float64)
-    w = quants.quantize(W, GG[name])
-    return w, quants.dequantize(w, GG[name]).astype(np.float64)
+    if name in KQ:
+        rows = int(np.prod(shape[:-1]))
+        w = kquant_weights(name, rows, shape[-1], RNG, heavy).reshape(*shape[:-1], -1)
+    else:
+        w = quants.quantize(W, GG[name])
+    Wd = quants.dequantize(w.view(np.uint8), GG[name]).astype(np.float64)
+    return (w.view(np.uint16) if name == "bf16" else w), Wd
 
 
-def q8_reference(x):
-    """x [.., C] -> (x' dequantized from Q8 blocks as the kernels quantize it, block scales d)."""
+def q8_reference(x, name="q4_0"):
+    """x [.., C] -> (x' dequantized from Q8 (Q8_K for K-quants) blocks as the kernels quantize it, block scales d)."""
+    if name in KQ:
+        X = np.atleast_2d(x).astype(np.float32)
+        xq, xd = np.empty(X.shape, np.int8), np.empty((X.shape[0], X.shape[1] // 256), np.float32)
+        for k in range(X.shape[0]):
+            quantize_q8_k(X[k], xq[k], xd[k], np.empty(X.shape[1] // 16, np.int16))
+        xh = xq.reshape(X.shape[0], -1, 256).astype(np.float64) * xd[..., None].astype(np.float64)
+        return xh.reshape(x.shape), np.abs(xd.astype(np.float64)).reshape(*x.shape[:-1], -1)
     b = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
     d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
@@ -58,23 +79,29 @@ def rel(y, ref, scale=None):
 def check_product(name, Wd, X, Y):
     """Y [T, R] from the kernels vs X [T, C] @ Wd^T, with the tolerances explained above."""
     exact = X.astype(np.float64) @ Wd.T
-    if name in ("f16", "f32"):
+    if name in FLOATS:
         assert rel(Y, exact) <= 1e-5
         return
-    xq, d = q8_reference(X)
+    xq, d = q8_reference(X, name)
     floor = np.linalg.norm(Wd) * np.linalg.norm(xq) / np.sqrt(Wd.shape[1])   # typical |y| if y ~ 0
     assert rel(Y, xq @ Wd.T, floor) <= 1e-5
     for y, e, db in zip(np.atleast_2d(Y), np.atleast_2d(exact), np.atleast_2d(d)):
         assert np.linalg.norm(y - e) <= 4 * np.linalg.norm(Wd) * np.sqrt(np.mean(db ** 2) / 12) + 1e-6
 
 
-SHAPES = [(1, 32), (37, 256), (301, 1024), (64, 4096)]   # rows not divisible by the threads, a single row
+SHAPES = [(1, 32), (1, 256), (37, 256), (301, 1024), (64, 4096)]   # rows not divisible by the threads, a single row
+
+
+def block_of(name):
+    return K.qtype(name).block_size
 
 
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows,cols", SHAPES)
 @pytest.mark.parametrize("heavy", [False, True])
 def test_matvec(name, rows, cols, heavy):
+    if cols % block_of(name):
+        pytest.skip(f"{name} rows are whole {block_of(name)}-blocks")
     w, Wd = weights(name, (rows, cols), heavy)
     x = (RNG.standard_t(3, cols) if heavy else RNG.standard_normal(cols)).astype(np.float32)
     y = K.matvec(name, w, x)
@@ -85,26 +112,27 @@ def test_matvec(name, rows, cols, heavy):
 
 
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 13, INT_MATMUL_MAX_TOKENS + 6])   # tile edges: 4 tokens a tile
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 13, 34, INT_MATMUL_MAX_TOKENS + 6])   # tile edges: 4 tokens a tile
 def test_matmul(name, tokens):
     w, Wd = weights(name, (203, 512), heavy=True)
     X = RNG.standard_normal((tokens, 512)).astype(np.float32)
     Y = K.matmul(name, w, X)
     assert Y.shape == (tokens, 203) and Y.dtype == np.float32
-    if tokens > INT_MATMUL_MAX_TOKENS:   # dequantize + sgemm: x is not quantized
+    if tokens > 1 and not int_path(K.KERNELS[name], tokens):   # dequantize + sgemm: x is not quantized
         assert rel(Y, X.astype(np.float64) @ Wd.T) <= 1e-5
     else:
         check_product(name, Wd, X, Y)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "f16"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q4_k", "q6_k", "f16", "bf16"])
 def test_matmul_several_tiles(name):
-    w, Wd = weights(name, (TILE_ROWS + 77, 64))
-    X = RNG.standard_normal((INT_MATMUL_MAX_TOKENS + 1, 64)).astype(np.float32)
+    cols = max(64, block_of(name))
+    w, Wd = weights(name, (TILE_ROWS + 77, cols))
+    X = RNG.standard_normal((INT_MATMUL_MAX_TOKENS + 1, cols)).astype(np.float32)
     assert rel(K.matmul(name, w, X), X.astype(np.float64) @ Wd.T) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
+@pytest.mark.parametrize("name", [t for t in TYPES if t != "f32"])
 def test_expert_slices_of_3d_tensor(name):
     w3d, Wd3 = weights(name, (4, 96, 256))          # [E, rows, row_bytes] as GGUF stores experts
     x = RNG.standard_normal(256).astype(np.float32)
@@ -182,31 +210,55 @@ def ffn_reference(W1, W3, W2, X):
     return (g / (1 + np.exp(-g)) * u) @ W2.T
 
 
-# Mixed w1/w3 types take the unfused path; one type for w1 and w3 the fused one (in parallel, d * f >= 2^18).
+# w1/w3 of one activation scheme take the fused path (in parallel, d * f >= 2^18), each in its own type;
+# w1/w3 of two schemes (q4_k beside q8_0: Q8_K and Q8 blocks) the unfused one, x quantized once per scheme.
 FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0", "f16"), ("f32", "f16", "q8_0"),
-             ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1")]
+             ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1"), ("q4_1", "q5_0", "q5_1"), ("bf16", "f16", "q4_1")]
+# K-quant mixes need D and F in whole 256-blocks: Q4_K_M's (gate, up Q4_K, down Q6_K), schemes mixed in one expert
+K_FFN_TYPES = [("q4_k", "q4_k", "q6_k"), ("q4_k", "q8_0", "q5_k"), ("q2_k", "q3_k", "q4_k"), ("q5_k", "q5_k", "bf16"),
+               ("q6_k", "q4_0", "q2_k")]
+FFN_CASES = ([(t, 128, 352) for t in FFN_TYPES] + [(t, 256, 1056) for t in FFN_TYPES]
+             + [(t, 256, 768) for t in K_FFN_TYPES] + [(t, 512, 1024) for t in K_FFN_TYPES])
 
 
 def ffn_bound(types, X):
     # x is quantized before W1/W3 and h before W2 (for block types): ~1/127 per block each,
     # twice, through two layers; observed worst case 1.3 % over 20 draws, so 0.04 leaves ~3x.
+    # Q8_K's one scale per 256 is coarser: 1.2-2.4 % median, 5.3 % worst over 10 draws per K mix, so 0.1.
+    if any(t in KQ for t in types):
+        return 0.1
     return 0.04 if any(t.startswith("q") for t in types) else 1e-5
 
 
-@pytest.mark.parametrize("types", FFN_TYPES)
-@pytest.mark.parametrize("d,f", [(128, 352), (256, 1056)])   # serial (small) and parallel, fused for q4_0/q4_0
+def as_kernels_see(name, X):
+    """X [.., C] float64 as a row dot of type name reads it: dequantized from its activation blocks, or as is."""
+    return X if name in FLOATS else q8_reference(X.astype(np.float32), name)[0]
+
+
+def ffn_quantized_reference(types, W1, W3, W2, X):
+    """ffn_reference with each activation quantized per the scheme of the matrix it meets: the kernels' product
+    up to float32 rounding (and, rarely, an element of h rounded to the neighbouring Q8 step)."""
+    g, u = as_kernels_see(types[0], X) @ W1.T, as_kernels_see(types[1], X) @ W3.T
+    return as_kernels_see(types[2], g / (1 + np.exp(-g)) * u) @ W2.T
+
+
+FFN_TIGHT = 1e-3
+
+
+@pytest.mark.parametrize("types,d,f", FFN_CASES)   # serial (small) and parallel, fused where w1, w3 share a scheme
 def test_expert_ffn(types, d, f):
     (w1, W1), (w3, W3), (w2, W2) = weights(types[0], (f, d)), weights(types[1], (f, d)), weights(types[2], (d, f))
     x = RNG.standard_normal(d).astype(np.float32)
     y = K.expert_ffn(types[0], w1, types[1], w3, types[2], w2, x)
     assert y.shape == (d,) and y.dtype == np.float32
     assert rel(y, ffn_reference(W1, W3, W2, x.astype(np.float64))) <= ffn_bound(types, x)
+    assert rel(y, ffn_quantized_reference(types, W1, W3, W2, x.astype(np.float64))) <= FFN_TIGHT
 
 
-@pytest.mark.parametrize("types", FFN_TYPES[:3])
-@pytest.mark.parametrize("tokens", [1, 4, INT_MATMUL_MAX_TOKENS + 3])
+@pytest.mark.parametrize("types", FFN_TYPES[:3] + K_FFN_TYPES[:3])
+@pytest.mark.parametrize("tokens", [1, 4, 33, INT_MATMUL_MAX_TOKENS + 3])
 def test_expert_ffn_batch(types, tokens):
-    d, f = 128, 352
+    d, f = (256, 768) if types in K_FFN_TYPES else (128, 352)
     (w1, W1), (w3, W3), (w2, W2) = weights(types[0], (f, d)), weights(types[1], (f, d)), weights(types[2], (d, f))
     X = RNG.standard_normal((tokens, d)).astype(np.float32)
     Y = K.expert_ffn_batch(types[0], w1, types[1], w3, types[2], w2, X)
@@ -247,7 +299,13 @@ def test_bad_inputs():
         lambda: K.matvec("q4_0", w, np.ones(128, np.float32)[::2]),            # non-contiguous x
         lambda: K.matvec("q4_0", w.reshape(-1), x),                            # 1-D weights
         lambda: K.matvec("q4_0", w, x, out=np.empty(7, np.float32)),           # wrong out shape
-        lambda: K.matvec("q4_k", w, x),                                        # unknown type
+        lambda: K.matvec("iq4_xs", w, x),                                      # unknown type
+        lambda: K.matvec("q4_k", w, x),                                        # 36 bytes is not whole 144-byte blocks
+        lambda: K.matvec("q4_k", np.zeros((8, 144), np.uint8), x),             # a q4_k row is 256 weights, x has 64
+        lambda: K.matvec("bf16", np.ones((8, 64), np.float16), x),             # bf16 is stored as uint16 bits
+        lambda: K.matmul("q6_k", np.zeros((8, 210), np.uint8), np.ones((3, 128), np.float32)),
+        lambda: K.expert_ffn("q4_k", np.zeros((8, 144), np.uint8), "q4_k", np.zeros((8, 144), np.uint8),
+                             "q6_k", np.zeros((256, 210), np.uint8), np.ones(256, np.float32)),   # w2 [256, 256] not [D, F=8]
         lambda: K.matvec("f32", np.ones((8, 64), np.float16), x),              # f16 array as f32
         lambda: K.matmul("q4_0", w, x),                                        # X must be 2-D
         lambda: K.matmul("q4_0", w, np.ones((3, 64), np.float32).T.copy()),    # [64, 3]: wrong cols
