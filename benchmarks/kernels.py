@@ -6,10 +6,14 @@ against OpenBLAS on the same shape, the fused expert FFN against three matvecs.
     python -m lazymoe.benchmarks.kernels --json     # one JSON object on stdout
     python -m lazymoe.benchmarks.kernels --first-call [--cold-jit]   # only import + first calls, then exit
 
+    python -m lazymoe.benchmarks.kernels -t q4_k,q6_k   # some types only (Q8_0 is always measured)
+
 Matvec weights cycle through >= 1 GiB of distinct matrices so every byte comes from DRAM;
 each trial times one stream pass and one matvec pass back to back, and the ratio is the
-median of per-trial ratios (the machine is shared, so absolute numbers drift).
-Random quantized blocks: random bytes with each block's f16 scale set to ~0.01.
+median of per-trial ratios (the machine is shared, so absolute numbers drift). Each type's
+matvec GB/s is also shown against Q8_0's on the same shape in the same run (Q8_0 reads memory
+fastest here). Random weights: pool bytes drawn from 0x10..0x2f, so every f16 (or bf16) field
+of any type is a normal positive number and no type needs its own pool.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import time
 import numpy as np
 
 SHAPES = [(14336, 4096), (4096, 14336)]                 # Mixtral-8x7B w1/w3 and w2: [rows, cols]
-TYPES = ["q4_0", "q8_0"]
+TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "bf16"]
 
 
 def _cpu_model() -> str:
@@ -72,27 +76,19 @@ def first_calls(K, types) -> dict:
 
 
 def make_pool(nbytes: int, seed: int = 0) -> np.ndarray:
-    """Random bytes where every Q4_0 (18 B) and Q8_0 (34 B) block scale is finite and small.
-
-    Blocks tile the pool from byte 0 for any shape, so one pool serves both types; f16 0.01 is
-    bytes (0x1f, 0x21) and every mix of those two bytes is a small finite half too.
-    """
-    nbytes -= nbytes % (18 * 34)
-    pool = np.frombuffer(np.random.default_rng(seed).bytes(nbytes), np.uint8).copy()
-    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    for size in (18, 34):
-        pool.reshape(-1, size)[:, :2] = scale
-    return pool
+    """Random bytes in 0x10..0x2f: any two of them are a normal positive f16 (6e-4 .. 0.11) or bf16, so every
+    scale of every block type is finite wherever its blocks start."""
+    return np.random.default_rng(seed).integers(0x10, 0x30, nbytes, dtype=np.uint8)
 
 
 def matrices(pool: np.ndarray, qt, rows: int, cols: int) -> np.ndarray:
-    """View the pool as [n, rows, row_bytes] distinct matrices (no copy)."""
-    rb = qt.row_bytes(cols)
+    """View the pool as [n, rows, row_bytes] (bf16: [n, rows, cols] uint16) distinct matrices (no copy)."""
+    rb = qt.row_bytes(cols) if qt.is_block else cols * qt.dtype.itemsize
     n = pool.size // (rows * rb)
-    return pool[: n * rows * rb].reshape(n, rows, rb)
+    return pool[: n * rows * rb].view(np.uint8 if qt.is_block else qt.dtype).reshape(n, rows, -1)
 
 
-def bench(quick: bool, trials: int) -> dict:
+def bench(quick: bool, trials: int, types: list[str]) -> dict:
     import numba
     from numba import njit, prange
 
@@ -123,7 +119,7 @@ def bench(quick: bool, trials: int) -> dict:
                        "load_avg": os.getloadavg()[0], "numba": numba.__version__, "numpy": np.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M")}}
 
-    res["first_call_s"] = first_calls(K, TYPES + ["f16", "f32"])
+    res["first_call_s"] = first_calls(K, types + ["f16", "f32"])
     rng = np.random.default_rng(1)
 
     big = np.ones(pool_bytes // 4, np.float32)
@@ -132,7 +128,7 @@ def bench(quick: bool, trials: int) -> dict:
 
     # (1)+(2) matvec from DRAM against streaming reads, side by side per trial
     mv = []
-    for name in TYPES:
+    for name in types:
         qt = K.qtype(name)
         for rows, cols in SHAPES:
             ws = matrices(pool, qt, rows, cols)
@@ -146,8 +142,11 @@ def bench(quick: bool, trials: int) -> dict:
                 s_bw.append(big.nbytes / ts / 1e9)
                 m_bw.append(ws.nbytes / tm / 1e9)
                 ratio.append(m_bw[-1] / s_bw[-1])
+            q8 = next((m for m in mv if m["type"] == "q8_0" and m["rows"] == rows), None)
             mv.append({"type": name, "rows": rows, "cols": cols, "matrices": ws.shape[0],
                        "gib": ws.nbytes / gib, "GBps": statistics.median(m_bw),
+                       "Gweights_per_s": statistics.median(m_bw) * 8 / qt.bits_per_weight,
+                       "vs_q8_0": statistics.median(m_bw) / q8["GBps"] if q8 else 1.0,
                        "stream_GBps": statistics.median(s_bw), "ratio": statistics.median(ratio),
                        "ms_per_matrix": ws[0].nbytes / statistics.median(m_bw) / 1e6})
     res["stream_GBps"] = statistics.median([m["stream_GBps"] for m in mv])
@@ -156,7 +155,7 @@ def bench(quick: bool, trials: int) -> dict:
 
     # (3) matmul against OpenBLAS sgemm on the same matrix already dequantized
     mm = []
-    for name in TYPES:
+    for name in types:
         qt = K.qtype(name)
         for rows, cols in SHAPES:
             ws = matrices(pool, qt, rows, cols)
@@ -178,11 +177,11 @@ def bench(quick: bool, trials: int) -> dict:
     # (4) fused expert FFN for one token against three separate matvecs (+ numpy silu)
     ff = []
     d, f = 4096, 14336
-    for name in TYPES:
+    for name in types:
         qt = K.qtype(name)
         up = matrices(pool, qt, f, d)
         n = up.shape[0] // 3
-        experts = [(up[3 * i], up[3 * i + 1], up[3 * i + 2].reshape(-1)[: d * qt.row_bytes(f)].reshape(d, -1))
+        experts = [(up[3 * i], up[3 * i + 1], up[3 * i + 2].reshape(-1)[: up[0].size].reshape(d, -1))
                    for i in range(n)]
         x = rng.standard_normal(d).astype(np.float32)
 
@@ -210,10 +209,11 @@ def table(res: dict) -> str:
     m = res["machine"]
     out = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, load {m['load_avg']:.1f} at start, {m['date']}",
            f"streaming read (Numba parallel sum, f32): {res['stream_GBps']:.1f} GB/s", "",
-           "matvec from DRAM       type   GB/s  stream  ratio  ms/matrix"]
+           "matvec from DRAM       type   GB/s  stream  ratio  ms/matrix  Gweights/s  x Q8_0 GB/s"]
     for r in res["matvec"]:
         out.append(f"  {r['rows']:>5}x{r['cols']:<5} ({r['gib']:.2f} GiB) {r['type']:<5} {r['GBps']:6.1f}"
-                   f"  {r['stream_GBps']:6.1f}  {r['ratio']:5.2f}  {r['ms_per_matrix']:7.2f}")
+                   f"  {r['stream_GBps']:6.1f}  {r['ratio']:5.2f}  {r['ms_per_matrix']:7.2f}  {r['Gweights_per_s']:10.1f}"
+                   f"  {r['vs_q8_0']:11.2f}")
     out += ["", "matmul                 type   tokens  GFLOP/s  OpenBLAS f32  ratio"]
     for r in res["matmul"]:
         out.append(f"  {r['rows']:>5}x{r['cols']:<5}          {r['type']:<5} {r['tokens']:>5}  {r['GFLOPs']:7.1f}"
@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lazymoe.benchmarks.kernels", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quick", action="store_true", help="smoke run: 256 MiB of weights, fewer shapes")
     p.add_argument("-n", "--trials", type=int, default=None, help="timed trials per measurement (default 5, quick 2)")
+    p.add_argument("-t", "--types", default=",".join(TYPES),
+                   help=f"comma list of weight types (default all: {','.join(TYPES)}); q8_0 is always included")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--cold-jit", action="store_true",
                    help="compile into an empty Numba cache so first-call times are real compile times")
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
                    help="only time importing the kernels and the first call of each entry point per type, then exit "
                         "(run it twice: the second process loads from Numba's cache)")
     a = p.parse_args(argv)
+    types = ["q8_0"] + [t.strip().lower() for t in a.types.split(",") if t.strip().lower() not in ("q8_0", "")]
     if a.cold_jit:
         if "numba" in sys.modules:
             print("--cold-jit must be used before numba is imported", file=sys.stderr)
@@ -256,11 +259,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         from lazymoe import kernels as K
         res = {"import_s": time.perf_counter() - t}
-        res["first_call_s"] = first_calls(K, TYPES + ["f16", "f32"])
+        res["first_call_s"] = first_calls(K, types + ["f16", "f32"])
         res["first_call_total_s"] = res["import_s"] + sum(res["first_call_s"].values())
         print(json.dumps(res, indent=1) if a.json else first_call_table(res))
         return 0
-    res = bench(a.quick, a.trials or (2 if a.quick else 5))
+    res = bench(a.quick, a.trials or (2 if a.quick else 5), types)
     res["machine"]["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res, indent=1) if a.json else table(res))
     return 0
