@@ -1,9 +1,10 @@
 """Input validation and matvec / matmul for every type in KERNELS (blocks.py).
 
-Adding a type (Q4_1, Q4_K, ...; Q5_1 was added this way) takes:
+Adding a type (Q5_1, Q4_1, Q5_0, the K-quants and BF16 were added this way) takes:
   * qtypes.py: its QType row (block size, bytes per block); quantizers.py: its quantizer;
-  * simd.py: its codegens: a row dot (AVX2 IR, and a plain-Numba `*_portable` twin with the same
-    arithmetic for other CPUs), a dequantizer, and, if they pay, 1 row x 1..4 token tiles;
+  * simd.py (or kquant.py's REGISTRY): its codegens: a row dot (AVX2 IR with a portable twin: plain
+    Numba `*_portable`, or kquant.py's generic IR `_ir` form), a dequantizer, and, if they pay, 1 row x
+    1..4 token tiles;
   * blocks.py: one KERNELS row naming those and its activation scheme; a new scheme (Q8_K for the
     K-quants: 256 per scale, 16 sums) is one ActScheme row in activations.py with its quantizers.
 Nothing else: the drivers (matvec.py: matvec and fused gate+up; int_matmul.py: few tokens;

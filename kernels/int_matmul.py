@@ -1,8 +1,8 @@
 """A few tokens: Y [T, R] = X [T, C] W^T with integer row dots, each weight row read from DRAM once.
 
-For up to dispatch.INT_MATMUL_MAX_TOKENS tokens this beats dequantize + sgemm (dequant_matmul.py),
-which is memory-bound on few tokens. The tokens come quantized per the type's activation scheme:
-xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
+For up to dispatch.INT_MATMUL_MAX_TOKENS tokens (INT_DOTS_MAX_TOKENS for a type without tiles) this
+beats dequantize + sgemm (dequant_matmul.py), which is memory-bound on few tokens. The tokens come
+quantized per the type's activation scheme: xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
 
 A type whose registry row has a tile (AVX2 only) runs tiles of 1 row x 4 tokens (blocks.row_tile):
 each block unpacked once per 4 tokens, 4 independent accumulators. Against one block dot per (row,
