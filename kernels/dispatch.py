@@ -38,9 +38,9 @@ def threads_for(n_weights: int) -> int:
 # Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
 # at 64, 0.85-0.87x at 128.
 INT_MATMUL_MAX_TOKENS = 64
-# Types without tiles (the K-quants, Q4_1, Q5_0; every type on the portable build) run one row dot per
-# (row, token): against dequantize + sgemm, 14336 x 4096, 2 threads, side by side (2026-12-01): Q4_K, Q6_K,
-# Q2_K 1.7-1.8x at 16 tokens, 1.10-1.13x at 32, 0.62-0.66x at 64; Q5_0 0.91x at 32.
+# Types without tiles (the K-quants; every type on the portable build) run one row dot per (row, token):
+# against dequantize + sgemm, 14336 x 4096, 2 threads, side by side (2026-12-01): Q4_K, Q6_K, Q2_K 1.7-1.8x
+# at 16 tokens, 1.10-1.13x at 32, 0.62-0.66x at 64; Q5_0 on its dots 0.91x at 32 (its tiles: 1.2-1.3x at 64).
 INT_DOTS_MAX_TOKENS = 32
 
 

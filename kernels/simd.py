@@ -213,15 +213,20 @@ def _float_dot_codegen(kind):
     return codegen
 
 
+# Block layouts the tiles read: (bytes per block, byte of the quants, byte of the u32 of fifth bits or None,
+# byte of the f16 min m or None, the offset o in w = d (u - o)); weights d (u - o) or d u + m.
+_TILE_LAYOUT = {"q4_0": (18, 2, None, None, 8), "q4_1": (20, 4, None, 2, 0), "q5_0": (22, 6, 2, None, 16),
+                "q5_1": (24, 8, 4, 2, 0), "q8_0": (34, 2, None, None, 0)}
+
+
 def _emit_tile(context, builder, sig, args, kind, kk):
     """IR for one weight row x kk tokens of Y = X W^T: kk block dots sharing the row's loads.
 
     Each block of the weight row is unpacked once for kk tokens; kk independent accumulators keep the
     FMA and multiply units busy (one dot at a time waits on its accumulator). Returns the kk dots.
     """
-    bytes_per_block = {"q4_0": 18, "q5_1": 24, "q8_0": 34}[kind]
-    qoff = 8 if kind == "q5_1" else 2
-    nibbles = kind in ("q4_0", "q5_1")
+    bytes_per_block, qoff, qh_at, m_at, offset = _TILE_LAYOUT[kind]
+    nibbles = kind != "q8_0"
     c64 = lambda v: ir.Constant(_I64, v)                         # noqa: E731
     wa = _data(context, builder, sig.args[0], args[0])
     xqa = _data(context, builder, sig.args[2], args[2])
@@ -254,9 +259,9 @@ def _emit_tile(context, builder, sig, args, kind, kk):
             lo = builder.and_(v, _splat(_I8, 16, 15))
             hi = builder.lshr(v, _splat(_I8, 16, 4))
             u = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
-            if kind == "q5_1":
-                u = builder.or_(u, _high_bits(builder, wp, builder.add(o, c64(4))))
-            dm = d if kind == "q4_0" else builder.fpext(_load(builder, wp, builder.add(o, c64(2)), ir.HalfType()), _F32)
+            if qh_at is not None:
+                u = builder.or_(u, _high_bits(builder, wp, builder.add(o, c64(qh_at))))
+            dm = d if m_at is None else builder.fpext(_load(builder, wp, builder.add(o, c64(m_at)), ir.HalfType()), _F32)
             builder.store(builder.call(fmac, [_bcast(builder, dm, 4), xc, builder.load(corr)]), corr)
             xw = xs
         else:                                                    # |w| and x with w's sign, as in the dot
@@ -273,10 +278,10 @@ def _emit_tile(context, builder, sig, args, kind, kk):
     for k in range(kk):
         t = _hsum8(builder, builder.load(acc[k]))
         c = builder.extract_element(cv, ir.Constant(_I32, k))
-        if kind == "q4_0":
-            t = builder.fsub(t, builder.fmul(ir.Constant(_F32, 8.0), c))
-        elif kind == "q5_1":
+        if m_at is not None:
             t = builder.fadd(t, c)
+        elif offset:
+            t = builder.fsub(t, builder.fmul(ir.Constant(_F32, float(offset)), c))
         vals.append(t)
     return vals
 
@@ -462,6 +467,8 @@ dot_f16, dot_bf16, dot_f32 = _float_dot_codegen("f16"), _float_dot_codegen("bf16
 tile_q4_0 = _tile_codegen("q4_0") if HAVE_AVX2 else None
 tile_q8_0 = _tile_codegen("q8_0") if HAVE_AVX2 else None
 tile_q5_1 = _tile_codegen("q5_1") if HAVE_AVX2 else None
+tile_q4_1 = _tile_codegen("q4_1") if HAVE_AVX2 else None   # beside kquant.py's dots (the portable build: no tiles)
+tile_q5_0 = _tile_codegen("q5_0") if HAVE_AVX2 else None
 dequant_q4_0, dequant_q8_0, dequant_q5_1 = _dequant_codegen("q4_0"), _dequant_codegen("q8_0"), _dequant_codegen("q5_1")
 dequant_f16, dequant_bf16, dequant_f32 = (_float_dequant_codegen("f16"), _float_dequant_codegen("bf16"),
                                           _float_dequant_codegen("f32"))

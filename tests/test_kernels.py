@@ -155,7 +155,7 @@ def test_portable_dots_match_avx2(name):
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
     from lazymoe.kernels.activations import quantize_q8_rows
