@@ -1,7 +1,7 @@
 """`lazymoe quantize` and `lazymoe synth`."""
 from __future__ import annotations
 
-from lazymoe.kernels.qtypes import QTYPES
+from lazymoe.kernels.quantizers import WRITES
 
 
 def add_quantize_parser(sub) -> None:
@@ -10,7 +10,7 @@ def add_quantize_parser(sub) -> None:
                                    "into a GGUF file laid out as llama.cpp writes it.")
     p.add_argument("src", help="checkpoint folder (config.json or params.json) or .gguf file")
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
-    p.add_argument("-t", "--type", default="q4_0", choices=list(QTYPES), help="type of the 2-D weight matrices (default q4_0)")
+    p.add_argument("-t", "--type", default="q4_0", choices=list(WRITES), help="type of the 2-D weight matrices (default q4_0)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
@@ -33,9 +33,9 @@ def add_synth_parser(sub) -> None:
     p.add_argument("--shape", required=True, choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: all of the real model's)")
     p.add_argument("-t", "--type", default="q4_0", metavar="TYPE",
-                   help="weight type (q4_0, q8_0, f16, f32) or one of llama.cpp's file types, each tensor in the type "
-                        "llama.cpp's quantizer gives it: " + ", ".join(t for t in FTYPES if t not in QTYPES)
-                        + " (default q4_0)")
+                   help="a type lazymoe writes (" + ", ".join(WRITES) + ") for every weight matrix, or one of "
+                        "llama.cpp's file types, each tensor in the type llama.cpp's quantizer gives it: "
+                        + ", ".join(t for t in FTYPES if t not in WRITES) + " (default q4_0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
@@ -51,6 +51,6 @@ def _synth(args) -> int:
     if args.type.lower() not in FTYPES:
         raise ValueError(f"--type {args.type!r} is not a weight or file type; expected one of {', '.join(FTYPES)}")
     src = synth_source(args.shape, args.layers, args.type.lower(), args.seed)
-    qt = qtype(args.type) if args.type.lower() in QTYPES else qtype("f32")
+    qt = qtype(args.type) if args.type.lower() in WRITES else qtype("f32")
     print(write_gguf(src, args.output, qt, force=args.force, progress=not args.quiet, file_type=args.type.lower()))
     return 0
