@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from lazymoe.format.metadata import meta
 from lazymoe.kernels.qtypes import QType, qtype_of_ggml
 
 GGUF_MAGIC = b"GGUF"
@@ -161,8 +162,11 @@ class GGUFFile:
             if key in self.metadata:
                 raise GGUFError(f"{self.path}: metadata key {key} appears twice")
             self.metadata[key] = c.value(vtype, f"metadata {key}")
-        align = self.metadata.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
+        try:
+            align = meta(self.metadata, "general.alignment", self.path, 32)
+        except ValueError as e:
+            raise GGUFError(str(e)) from None
+        if align & (align - 1):
             raise GGUFError(f"{self.path}: general.alignment {align!r} is not a power of two")
         infos = []
         for _ in range(n_tensors):

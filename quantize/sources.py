@@ -416,7 +416,7 @@ def _open_gguf(path: str) -> Source:
 
     f = GGUFFile(path)
     try:
-        cfg = config_from_metadata(f.metadata, path)
+        cfg = config_from_metadata(f.metadata, path, f.tensors)
         expected = cfg.tensor_shapes()
         md = {k: v for k, v in f.metadata.items() if not k.startswith(_SKIP_KEYS) and not k.startswith("split.")}
         old = {}

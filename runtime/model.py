@@ -15,6 +15,7 @@ from lazymoe import kernels
 from lazymoe.format.checks import whole_number
 from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
+from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
@@ -34,7 +35,7 @@ class Model:
                  state: RunState, experts: ExpertCache | None, net: Network):
         self.path, self.file, self.cfg, self.tokenizer = path, file, cfg, tokenizer
         self.weights, self.plan, self.state, self.experts, self.net = weights, plan, state, experts, net
-        self.chat_template = file.get("tokenizer.chat_template")
+        self.chat_template = meta(file.metadata, "tokenizer.chat_template", path, None)
         self.ctx = state.ctx
         self.stats: dict = {}
 
@@ -167,9 +168,10 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
     path = os.fspath(path)
     g = GGUFFile(path)
     try:
-        cfg = config_from_metadata(g.metadata, path)
+        cfg = config_from_metadata(g.metadata, path, g.tensors)
         weights = Weights(g, cfg)
-        tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+        tokenizer = Tokenizer.from_gguf_metadata(g.metadata, path)
+        meta(g.metadata, "tokenizer.chat_template", path, None)
         if tokenizer.vocab_size != cfg.n_vocab:
             raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.n_vocab}")
         ctx = min(cfg.n_ctx_train, DEFAULT_CTX) if ctx is None else whole_number(
