@@ -19,7 +19,7 @@ from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
-from lazymoe.runtime.network import Network, prefetch_depth
+from lazymoe.runtime.network import Network, NonFiniteError, prefetch_depth
 from lazymoe.runtime.state import RunState
 from lazymoe.runtime.tokenizer import Tokenizer
 from lazymoe.runtime.weights import Weights
@@ -64,13 +64,17 @@ class Model:
         if pos + len(a) > self.ctx:
             raise ValueError(f"{pos + len(a)} tokens do not fit the context of {self.ctx} tokens")
         outs = []
-        for c in range(0, len(a), N_BATCH):
-            chunk = a[c:c + N_BATCH]
-            last = c + N_BATCH >= len(a)
-            if all_logits or last:
-                outs.append(self.net.forward(chunk, pos + c, all_logits))
-            else:
-                self.net.forward(chunk, pos + c, False)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):      # non-finite values are checked per layer
+                for c in range(0, len(a), N_BATCH):
+                    chunk = a[c:c + N_BATCH]
+                    last = c + N_BATCH >= len(a)
+                    if all_logits or last:
+                        outs.append(self.net.forward(chunk, pos + c, all_logits))
+                    else:
+                        self.net.forward(chunk, pos + c, False)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{self.path}: {e}") from None
         self.state.tokens.extend(int(t) for t in a)
         return np.concatenate(outs) if all_logits else outs[-1][0]
 
