@@ -507,7 +507,7 @@ def run_gguf(path: str, cli_main) -> str:
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.format.metadata import meta
-    from lazymoe.runtime.chat import render_chat
+    from lazymoe.runtime.chat import chat_prompt_ids
     from lazymoe.runtime.tokenizer import Tokenizer
     clean = False
     try:
@@ -516,8 +516,7 @@ def run_gguf(path: str, cli_main) -> str:
             config_from_metadata(md, path, tensors)
             tok = Tokenizer.from_gguf_metadata(md, path)
             template = meta(md, "tokenizer.chat_template", path, None)
-            prompt = render_chat(MESSAGES, template, tok.pieces[tok.bos_id], tok.pieces[tok.eos_id])
-            tok.encode(prompt, bos=False, special=True)
+            chat_prompt_ids(MESSAGES, template, tok, 2048)
     except (ValueError, OSError):
         clean = True
     rc, err = _cli(cli_main, ["info", path])
@@ -528,10 +527,10 @@ def run_gguf(path: str, cli_main) -> str:
 
 
 def run_template(template: str, tok) -> str:
-    from lazymoe.runtime.chat import render_chat
+    """Render for the demo model's context and tokenize, as `lazymoe chat` does."""
+    from lazymoe.runtime.chat import chat_prompt_ids
     try:
-        prompt = render_chat(MESSAGES, template, "<s>", "</s>")
-        tok.encode(prompt, bos=False, special=True)
+        chat_prompt_ids(MESSAGES, template, tok, 2048)
     except ValueError:
         return "clean"
     return "ok"

@@ -147,6 +147,7 @@ class Tokenizer:
         self.byte_fallback = all(i >= 0 for i in byte_ids)
         self._byte_ids = byte_ids
         self._max_user_len = max((len(p) for p in self._user_defined), default=0)
+        self._max_piece_len = max(len(p) for p in pieces)
         self._special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (CONTROL, UNKNOWN)}
         self._special_pattern: re.Pattern | None = None
 
@@ -166,6 +167,14 @@ class Tokenizer:
                    bos_id=get("bos_token_id"), eos_id=get("eos_token_id"), unk_id=get("unknown_token_id"),
                    add_space_prefix=get("add_space_prefix", True), add_bos=get("add_bos_token", True),
                    remove_extra_whitespaces=get("remove_extra_whitespaces", False))
+
+    def max_chars(self, n_tokens: int) -> int:
+        """The most characters of text that n_tokens tokens can encode: each token covers at most the longest
+        piece (byte tokens cover less). Unbounded (a huge number) when runs of unknown symbols collapse into
+        one <unk> (no byte fallback) or extra whitespace is removed."""
+        if not self.byte_fallback or self.remove_extra_whitespaces:
+            return 1 << 62
+        return n_tokens * self._max_piece_len
 
     @property
     def vocab_size(self) -> int:

@@ -158,12 +158,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args, stdin=None) -> int:
-    from lazymoe.runtime.chat import render_chat
+    from lazymoe.runtime.chat import chat_prompt_ids
     stdin = stdin if stdin is not None else sys.stdin
     gen = sampling(args)
     model = load(args.model, args.ram, args.ctx, cache_options(args), quiet=False)
     tok = model.tokenizer
-    bos, eos = tok.pieces[tok.bos_id], tok.pieces[tok.eos_id]
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
     try:
@@ -177,8 +176,7 @@ def cmd_chat(args, stdin=None) -> int:
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
-            prompt = render_chat(messages, model.chat_template, bos, eos)
-            ids = tok.encode(prompt, bos=False, special=True)
+            ids = chat_prompt_ids(messages, model.chat_template, tok, model.ctx)
             reply, last = stream_reply(model, ids, gen, show=True, reuse=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
