@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from lazymoe.format.checks import open_regular
 from lazymoe.format.metadata import meta
 from lazymoe.kernels.qtypes import QType, qtype_of_ggml
 
@@ -124,7 +125,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot open ({e.strerror})") from None
         try:

@@ -17,6 +17,8 @@ import struct
 
 import numpy as np
 
+from lazymoe.format.checks import open_regular
+
 MAX_HEADER = 100 << 20
 
 # bf16 has no numpy dtype: it is read as uint16 and widened to float32 by a shift.
@@ -30,7 +32,7 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path)
             size = os.fstat(self._fd).st_size
             head = os.pread(self._fd, 8, 0)
         except OSError as e:

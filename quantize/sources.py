@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lazymoe.format.checks import open_regular, read_regular
 from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, check_config, config_from_metadata
 from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
@@ -72,7 +73,7 @@ def open_source(path: str) -> Source:
         raise ValueError(f"{path}: not a checkpoint folder (expected config.json for Hugging Face or params.json for "
                          f"Mistral's native format)")
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
@@ -171,8 +172,7 @@ def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: 
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = json.loads(read_regular(path).decode("utf-8"))
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -217,8 +217,10 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
 def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(p):
-        with open(p, encoding="utf-8") as f:
-            return f.read()
+        try:
+            return read_regular(p).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
     p = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(p):
         return None
