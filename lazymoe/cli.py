@@ -10,6 +10,24 @@ import os
 import sys
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose own errors are one stderr line (not the usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_utf8(argv: list[str]) -> None:
+    """ValueError for a command-line argument that is not UTF-8 (Python keeps such bytes as lone surrogates)."""
+    for i, a in enumerate(argv, 1):
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError as e:
+            shown = a.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise ValueError(f"command-line argument {i} ({shown[:60]!r}) is not valid UTF-8 "
+                             f"(byte 0x{ord(a[e.start]) & 0xFF:02x})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lazymoe.commands.bench import add_bench_parser
     from lazymoe.commands.demo import add_demo_parser
@@ -17,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lazymoe.commands.quantize import add_quantize_parser, add_synth_parser
     from lazymoe.commands.run import add_chat_parser, add_run_parser
 
-    p = argparse.ArgumentParser(prog="lazymoe", description="Run Mixture-of-Experts models larger than RAM.")
+    p = Parser(prog="lazymoe", description="Run Mixture-of-Experts models larger than RAM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_quantize_parser(sub)
     add_info_parser(sub)
@@ -30,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_utf8(argv)
+    except ValueError as e:
+        print(f"lazymoe: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
