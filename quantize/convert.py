@@ -154,6 +154,10 @@ def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = Fals
         raise ValueError(f"{out}: the output would overwrite the input")
     src = open_source(src_path)
     try:
+        for inp in src.inputs:
+            if os.path.exists(out) and os.path.samefile(out, inp):
+                also = "" if os.path.abspath(out) == os.path.abspath(inp) else f" ({inp})"
+                raise ValueError(f"{out}: is one of the conversion's inputs{also}; give another output file")
         return write_gguf(src, out, qt, force=force, progress=progress, quantize_fn=quantize_fn)
     finally:
         src.close()
