@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so that every cleanup (a half-written output's temporary) runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -55,11 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lazymoe: error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("lazymoe: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lazymoe: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:             # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -67,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e) if isinstance(e, ValueError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
         print(f"lazymoe {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

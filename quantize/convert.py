@@ -3,12 +3,13 @@
 Header, metadata and tensor infos go through gguf-py's GGUFWriter (its key names and
 value types); the data is then written part by part (row chunks, one expert at a time),
 so memory stays bounded by one part whatever the model's size. The file is written
-beside OUT under a temporary name and renamed only when complete.
+beside OUT under a temporary name derived from it (.OUT.<pid>.lazymoe-tmp) and renamed only when complete;
+an interrupted run removes it, and the next run over OUT removes one left by a run that was killed.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,46 @@ def _check_writable(out: str, force: bool) -> str:
     return out
 
 
+TMP_SUFFIX = ".lazymoe-tmp"
+
+
+def temporary_name(out: str) -> str:
+    """Where OUT is written before the rename: .OUT.<pid>.lazymoe-tmp beside it."""
+    d, base = os.path.split(out)
+    return os.path.join(d, f".{base}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+    """Remove the temporaries of earlier runs over OUT whose process is gone (killed with SIGKILL, or the
+    machine went down): .OUT.<pid>.lazymoe-tmp with no process <pid>. Nothing else is touched."""
+    d, base = os.path.split(out)
+    pattern = re.compile(re.escape(f".{base}.") + r"(\d+)" + re.escape(TMP_SUFFIX))
+    removed = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for n in names:
+        m = pattern.fullmatch(n)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                                  # that run is still writing
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p = os.path.join(d, n)
+        try:
+            if os.path.isfile(p) and not os.path.islink(p):
+                os.unlink(p)
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
     for k, v in md.items():
         if k == "general.architecture":
@@ -97,8 +138,11 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     for p, t in zip(src.tensors, types):
         if t.is_block and p.shape[-1] % t.block_size:
             raise ValueError(f"{src.path}: tensor {p.name} has rows of {p.shape[-1]}, not a multiple of {t.name}'s block of {t.block_size}")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-    os.close(fd)
+    remove_stale_temporaries(out)
+    tmp = temporary_name(out)
+    if os.path.lexists(tmp):                                # a run of ours with a recycled pid, gone
+        os.unlink(tmp)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))    # a normal file's mode (umask)
     w = None
     try:
         w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
@@ -130,9 +174,6 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
                 fout.write(b"\0" * (-fout.tell() % ALIGN))
         w.close()
         w = None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                       # mkstemp made it 0600; give it a normal file's mode
         os.replace(tmp, out)
     except BaseException:
         if w is not None:
