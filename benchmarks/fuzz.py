@@ -266,7 +266,8 @@ def mutate_gguf(seed_bytes: bytes, parts: Gguf, rng: random.Random) -> bytes:
 
 def _mutate_data(p: Gguf, rng: random.Random) -> bytes:
     """Non-finite or extreme values in one tensor's data: f16 block scales, float elements, raw garbage."""
-    buf = bytearray(p.bytes())
+    import numpy as np
+    buf = np.frombuffer(bytearray(p.bytes()), np.uint8)
     start = len(buf) - len(p.data)
     name, dims, gt, off = rng.choice(p.tensors)
     n = 1
@@ -274,32 +275,31 @@ def _mutate_data(p: Gguf, rng: random.Random) -> bytes:
         n *= d
     layout = _block_layout(gt)
     if gt == 0:
-        nbytes, elem = n * 4, 4
+        nbytes = n * 4
     elif layout:
         nbytes = n // (256 if layout[0] in (144, 210, 176, 110, 84) else 32) * layout[0]
     else:
-        return bytes(buf)
+        return buf.tobytes()
     base = start + off
+    if base + nbytes > len(buf):
+        return buf.tobytes()
+    data = buf[base:base + nbytes]
     everywhere = rng.random() < 0.3
-    for _ in range(rng.choice((1, 4, 64)) if not everywhere else 1):
-        if gt == 0:
-            idx = range(0, n) if everywhere else [rng.randrange(n)]
-            val = struct.pack("<f", rng.choice(F32_SPECIAL))
-            for i in idx:
-                buf[base + i * elem:base + i * elem + 4] = val
-        elif rng.random() < 0.15:
-            i = rng.randrange(max(1, nbytes - 64))
-            buf[base + i:base + i + 64] = rng.randbytes(64)
-        else:
-            bsize, scales = layout
-            nb = nbytes // bsize
-            val = struct.pack("<H", rng.choice(F16_SPECIAL))
-            blocks = range(nb) if everywhere else [rng.randrange(nb)]
-            for b in blocks:
-                for s in scales[:1 if rng.random() < 0.7 else None]:
-                    q = base + b * bsize + s
-                    buf[q:q + 2] = val
-    return bytes(buf)
+    if gt == 0:
+        f = data.view(np.float32)
+        idx = slice(None) if everywhere else rng.sample(range(n), min(n, rng.choice((1, 4, 64))))
+        f[idx] = rng.choice(F32_SPECIAL)
+    elif rng.random() < 0.15:
+        i = rng.randrange(max(1, nbytes - 64))
+        data[i:i + 64] = np.frombuffer(rng.randbytes(64), np.uint8)[:len(data[i:i + 64])]
+    else:
+        bsize, scales = layout
+        blocks = data.reshape(-1, bsize)
+        rows = slice(None) if everywhere else rng.sample(range(len(blocks)), min(len(blocks), rng.choice((1, 4, 64))))
+        val = np.frombuffer(struct.pack("<H", rng.choice(F16_SPECIAL)), np.uint8)
+        for sc in scales[:1 if rng.random() < 0.7 else None]:
+            blocks[rows, sc:sc + 2] = val
+    return buf.tobytes()
 
 
 # --- hostile chat templates -------------------------------------------------------------------------------
@@ -625,8 +625,8 @@ def worker_main(seeds_json: str, cli_main) -> None:
             signal.alarm(CASE_SECONDS)
             try:
                 outcome = w.case(c["target"], c["seed"])
-            except _Deadline:
-                outcome = "hang"
+            except _Deadline as e:
+                outcome, detail = "hang", "".join(traceback.format_exception(e))[-3000:]
             except MemoryError:
                 outcome = "over_1gb"
             except BaseException as e:             # noqa: BLE001 (every escape is a finding)

@@ -6,6 +6,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -30,7 +31,9 @@ def check_utf8(argv: list[str]) -> None:
                              f"(byte 0x{ord(a[e.start]) & 0xFF:02x})") from None
 
 
+@functools.lru_cache(maxsize=1)
 def build_parser() -> argparse.ArgumentParser:
+    """The parser (built once: argparse's parse_args leaves it unchanged)."""
     from lazymoe.commands.bench import add_bench_parser
     from lazymoe.commands.demo import add_demo_parser
     from lazymoe.commands.info import add_info_parser
