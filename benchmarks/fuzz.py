@@ -17,7 +17,8 @@ block data) run through the reader, the config, the tokenizer, the chat template
   traceback  any other exception, or a CLI error that is not one line
   signal     the worker died of a signal
   hang       the case ran past its deadline (alarm in the worker; a hard kill by the parent after that)
-  over_1gb   address space or peak RSS beyond 1 GiB over the worker's baseline (RLIMIT_AS, VmHWM)
+  over_1gb   peak RSS beyond 1 GiB over the worker's baseline (VmHWM, reset per case), or a MemoryError
+             anywhere (raised, or behind a ValueError as its context) under RLIMIT_AS of 2 GiB over it
 
 Workers are processes started once (`python -m lazymoe.benchmarks.fuzz --worker`), fed cases over a pipe and
 restarted only when they die or hang; a case is (target, seed), so any case replays alone:
@@ -47,7 +48,8 @@ OUTCOMES = ("ok", "clean", "traceback", "signal", "hang", "over_1gb")
 TARGETS = ("demo", "mixtral", "kquant", "template", "hf")
 WEIGHTS = {"demo": 4, "mixtral": 2, "kquant": 1, "template": 2, "hf": 1}   # share of cases per target
 CASE_SECONDS = 10        # per-case alarm in the worker; the parent kills at twice this
-MEMORY_LIMIT = 1 << 30   # over the worker's baseline
+MEMORY_LIMIT = 1 << 30   # over the worker's baseline: peak RSS beyond it, or any MemoryError, is "over_1gb"
+ADDRESS_LIMIT = 2 << 30  # RLIMIT_AS over the baseline: the hard stop, so that a case cannot take the machine
 
 # --- GGUF as parts: a seed file parsed once, mutated, written back ------------------------------------------
 
@@ -478,6 +480,19 @@ class _Deadline(Exception):
     pass
 
 
+class _OutOfMemory(Exception):
+    """A refusal that a MemoryError led to: the case tried to take more than the address-space limit."""
+
+
+def _refused(e: BaseException) -> None:
+    """Called with a clean refusal: _OutOfMemory if a MemoryError is anywhere in its context chain."""
+    seen = 0
+    while e is not None and seen < 50:
+        if isinstance(e, MemoryError):
+            raise _OutOfMemory(str(e))
+        e, seen = e.__cause__ or e.__context__, seen + 1
+
+
 def _alarm(signum, frame):
     raise _Deadline()
 
@@ -517,7 +532,8 @@ def run_gguf(path: str, cli_main) -> str:
             tok = Tokenizer.from_gguf_metadata(md, path)
             template = meta(md, "tokenizer.chat_template", path, None)
             chat_prompt_ids(MESSAGES, template, tok, 2048)
-    except (ValueError, OSError):
+    except (ValueError, OSError) as e:
+        _refused(e)
         clean = True
     rc, err = _cli(cli_main, ["info", path])
     _one_line(rc, err, "info")
@@ -531,7 +547,8 @@ def run_template(template: str, tok) -> str:
     from lazymoe.runtime.chat import chat_prompt_ids
     try:
         chat_prompt_ids(MESSAGES, template, tok, 2048)
-    except ValueError:
+    except ValueError as e:
+        _refused(e)
         return "clean"
     return "ok"
 
@@ -612,7 +629,7 @@ def worker_main(seeds_json: str, cli_main) -> None:
         base_as = resource.getrlimit(resource.RLIMIT_AS)
         with open("/proc/self/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        resource.setrlimit(resource.RLIMIT_AS, (vm + MEMORY_LIMIT, base_as[1]))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + ADDRESS_LIMIT, base_as[1]))
         base_rss = _peak_rss()
         signal.signal(signal.SIGALRM, _alarm)
         out = sys.stdout
@@ -627,14 +644,14 @@ def worker_main(seeds_json: str, cli_main) -> None:
                 outcome = w.case(c["target"], c["seed"])
             except _Deadline as e:
                 outcome, detail = "hang", "".join(traceback.format_exception(e))[-3000:]
-            except MemoryError:
-                outcome = "over_1gb"
+            except (MemoryError, _OutOfMemory) as e:
+                outcome, detail = "over_1gb", "".join(traceback.format_exception(e))[-3000:]
             except BaseException as e:             # noqa: BLE001 (every escape is a finding)
                 outcome, detail = "traceback", "".join(traceback.format_exception(e))[-3000:]
             finally:
                 signal.alarm(0)
             if outcome not in ("hang", "traceback") and _peak_rss() - base_rss > MEMORY_LIMIT:
-                outcome = "over_1gb"
+                outcome, detail = "over_1gb", f"peak RSS {(_peak_rss() - base_rss) >> 20} MiB over the baseline"
             out.write(json.dumps({"outcome": outcome, "detail": detail, "seconds": time.perf_counter() - t0}) + "\n")
             out.flush()
     finally:
