@@ -20,7 +20,9 @@ ImmutableSandboxedEnvironment with, on top of it:
   - `~` concatenations are checked after the fact (at most 2x max_chars);
   - the rendered text is capped at max_chars (default 1,000,000 characters);
   - the render is stopped after MAX_SECONDS by a line-trace deadline (pure
-    Python loops such as three nested `range(100000)` loops);
+    Python loops such as three nested `range(100000)` loops), and so is compiling;
+  - templates nested more than MAX_DEPTH levels are refused before compiling
+    (jinja's optimizer takes seconds on `x.y.y...` 300 deep);
   - jinja2 already caps `range()` at 100,000 items.
 What remains: one C-level operation that is not a call, operator or concatenation
 checked above cannot be interrupted, and the deadline relies on sys.settrace
@@ -28,6 +30,7 @@ checked above cannot be interrupted, and the deadline relies on sys.settrace
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -43,7 +46,8 @@ MAX_CHARS = 1_000_000          # rendered prompt (and any intermediate string) l
 MAX_TEMPLATE_CHARS = 200_000   # real chat templates are 0.5-10 KB
 MAX_INT_ARG = 100_000          # largest int a template may pass to a call or filter (as range)
 MAX_INT_BITS = 100_000         # largest int a template may compute with * or **
-MAX_SECONDS = 2.0              # render deadline
+MAX_SECONDS = 2.0              # render deadline, and compile deadline
+MAX_DEPTH = 100                # nesting of the parsed template (jinja's compiler is cubic in it)
 
 ROLES = ("system", "user", "assistant")
 
@@ -275,7 +279,10 @@ def mixtral_prompt(messages: list[dict], bos_token: str, eos_token: str) -> str:
     return "".join(parts)
 
 
-def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars: int, seconds: float) -> str:
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str):
+    """Raise _Refused from the line tracer once `seconds` have passed (pure-Python loops: rendering, and
+    jinja's own compiler, whose optimizer is cubic in the nesting depth)."""
     deadline = time.monotonic() + seconds
     count = 0
 
@@ -283,21 +290,36 @@ def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars:
         nonlocal count
         count += 1
         if count & 255 == 0 and time.monotonic() > deadline:
-            raise _Refused(f"rendering took longer than {seconds:g} s")
+            raise _Refused(f"{what} took longer than {seconds:g} s")
         return tracer
 
-    out: list[str] = []
-    total = 0
     previous = sys.gettrace()
     sys.settrace(tracer)
     try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _check_depth(tree, limit: int = MAX_DEPTH) -> None:
+    """Refuse a parsed template nested deeper than `limit` (real chat templates: < 30)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            raise _Refused(f"the template nests more than {limit} levels deep")
+        stack.extend((c, d + 1) for c in node.iter_child_nodes())
+
+
+def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars: int, seconds: float) -> str:
+    out: list[str] = []
+    total = 0
+    with _deadline(seconds, "rendering"):
         for chunk in template.generate(**variables):
             total += len(chunk)
             if total > max_chars:
                 raise _Refused(f"the rendered prompt exceeds {max_chars} characters")
             out.append(chunk)
-    finally:
-        sys.settrace(previous)
     return "".join(out)
 
 
@@ -324,7 +346,12 @@ def render_chat(messages: list[dict], template: str | None, bos_token: str, eos_
                          f"limit of {MAX_TEMPLATE_CHARS}")
     env = _Sandbox(max_chars)
     try:
-        compiled = env.from_string(template)
+        with _deadline(MAX_SECONDS, "compiling the template"):
+            tree = env.parse(template)
+            _check_depth(tree)
+            compiled = env.from_string(tree)
+    except _Refused as e:
+        raise ValueError(f"chat template was refused: {e}") from None
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
     except (jinja2.TemplateError, SyntaxError, RecursionError, MemoryError, OverflowError, ValueError,

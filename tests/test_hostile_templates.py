@@ -67,6 +67,15 @@ def test_deep_nesting_and_long_expressions_are_a_value_error(template):
     assert r["seconds"] < 5 and r["peak"] < 600 << 20, r
 
 
+@pytest.mark.parametrize("template", ["{{ x" + ".y" * 300 + " }}", "{{ " + "-" * 400 + "1 }}",
+                                      "{{ " + "[" * 150 + "1" + "]" * 150 + " }}"])
+def test_compiling_is_bounded_in_time(template):
+    """jinja's optimizer is cubic in the nesting depth: 300 attribute lookups took ~3 s to compile."""
+    r = render_bounded(template)
+    assert r["result"].startswith("ValueError: chat template"), r
+    assert r["seconds"] < 2.5, r
+
+
 def test_a_render_near_the_output_limit_is_not_tokenized_past_the_context(tmp_path):
     """A template rendering just under 1 M characters: refused for the context before tokenizing."""
     template = "{{ bos_token }}{{ 'a' * 999990 }}"
