@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
+from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import quantize
 from lazymoe.quantize.mixes import ftype
@@ -103,23 +104,47 @@ def remove_stale_temporaries(out: str) -> list[str]:
     return removed
 
 
-def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
+_ARRAY_TYPES = {np.dtype(t): v for t, v in (
+    ("u1", GGUFValueType.UINT8), ("i1", GGUFValueType.INT8), ("<u2", GGUFValueType.UINT16),
+    ("<i2", GGUFValueType.INT16), ("<u4", GGUFValueType.UINT32), ("<i4", GGUFValueType.INT32),
+    ("<u8", GGUFValueType.UINT64), ("<i8", GGUFValueType.INT64), ("<f4", GGUFValueType.FLOAT32),
+    ("<f8", GGUFValueType.FLOAT64), ("?", GGUFValueType.BOOL))}
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _add_value(w: GGUFWriter, k: str, v, where: str) -> None:
+    """One metadata value in a GGUF type that holds it (a requantized file's keys keep their values:
+    UINT64 2^64-1 or a FLOAT64 1e300 would not fit the writer's default UINT32/FLOAT32)."""
+    if isinstance(v, (bool, np.bool_)):
+        w.add_bool(k, bool(v))
+    elif isinstance(v, (int, np.integer)):
+        v = int(v)
+        if 0 <= v < 2**32:
+            w.add_uint32(k, v)
+        elif -2**63 <= v < 2**63:
+            w.add_int64(k, v)
+        elif 0 <= v < 2**64:
+            w.add_uint64(k, v)
+        else:
+            raise ValueError(f"{where}: metadata key {k} = {v} does not fit a 64-bit integer")
+    elif isinstance(v, (float, np.floating)):
+        v = float(v)
+        w.add_float32(k, v) if not np.isfinite(v) or abs(v) <= F32_MAX else w.add_float64(k, v)
+    elif isinstance(v, str):
+        w.add_string(k, v)
+    elif isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _ARRAY_TYPES and v.size:
+        w.add_key_value(k, [x.item() for x in v], GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[v.dtype])
+    elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        w.add_array(k, v)
+    else:
+        raise ValueError(f"{where}: metadata key {k} is {describe(v)}, which the writer cannot store "
+                         f"(expected a number, a string, or a non-empty array of them)")
+
+
+def _add_metadata(w: GGUFWriter, md: dict, file_type: int, where: str = "model") -> None:
     for k, v in md.items():
-        if k == "general.architecture":
-            continue                                    # GGUFWriter adds it
-        if isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, (int, np.integer)):
-            w.add_uint32(k, int(v)) if 0 <= int(v) < 2**32 else w.add_int64(k, int(v))
-        elif isinstance(v, (float, np.floating)):
-            w.add_float32(k, float(v))
-        elif isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, np.ndarray):
-            sub = GGUFValueType.FLOAT32 if v.dtype.kind == "f" else GGUFValueType.INT32
-            w.add_key_value(k, [x.item() for x in v], GGUFValueType.ARRAY, sub_type=sub)
-        elif isinstance(v, list):
-            w.add_array(k, v)
+        if k != "general.architecture":                   # GGUFWriter adds it
+            _add_value(w, k, v, where)
     w.add_file_type(int(file_type))
     w.add_quantization_version(2)
 
@@ -146,7 +171,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     w = None
     try:
         w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
-        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0])
+        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0], src.path)
         for p, t in zip(src.tensors, types):
             # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), t.nbytes(p.shape), raw_dtype=t.ggml)

@@ -151,3 +151,24 @@ def test_the_next_run_removes_a_killed_runs_temporary_and_nothing_else(tmp_path)
     assert all(f.read_bytes() == b"keep" for f in mine)
     from lazymoe.quantize.convert import remove_stale_temporaries
     assert remove_stale_temporaries(str(out)) == []
+
+
+def test_requantizing_keeps_metadata_values_that_do_not_fit_the_default_types(tmp_path):
+    from lazymoe.benchmarks.fuzz import ARRAY, enc
+    from lazymoe.format.gguf_file import GGUFFile
+    from tests.helpers import rewrite
+
+    def edit(p):
+        p.set("x.u64", 10, enc(10, 2**64 - 1))
+        p.set("x.f64", 12, enc(12, 1e300))
+        p.set("x.u64s", ARRAY, enc(ARRAY, (10, [2**63, 1])))
+        p.set("x.f64s", ARRAY, enc(ARRAY, (12, [1e300])))
+    src = rewrite(tmp_path, edit)
+    out = str(tmp_path / "out.gguf")
+    convert(src, out, progress=False)                 # struct.error and OverflowError tracebacks before
+    with GGUFFile(out) as g:
+        assert g.metadata["x.u64"] == 2**64 - 1 and g.metadata["x.f64"] == 1e300
+        assert g.metadata["x.u64s"].tolist() == [2**63, 1] and g.metadata["x.f64s"].tolist() == [1e300]
+    empty = rewrite(tmp_path, lambda p: p.set("x.empty", ARRAY, enc(ARRAY, (4, []))), name="empty.gguf")
+    rc, _, err = cli("quantize", empty, "-o", str(tmp_path / "out2.gguf"), "-q")
+    assert rc == 2 and err.count("\n") == 1 and "metadata key x.empty is an ARRAY of UINT32 (0 elements)" in err, err
