@@ -689,7 +689,10 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
     Returns {"counts": {target: {outcome: n}}, "findings": [...], "seconds", "cases_per_s"}."""
     scratch = tempfile.mkdtemp(prefix="lazymoe-fuzz-seeds-")
     try:
-        seeds = make_seeds(scratch)
+        seeds = json.loads(subprocess.run(                  # in a child: this process stays small
+            [sys.executable, "-c", "import json, sys; from lazymoe.benchmarks.fuzz import make_seeds; "
+             "print(json.dumps(make_seeds(sys.argv[1])))", scratch],
+            capture_output=True, text=True, check=True).stdout)
         targets = [t for t in targets if t in seeds or t == "template"]
         pick = random.Random(seed)
         cases = [(pick.choices(targets, [WEIGHTS[t] for t in targets])[0], seed * 1_000_003 + i) for i in range(n)] \
@@ -698,9 +701,7 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in targets}
         findings = []
         t0 = time.monotonic()
-        procs = [_Proc(seeds, nice) for _ in range(max(1, workers))]
-        todo, done = list(reversed(cases)), 0
-        idle = list(procs)
+        done = 0
 
         def record(case, outcome, detail=""):
             nonlocal done
@@ -714,36 +715,15 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
                 el = time.monotonic() - t0
                 print(f"{done}/{n} cases, {done / el:.1f}/s, findings {len(findings)}", file=sys.stderr, flush=True)
 
-        while todo or len(idle) < len(procs):
-            while todo and idle:
-                w = idle.pop()
-                w.send(todo.pop())
-            busy = [w for w in procs if w.case is not None]
-            ready, _, _ = select.select([w.p.stdout for w in busy], [], [], 0.5)
-            now = time.monotonic()
-            for w in list(procs):
-                if w.case is None:
-                    continue
-                died = w.p.poll() is not None
-                if w.p.stdout in ready and not died:
-                    chunk = os.read(w.p.stdout.fileno(), 65536)
-                    w.buf += chunk
-                    died = not chunk
-                if b"\n" in w.buf:
-                    line, w.buf = w.buf.split(b"\n", 1)
-                    r = json.loads(line)
-                    record(w.case, r["outcome"], r["detail"])
-                    w.case = None
-                    idle.append(w)
-                    continue
-                late = now - w.started > 2 * CASE_SECONDS + 30     # +30 s: a fresh worker's warm-up
-                if died or late:
-                    rc = w.p.poll()
-                    outcome = "hang" if late and rc is None else "signal" if rc is not None and rc < 0 else "traceback"
-                    record(w.case, outcome, f"worker exit {rc}")
+        procs = [_Proc(seeds, nice) for _ in range(max(1, workers))]
+        todo, idle = list(reversed(cases)), list(procs)
+        try:
+            _drive(procs, idle, todo, seeds, nice, record)
+        finally:
+            for w in procs:                                 # an interrupted campaign leaves no worker behind
+                if w.p.poll() is None and w.case is not None:
                     w.kill()
-                    procs[procs.index(w)] = nw = _Proc(seeds, nice)
-                    idle.append(nw)
+
         for w in procs:
             w.p.stdin.close()
             w.p.wait()
@@ -752,6 +732,40 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
                 "seconds": el, "cases_per_s": n / el}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _drive(procs: list, idle: list, todo: list, seeds: dict, nice: int, record) -> None:
+    """Feed cases to idle workers until none is left; a worker that dies or overruns is replaced."""
+    while todo or len(idle) < len(procs):
+        while todo and idle:
+            w = idle.pop()
+            w.send(todo.pop())
+        busy = [w for w in procs if w.case is not None]
+        ready, _, _ = select.select([w.p.stdout for w in busy], [], [], 0.5)
+        now = time.monotonic()
+        for w in list(procs):
+            if w.case is None:
+                continue
+            died = w.p.poll() is not None
+            if w.p.stdout in ready and not died:
+                chunk = os.read(w.p.stdout.fileno(), 65536)
+                w.buf += chunk
+                died = not chunk
+            if b"\n" in w.buf:
+                line, w.buf = w.buf.split(b"\n", 1)
+                r = json.loads(line)
+                record(w.case, r["outcome"], r["detail"])
+                w.case = None
+                idle.append(w)
+                continue
+            late = now - w.started > 2 * CASE_SECONDS + 30     # +30 s: a fresh worker's warm-up
+            if died or late:
+                rc = w.p.poll()
+                outcome = "hang" if late and rc is None else "signal" if rc is not None and rc < 0 else "traceback"
+                record(w.case, outcome, f"worker exit {rc}")
+                w.kill()
+                procs[procs.index(w)] = nw = _Proc(seeds, nice)
+                idle.append(nw)
 
 
 def table(r: dict) -> str:
