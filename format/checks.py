@@ -5,6 +5,8 @@ Each raises ValueError with one sentence that names the value, what was found an
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 
@@ -30,3 +32,25 @@ def number(v, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v:g}")
     return v
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of `path` if it is a regular file; OSError otherwise, at once (opened without
+    blocking, so a FIFO or a device never waits for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise OSError(0, f"{kind}; expected a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a regular file (open_regular's checks)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lazymoe.format.metadata import MISSING, meta
+
 ARCH = "llama"
 
 # An expert's three matrices, in the order the runtime keeps them: gate (HF w1), up (w3), down (w2).
@@ -91,56 +93,54 @@ class ModelConfig:
         return 2 * self.n_layer * self.kv_dim * 4 * ctx
 
 
-def _int(md: dict, key: str, where: str, default=None) -> int:
-    v = md.get(key, default)
-    if v is None:
-        raise ValueError(f"{where}: metadata key {key} is missing")
-    if isinstance(v, bool) or not isinstance(v, (int,)) and not hasattr(v, "__index__"):
-        raise ValueError(f"{where}: metadata key {key} should be an integer, got {v!r}")
-    return int(v)
-
-
-def _float(md: dict, key: str, where: str, default=None) -> float:
-    v = md.get(key, default)
-    if v is None:
-        raise ValueError(f"{where}: metadata key {key} is missing")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: metadata key {key} should be a number, got {v!r}") from None
-
-
-def config_from_metadata(md: dict, where: str = "model") -> ModelConfig:
-    """Build and check a ModelConfig from GGUF metadata; ValueError naming `where` and the key."""
-    arch = md.get("general.architecture")
+def config_from_metadata(md: dict, where: str = "model", tensors=None) -> ModelConfig:
+    """Build and check a ModelConfig from GGUF metadata (each key typed by format/metadata.py); ValueError
+    naming `where` and the key. With `tensors` (the names in the file) the counts are checked against what
+    the file holds before anything is built from them."""
+    arch = meta(md, "general.architecture", where, None)
     if arch != ARCH:
         raise ValueError(f"{where}: architecture {arch!r} is not supported (expected {ARCH!r}: Mixtral, Mistral or Llama)")
     p = ARCH + "."
-    n_head = _int(md, p + "attention.head_count", where)
-    n_embd = _int(md, p + "embedding_length", where)
-    tokens = md.get("tokenizer.ggml.tokens")
-    n_vocab = _int(md, p + "vocab_size", where, len(tokens) if tokens is not None else None)
+    n_head = meta(md, p + "attention.head_count", where)
+    n_embd = meta(md, p + "embedding_length", where)
+    tokens = meta(md, "tokenizer.ggml.tokens", where, None)
+    n_vocab = meta(md, p + "vocab_size", where, len(tokens) if tokens is not None else MISSING)
     cfg = ModelConfig(
-        n_layer=_int(md, p + "block_count", where),
+        n_layer=meta(md, p + "block_count", where),
         n_embd=n_embd,
-        n_ff=_int(md, p + "feed_forward_length", where),
+        n_ff=meta(md, p + "feed_forward_length", where),
         n_head=n_head,
-        n_head_kv=_int(md, p + "attention.head_count_kv", where, n_head),
+        n_head_kv=meta(md, p + "attention.head_count_kv", where, n_head),
         n_vocab=n_vocab,
-        n_ctx_train=_int(md, p + "context_length", where),
-        rms_eps=_float(md, p + "attention.layer_norm_rms_epsilon", where),
-        rope_theta=_float(md, p + "rope.freq_base", where, 10000.0),
-        n_expert=_int(md, p + "expert_count", where, 0),
-        n_expert_used=_int(md, p + "expert_used_count", where, 0),
+        n_ctx_train=meta(md, p + "context_length", where),
+        rms_eps=meta(md, p + "attention.layer_norm_rms_epsilon", where),
+        rope_theta=meta(md, p + "rope.freq_base", where, 10000.0),
+        n_expert=meta(md, p + "expert_count", where, 0),
+        n_expert_used=meta(md, p + "expert_used_count", where, 0),
     )
     check_config(cfg, where)
-    rope_dim = _int(md, p + "rope.dimension_count", where, cfg.head_dim)
+    rope_dim = meta(md, p + "rope.dimension_count", where, cfg.head_dim)
     if rope_dim != cfg.head_dim:
         raise ValueError(f"{where}: rope.dimension_count {rope_dim} differs from the head size {cfg.head_dim}; "
                          f"partial RoPE is not supported")
     if tokens is not None and len(tokens) != cfg.n_vocab:
         raise ValueError(f"{where}: vocab_size {cfg.n_vocab} but the tokenizer has {len(tokens)} tokens")
+    if tensors is not None:
+        check_counts(cfg, tensors, where)
     return cfg
+
+
+# Tensors every layer has: attn_norm, q, k, v, output, ffn_norm and three FFN matrices.
+TENSORS_PER_LAYER = 9
+
+
+def check_counts(cfg: ModelConfig, tensors, where: str = "model") -> None:
+    """ValueError unless the file's tensor names can hold cfg's layers: refused before tensor_shapes()
+    builds ~9 entries per layer from a block_count that a four-byte edit made 2^20."""
+    need = TENSORS_PER_LAYER * cfg.n_layer + 2      # + token_embd, output_norm (output may be tied)
+    if need > len(tensors) or f"blk.{cfg.n_layer - 1}.attn_norm.weight" not in tensors:
+        raise ValueError(f"{where}: block_count is {cfg.n_layer} but the file holds {len(tensors)} tensors "
+                         f"(a model of {cfg.n_layer} layers has at least {need}, up to blk.{cfg.n_layer - 1})")
 
 
 def check_config(cfg: ModelConfig, where: str = "model") -> None:

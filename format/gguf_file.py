@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from lazymoe.format.checks import open_regular
+from lazymoe.format.metadata import meta
 from lazymoe.kernels.qtypes import QType, qtype_of_ggml
 
 GGUF_MAGIC = b"GGUF"
@@ -113,7 +115,31 @@ class _Cursor:
         # larger than the rest of the file is refused before any list is built.
         if count * 8 > self.size - self.pos:
             raise self.fail(f"truncated: {what} claims {count} elements, more than the file holds")
+        if etype == GGUFValueType.STRING:
+            return self.strings(count, what)
         return [self.value(etype, what, depth + 1) for _ in range(count)]
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings (a vocabulary: tens of thousands), with string()'s checks in one tight loop."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, what)
+            n = struct.unpack_from("<Q", buf, pos)[0]
+            pos += 8
+            if n > MAX_STRING:
+                raise self.fail(f"{what} is {n} bytes long, more than the limit of {MAX_STRING}")
+            if pos + n > size:
+                self.pos = pos
+                self.need(n, what)
+            try:
+                out.append(buf[pos:pos + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise self.fail(f"{what} is not valid UTF-8") from None
+            pos += n
+        self.pos = pos
+        return out
 
 
 class GGUFFile:
@@ -123,7 +149,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
@@ -161,8 +187,11 @@ class GGUFFile:
             if key in self.metadata:
                 raise GGUFError(f"{self.path}: metadata key {key} appears twice")
             self.metadata[key] = c.value(vtype, f"metadata {key}")
-        align = self.metadata.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
+        try:
+            align = meta(self.metadata, "general.alignment", self.path, 32)
+        except ValueError as e:
+            raise GGUFError(str(e)) from None
+        if align & (align - 1):
             raise GGUFError(f"{self.path}: general.alignment {align!r} is not a power of two")
         infos = []
         for _ in range(n_tensors):

@@ -3,12 +3,13 @@
 Header, metadata and tensor infos go through gguf-py's GGUFWriter (its key names and
 value types); the data is then written part by part (row chunks, one expert at a time),
 so memory stays bounded by one part whatever the model's size. The file is written
-beside OUT under a temporary name and renamed only when complete.
+beside OUT under a temporary name derived from it (.OUT.<pid>.lazymoe-tmp) and renamed only when complete;
+an interrupted run removes it, and the next run over OUT removes one left by a run that was killed.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
+from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import quantize
 from lazymoe.quantize.mixes import ftype
@@ -62,23 +64,87 @@ def _check_writable(out: str, force: bool) -> str:
     return out
 
 
-def _add_metadata(w: GGUFWriter, md: dict, file_type: int) -> None:
+TMP_SUFFIX = ".lazymoe-tmp"
+
+
+def temporary_name(out: str) -> str:
+    """Where OUT is written before the rename: .OUT.<pid>.lazymoe-tmp beside it."""
+    d, base = os.path.split(out)
+    return os.path.join(d, f".{base}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+    """Remove the temporaries of earlier runs over OUT whose process is gone (killed with SIGKILL, or the
+    machine went down): .OUT.<pid>.lazymoe-tmp with no process <pid>. Nothing else is touched."""
+    d, base = os.path.split(out)
+    pattern = re.compile(re.escape(f".{base}.") + r"(\d+)" + re.escape(TMP_SUFFIX))
+    removed = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for n in names:
+        m = pattern.fullmatch(n)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                                  # that run is still writing
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p = os.path.join(d, n)
+        try:
+            if os.path.isfile(p) and not os.path.islink(p):
+                os.unlink(p)
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+_ARRAY_TYPES = {np.dtype(t): v for t, v in (
+    ("u1", GGUFValueType.UINT8), ("i1", GGUFValueType.INT8), ("<u2", GGUFValueType.UINT16),
+    ("<i2", GGUFValueType.INT16), ("<u4", GGUFValueType.UINT32), ("<i4", GGUFValueType.INT32),
+    ("<u8", GGUFValueType.UINT64), ("<i8", GGUFValueType.INT64), ("<f4", GGUFValueType.FLOAT32),
+    ("<f8", GGUFValueType.FLOAT64), ("?", GGUFValueType.BOOL))}
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _add_value(w: GGUFWriter, k: str, v, where: str) -> None:
+    """One metadata value in a GGUF type that holds it (a requantized file's keys keep their values:
+    UINT64 2^64-1 or a FLOAT64 1e300 would not fit the writer's default UINT32/FLOAT32)."""
+    if isinstance(v, (bool, np.bool_)):
+        w.add_bool(k, bool(v))
+    elif isinstance(v, (int, np.integer)):
+        v = int(v)
+        if 0 <= v < 2**32:
+            w.add_uint32(k, v)
+        elif -2**63 <= v < 2**63:
+            w.add_int64(k, v)
+        elif 0 <= v < 2**64:
+            w.add_uint64(k, v)
+        else:
+            raise ValueError(f"{where}: metadata key {k} = {v} does not fit a 64-bit integer")
+    elif isinstance(v, (float, np.floating)):
+        v = float(v)
+        w.add_float32(k, v) if not np.isfinite(v) or abs(v) <= F32_MAX else w.add_float64(k, v)
+    elif isinstance(v, str):
+        w.add_string(k, v)
+    elif isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _ARRAY_TYPES and v.size:
+        w.add_key_value(k, [x.item() for x in v], GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[v.dtype])
+    elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        w.add_array(k, v)
+    else:
+        raise ValueError(f"{where}: metadata key {k} is {describe(v)}, which the writer cannot store "
+                         f"(expected a number, a string, or a non-empty array of them)")
+
+
+def _add_metadata(w: GGUFWriter, md: dict, file_type: int, where: str = "model") -> None:
     for k, v in md.items():
-        if k == "general.architecture":
-            continue                                    # GGUFWriter adds it
-        if isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, (int, np.integer)):
-            w.add_uint32(k, int(v)) if 0 <= int(v) < 2**32 else w.add_int64(k, int(v))
-        elif isinstance(v, (float, np.floating)):
-            w.add_float32(k, float(v))
-        elif isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, np.ndarray):
-            sub = GGUFValueType.FLOAT32 if v.dtype.kind == "f" else GGUFValueType.INT32
-            w.add_key_value(k, [x.item() for x in v], GGUFValueType.ARRAY, sub_type=sub)
-        elif isinstance(v, list):
-            w.add_array(k, v)
+        if k != "general.architecture":                   # GGUFWriter adds it
+            _add_value(w, k, v, where)
     w.add_file_type(int(file_type))
     w.add_quantization_version(2)
 
@@ -97,12 +163,15 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     for p, t in zip(src.tensors, types):
         if t.is_block and p.shape[-1] % t.block_size:
             raise ValueError(f"{src.path}: tensor {p.name} has rows of {p.shape[-1]}, not a multiple of {t.name}'s block of {t.block_size}")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-    os.close(fd)
+    remove_stale_temporaries(out)
+    tmp = temporary_name(out)
+    if os.path.lexists(tmp):                                # a run of ours with a recycled pid, gone
+        os.unlink(tmp)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))    # a normal file's mode (umask)
     w = None
     try:
         w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
-        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0])
+        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0], src.path)
         for p, t in zip(src.tensors, types):
             # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), t.nbytes(p.shape), raw_dtype=t.ggml)
@@ -130,9 +199,6 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
                 fout.write(b"\0" * (-fout.tell() % ALIGN))
         w.close()
         w = None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                       # mkstemp made it 0600; give it a normal file's mode
         os.replace(tmp, out)
     except BaseException:
         if w is not None:
@@ -154,6 +220,10 @@ def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = Fals
         raise ValueError(f"{out}: the output would overwrite the input")
     src = open_source(src_path)
     try:
+        for inp in src.inputs:
+            if os.path.exists(out) and os.path.samefile(out, inp):
+                also = "" if os.path.abspath(out) == os.path.abspath(inp) else f" ({inp})"
+                raise ValueError(f"{out}: is one of the conversion's inputs{also}; give another output file")
         return write_gguf(src, out, qt, force=force, progress=progress, quantize_fn=quantize_fn)
     finally:
         src.close()

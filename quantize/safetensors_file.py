@@ -17,7 +17,13 @@ import struct
 
 import numpy as np
 
-MAX_HEADER = 100 << 20
+from lazymoe.format.checks import open_regular
+
+# A header's JSON: real ones are < 1 MiB (thousands of tensors); parsed, 16 MiB of JSON is at most a few
+# hundred MB of Python objects (safetensors itself allows 100 MB, which can parse into more than 1 GB).
+MAX_HEADER = 16 << 20
+MAX_DIMS = 8
+MAX_DIM = 1 << 40
 
 # bf16 has no numpy dtype: it is read as uint16 and widened to float32 by a shift.
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
@@ -30,7 +36,7 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path)
             size = os.fstat(self._fd).st_size
             head = os.pread(self._fd, 8, 0)
         except OSError as e:
@@ -44,9 +50,20 @@ class SafetensorsFile:
             self.close()
             raise ValueError(f"{self.path}: not a safetensors file or truncated (header of {n} bytes, file of {size})")
         try:
+            self._parse(n, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, n: int, size: int) -> None:
+        try:
             header = json.loads(os.pread(self._fd, n, 8))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+        except RecursionError:
+            raise ValueError(f"{self.path}: not a safetensors file (header JSON nested too deeply)") from None
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot read ({e.strerror})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: not a safetensors file (header is not an object)")
         self.metadata = header.pop("__metadata__", {}) or {}
@@ -56,12 +73,17 @@ class SafetensorsFile:
             self._entries[name] = self._check(name, e, base, size)
 
     def _check(self, name, e, base, size):
-        try:
-            dt, shape, (begin, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{self.path}: tensor {name} has a malformed header entry") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end or base + end > size:
+        """An entry {"dtype": str, "shape": [int], "data_offsets": [int, int]}, JSON integers only (a shape
+        of 1e999 or 2.5 is refused, not rounded)."""
+        ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
+              and len(e["shape"]) <= MAX_DIMS and isinstance(e.get("data_offsets"), list)
+              and len(e["data_offsets"]) == 2
+              and all(isinstance(d, int) and not isinstance(d, bool) for d in e["shape"] + e["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{self.path}: tensor {str(name)[:80]} has a malformed header entry (expected dtype, "
+                             f"shape and data_offsets as JSON integers)")
+        dt, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+        if any(not 0 <= d <= MAX_DIM for d in shape) or not 0 <= begin <= end or base + end > size:
             raise ValueError(f"{self.path}: truncated or corrupt: tensor {name} lies outside the file")
         np_dt = _DTYPES.get(dt)
         if np_dt is not None:

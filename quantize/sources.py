@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lazymoe.format.checks import number, open_regular, read_regular, whole_number
 from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, check_config, config_from_metadata
+from lazymoe.format.metadata import MAX_DIM, MAX_EXPERTS
 from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
 from lazymoe.quantize.safetensors_file import SafetensorsFile
@@ -49,10 +51,21 @@ class Source:
     metadata: dict = field(default_factory=dict)   # GGUF key -> value (tokenizer, name, ...)
     tensors: list[TensorPlan] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)   # every file read from, which the output must not be
 
     def close(self) -> None:
         for c in self.closers:
             c()
+
+
+# Files a checkpoint folder is read from besides its safetensors shards.
+_FOLDER_FILES = ("config.json", "params.json", "model.safetensors.index.json", "tokenizer.model",
+                 "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _folder_inputs(path: str, shards) -> list[str]:
+    names = [n for n in _FOLDER_FILES if os.path.isfile(os.path.join(path, n))] + list(shards.files)
+    return [os.path.join(path, n) for n in names]
 
 
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -72,7 +85,7 @@ def open_source(path: str) -> Source:
         raise ValueError(f"{path}: not a checkpoint folder (expected config.json for Hugging Face or params.json for "
                          f"Mistral's native format)")
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
@@ -171,12 +184,13 @@ def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: 
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = json.loads(read_regular(path).decode("utf-8"))
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
@@ -217,8 +231,10 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
 def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(p):
-        with open(p, encoding="utf-8") as f:
-            return f.read()
+        try:
+            return read_regular(p).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
     p = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(p):
         return None
@@ -270,39 +286,52 @@ _HF_NAMES = {
 }
 
 
+_NO_DEFAULT = object()
+
+
+def _json_int(c: dict, key: str, where: str, default=_NO_DEFAULT, lo: int = 1, hi: int = MAX_DIM) -> int:
+    """c[key] as a JSON integer in [lo, hi] (null or absent: default); ValueError naming the file and key."""
+    v = c.get(key)
+    if v is None:
+        if default is _NO_DEFAULT:
+            raise ValueError(f"{where}: key {key} is missing")
+        return default
+    return whole_number(v, f"{where}: {key}", lo, hi)
+
+
+def _json_float(c: dict, key: str, where: str, default: float, hi: float) -> float:
+    """c[key] as a finite number in (0, hi] (null or absent: default)."""
+    v = c.get(key)
+    return default if v is None else number(v, f"{where}: {key}", 0.0, hi, lo_open=True)
+
+
 def _hf_config(path: str, c: dict) -> ModelConfig:
     where = os.path.join(path, "config.json")
     archs = c.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{where}: architectures must be a list of names, got {str(archs)[:80]}")
     if not any(a in _HF_ARCHS for a in archs):
-        raise ValueError(f"{where}: architecture {archs or c.get('model_type')!r} is not supported "
+        raise ValueError(f"{where}: architecture {archs or str(c.get('model_type'))[:80]!r} is not supported "
                          f"(expected one of {', '.join(_HF_ARCHS)})")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):
-        raise ValueError(f"{where}: RoPE scaling {rope_type!r} is not supported")
-    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
-
-    def need(key):
-        if key not in c or c[key] is None:
-            raise ValueError(f"{where}: key {key} is missing")
-        return c[key]
-    try:
-        n_head = int(need("num_attention_heads"))
-        D = int(need("hidden_size"))
-        head_dim = c.get("head_dim")
-        if head_dim is not None and int(head_dim) * n_head != D:
-            raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads differs from hidden_size {D}; not supported")
-        cfg = ModelConfig(
-            n_layer=int(need("num_hidden_layers")), n_embd=D, n_ff=int(need("intermediate_size")),
-            n_head=n_head, n_head_kv=int(c.get("num_key_value_heads") or n_head),
-            n_vocab=int(need("vocab_size")), n_ctx_train=int(c.get("max_position_embeddings") or 4096),
-            rms_eps=float(c.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
-            n_expert=int(c.get("num_local_experts") or 0), n_expert_used=int(c.get("num_experts_per_tok") or 0),
-        )
-    except (TypeError, ValueError) as e:
-        if str(e).startswith(where):
-            raise
-        raise ValueError(f"{where}: bad value ({e})") from None
+        raise ValueError(f"{where}: RoPE scaling {str(rope_type)[:80]!r} is not supported")
+    theta_in = c if "rope_theta" in c or not isinstance(rope, dict) else rope
+    n_head = _json_int(c, "num_attention_heads", where)
+    D = _json_int(c, "hidden_size", where)
+    head_dim = _json_int(c, "head_dim", where, None)
+    if head_dim is not None and head_dim * n_head != D:
+        raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads differs from hidden_size {D}; not supported")
+    cfg = ModelConfig(
+        n_layer=_json_int(c, "num_hidden_layers", where), n_embd=D, n_ff=_json_int(c, "intermediate_size", where),
+        n_head=n_head, n_head_kv=_json_int(c, "num_key_value_heads", where, n_head),
+        n_vocab=_json_int(c, "vocab_size", where), n_ctx_train=_json_int(c, "max_position_embeddings", where, 4096),
+        rms_eps=_json_float(c, "rms_norm_eps", where, 1e-5, 1.0),
+        rope_theta=_json_float(theta_in, "rope_theta", where, 10000.0, 1e12),
+        n_expert=_json_int(c, "num_local_experts", where, 0, lo=0, hi=MAX_EXPERTS),
+        n_expert_used=_json_int(c, "num_experts_per_tok", where, 0, lo=0, hi=MAX_EXPERTS),
+    )
     if "MixtralForCausalLM" in archs and not cfg.is_moe:
         raise ValueError(f"{where}: MixtralForCausalLM without num_local_experts")
     if "MixtralForCausalLM" not in archs and cfg.is_moe:
@@ -327,7 +356,7 @@ def _open_hf(path: str) -> Source:
     names = dict(_HF_NAMES)
     if c.get("tie_word_embeddings") and "lm_head.weight" not in shards.where:
         names["output"] = names["token_embd"]
-    src = Source(path, "hf", cfg, closers=[shards.close])
+    src = Source(path, "hf", cfg, closers=[shards.close], inputs=_folder_inputs(path, shards))
     try:
         src.tensors = _plan(cfg, shards, names, permute_qk=True)
         src.metadata = llama_metadata(cfg)
@@ -366,30 +395,28 @@ def _open_mistral(path: str) -> Source:
     where = os.path.join(path, "params.json")
     p = _read_json(where)
     moe = p.get("moe") or {}
-    try:
-        n_head = int(p["n_heads"])
-        D = int(p["dim"])
-        if "head_dim" in p and int(p["head_dim"]) * n_head != D:
-            raise ValueError(f"{where}: head_dim {p['head_dim']} x {n_head} heads differs from dim {D}; not supported")
-        cfg = ModelConfig(
-            n_layer=int(p["n_layers"]), n_embd=D, n_ff=int(p["hidden_dim"]), n_head=n_head,
-            n_head_kv=int(p.get("n_kv_heads", n_head)), n_vocab=int(p["vocab_size"]),
-            n_ctx_train=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
-            rms_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
-            n_expert=int(moe.get("num_experts", 0)), n_expert_used=int(moe.get("num_experts_per_tok", 0)),
-        )
-    except KeyError as e:
-        raise ValueError(f"{where}: key {e.args[0]} is missing") from None
-    except (TypeError, ValueError) as e:
-        if str(e).startswith(where):
-            raise
-        raise ValueError(f"{where}: bad value ({e})") from None
+    if not isinstance(moe, dict):
+        raise ValueError(f"{where}: moe must be an object, got {str(moe)[:80]}")
+    n_head = _json_int(p, "n_heads", where)
+    D = _json_int(p, "dim", where)
+    head_dim = _json_int(p, "head_dim", where, None)
+    if head_dim is not None and head_dim * n_head != D:
+        raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads differs from dim {D}; not supported")
+    ctx = _json_int(p, "max_seq_len", where, None) or _json_int(p, "max_position_embeddings", where, 32768)
+    cfg = ModelConfig(
+        n_layer=_json_int(p, "n_layers", where), n_embd=D, n_ff=_json_int(p, "hidden_dim", where), n_head=n_head,
+        n_head_kv=_json_int(p, "n_kv_heads", where, n_head), n_vocab=_json_int(p, "vocab_size", where),
+        n_ctx_train=ctx, rms_eps=_json_float(p, "norm_eps", where, 1e-5, 1.0),
+        rope_theta=_json_float(p, "rope_theta", where, 10000.0, 1e12),
+        n_expert=_json_int(moe, "num_experts", where, 0, lo=0, hi=MAX_EXPERTS),
+        n_expert_used=_json_int(moe, "num_experts_per_tok", where, 0, lo=0, hi=MAX_EXPERTS),
+    )
     check_config(cfg, where)
     files = sorted(f for f in os.listdir(path) if re.fullmatch(r"consolidated.*\.safetensors", f))
     if not files:
         raise ValueError(f"{path}: no consolidated*.safetensors (only safetensors checkpoints are read)")
     shards = _Shards(path, files)
-    src = Source(path, "mistral", cfg, closers=[shards.close])
+    src = Source(path, "mistral", cfg, closers=[shards.close], inputs=_folder_inputs(path, shards))
     try:
         # Mistral's native Q/K rows are already in the interleaved order llama.cpp uses.
         src.tensors = _plan(cfg, shards, _MISTRAL_NAMES, permute_qk=False)
@@ -416,7 +443,7 @@ def _open_gguf(path: str) -> Source:
 
     f = GGUFFile(path)
     try:
-        cfg = config_from_metadata(f.metadata, path)
+        cfg = config_from_metadata(f.metadata, path, f.tensors)
         expected = cfg.tensor_shapes()
         md = {k: v for k, v in f.metadata.items() if not k.startswith(_SKIP_KEYS) and not k.startswith("split.")}
         old = {}
@@ -473,4 +500,4 @@ def _open_gguf(path: str) -> Source:
     except BaseException:
         f.close()
         raise
-    return Source(path, "gguf", cfg, md, plans, [f.close])
+    return Source(path, "gguf", cfg, md, plans, [f.close], [path])

@@ -20,6 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from lazymoe.format.checks import open_regular
 from lazymoe.format.tokens import BYTE, NORMAL, TOKEN_TYPES, UNKNOWN
 
 # TrainerSpec.ModelType
@@ -240,7 +241,7 @@ def load_spm_model(path: str | os.PathLike) -> SpmModel:
         if size > MAX_FILE_BYTES:
             raise ValueError(f"{path}: {size} bytes is too large for a SentencePiece model "
                              f"(limit {MAX_FILE_BYTES})")
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(os.fspath(path)), "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ValueError(f"{path}: cannot read SentencePiece model: {e.strerror or e}") from None

@@ -20,7 +20,9 @@ ImmutableSandboxedEnvironment with, on top of it:
   - `~` concatenations are checked after the fact (at most 2x max_chars);
   - the rendered text is capped at max_chars (default 1,000,000 characters);
   - the render is stopped after MAX_SECONDS by a line-trace deadline (pure
-    Python loops such as three nested `range(100000)` loops);
+    Python loops such as three nested `range(100000)` loops), and so is compiling;
+  - templates nested more than MAX_DEPTH levels are refused before compiling
+    (jinja's optimizer takes seconds on `x.y.y...` 300 deep);
   - jinja2 already caps `range()` at 100,000 items.
 What remains: one C-level operation that is not a call, operator or concatenation
 checked above cannot be interrupted, and the deadline relies on sys.settrace
@@ -28,6 +30,7 @@ checked above cannot be interrupted, and the deadline relies on sys.settrace
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -43,7 +46,8 @@ MAX_CHARS = 1_000_000          # rendered prompt (and any intermediate string) l
 MAX_TEMPLATE_CHARS = 200_000   # real chat templates are 0.5-10 KB
 MAX_INT_ARG = 100_000          # largest int a template may pass to a call or filter (as range)
 MAX_INT_BITS = 100_000         # largest int a template may compute with * or **
-MAX_SECONDS = 2.0              # render deadline
+MAX_SECONDS = 2.0              # render deadline, and compile deadline
+MAX_DEPTH = 100                # nesting of the parsed template (jinja's compiler is cubic in it)
 
 ROLES = ("system", "user", "assistant")
 
@@ -105,8 +109,32 @@ def _check_args(args, kwargs) -> None:
             raise _Refused(f"a call argument {a} exceeds the limit of {MAX_INT_ARG}")
 
 
-# A %-format or str.format spec with a width/precision of 7+ digits, or taken from an argument.
-_BIG_FORMAT = re.compile(r"%[-+ #0]*(\d{7,}|\*)|%[-+ #0]*\d*\.(\d{7,}|\*)|\{[^{}]*:[^{}]*(\d{7,}|\{)")
+# Conversion specs of %-formats ("%-08.3f", "%*s") and replacement fields of str.format ("{0:>{w}}").
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*:([^{}]*)(\{)?")
+
+
+def _check_format(fmt, limit: int) -> None:
+    """Refuse a %-format or str.format string whose widths and precisions together could exceed `limit`
+    characters, or that takes one from an argument ("%*s", "{:{}}"): the result is built in C before any
+    size check could see it ('%.999999999f' % 1.0 is ~1 GB and seconds)."""
+    if not isinstance(fmt, str):
+        return
+    total = 0
+    if "%" in fmt:
+        for m in _PERCENT_SPEC.finditer(fmt):
+            for g in m.groups():
+                if g == "*":
+                    raise _Refused("a format string takes its width or precision from an argument")
+                total += int(g) if g else 0
+    if "{" in fmt:
+        for m in _BRACE_SPEC.finditer(fmt):
+            if m.group(2):
+                raise _Refused("a format string takes its width or precision from an argument")
+            total += sum(int(d) for d in re.findall(r"\d+", m.group(1)))
+    if total > limit:
+        raise _Refused(f"a format string asks for widths and precisions of {total} characters, over the "
+                       f"limit of {limit}")
 
 
 class _CheckedConcat(CodeGenerator):
@@ -150,6 +178,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
                 if (strs[0].count("\n") + 1) * per_line > limit:
                     raise _Refused(f"indent would produce more than {limit} characters")
+            elif name == "format" and strs:                 # do_format(value, *args): value % args
+                _check_format(strs[0], limit)
             elif name == "join" and len(args) >= 2:        # do_join(eval_ctx, value, d="")
                 seq, sep = args[1], args[2] if len(args) > 2 else kwargs.get("d", "")
                 if isinstance(seq, (list, tuple)) and \
@@ -176,8 +206,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         f = super().wrap_str_format(value)
         if f is None:
             return None
-        if _BIG_FORMAT.search(value.__self__):
-            raise _Refused("a format string asks for a width or precision that is too large")
+        _check_format(value.__self__, self.max_chars)
         return f
 
     def call_binop(self, context, operator, left, right):
@@ -201,8 +230,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if n > limit:
                 raise _Refused(f"a concatenation of {n} characters/items exceeds the limit of {limit}")
         elif operator == "%" and isinstance(left, str):
-            if _BIG_FORMAT.search(left):
-                raise _Refused("a format string asks for a width or precision that is too large")
+            _check_format(left, limit)
         return self.checked(super().call_binop(context, operator, left, right))
 
 
@@ -251,7 +279,10 @@ def mixtral_prompt(messages: list[dict], bos_token: str, eos_token: str) -> str:
     return "".join(parts)
 
 
-def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars: int, seconds: float) -> str:
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str):
+    """Raise _Refused from the line tracer once `seconds` have passed (pure-Python loops: rendering, and
+    jinja's own compiler, whose optimizer is cubic in the nesting depth)."""
     deadline = time.monotonic() + seconds
     count = 0
 
@@ -259,21 +290,36 @@ def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars:
         nonlocal count
         count += 1
         if count & 255 == 0 and time.monotonic() > deadline:
-            raise _Refused(f"rendering took longer than {seconds:g} s")
+            raise _Refused(f"{what} took longer than {seconds:g} s")
         return tracer
 
-    out: list[str] = []
-    total = 0
     previous = sys.gettrace()
     sys.settrace(tracer)
     try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _check_depth(tree, limit: int = MAX_DEPTH) -> None:
+    """Refuse a parsed template nested deeper than `limit` (real chat templates: < 30)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            raise _Refused(f"the template nests more than {limit} levels deep")
+        stack.extend((c, d + 1) for c in node.iter_child_nodes())
+
+
+def _render_with_deadline(template: jinja2.Template, variables: dict, max_chars: int, seconds: float) -> str:
+    out: list[str] = []
+    total = 0
+    with _deadline(seconds, "rendering"):
         for chunk in template.generate(**variables):
             total += len(chunk)
             if total > max_chars:
                 raise _Refused(f"the rendered prompt exceeds {max_chars} characters")
             out.append(chunk)
-    finally:
-        sys.settrace(previous)
     return "".join(out)
 
 
@@ -287,7 +333,8 @@ def render_chat(messages: list[dict], template: str | None, bos_token: str, eos_
     effect there, since the prompt already ends with " [/INST]" after a user turn).
     Raises ValueError for bad messages and for a template that is malformed,
     calls raise_exception, reaches for Python internals or exceeds a limit.
-    Tokenize the result with tokenizer.encode(prompt, bos=False, special=True).
+    Tokenize the result with tokenizer.encode(prompt, bos=False, special=True), or use chat_prompt_ids,
+    which bounds the tokenizer's work by the context.
     """
     messages = _validate(messages)
     if template is None:
@@ -299,11 +346,19 @@ def render_chat(messages: list[dict], template: str | None, bos_token: str, eos_
                          f"limit of {MAX_TEMPLATE_CHARS}")
     env = _Sandbox(max_chars)
     try:
-        compiled = env.from_string(template)
+        with _deadline(MAX_SECONDS, "compiling the template"):
+            tree = env.parse(template)
+            _check_depth(tree)
+            compiled = env.from_string(tree)
+    except _Refused as e:
+        raise ValueError(f"chat template was refused: {e}") from None
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
-    except (jinja2.TemplateError, RecursionError, MemoryError, ValueError, TypeError) as e:
-        raise ValueError(f"chat template could not be compiled: {e}") from None
+    except (jinja2.TemplateError, SyntaxError, RecursionError, MemoryError, OverflowError, ValueError,
+            TypeError) as e:
+        # SyntaxError/IndentationError: Python's own compiler limits on the code jinja generates (300 terms
+        # of `1 + 1 + ...` nest too many parentheses, 100 nested loops indent too deep).
+        raise ValueError(f"chat template could not be compiled: {type(e).__name__}: {e}") from None
     variables = {"messages": messages, "bos_token": bos_token, "eos_token": eos_token,
                  "add_generation_prompt": bool(add_generation_prompt)}
     try:
@@ -316,3 +371,20 @@ def render_chat(messages: list[dict], template: str | None, bos_token: str, eos_
         raise ValueError(f"chat template was refused: {e}") from None
     except Exception as e:  # any other failure of untrusted template code
         raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+
+
+def chat_prompt_ids(messages: list[dict], template: str | None, tokenizer, ctx: int,
+                    add_generation_prompt: bool = True) -> list[int]:
+    """Render a conversation with `template` (render_chat) and tokenize it for a KV cache of `ctx` tokens.
+    The render is capped at the characters `ctx` tokens can cover (tokenizer.max_chars(ctx)), so a template
+    that renders near the 1 M-character limit is refused before the tokenizer spends seconds and hundreds
+    of MB on text that could never fit."""
+    bos, eos = tokenizer.pieces[tokenizer.bos_id], tokenizer.pieces[tokenizer.eos_id]
+    limit = min(MAX_CHARS, tokenizer.max_chars(ctx))
+    try:
+        prompt = render_chat(messages, template, bos, eos, add_generation_prompt, max_chars=limit)
+    except ValueError as e:
+        if limit < MAX_CHARS and str(e).startswith("chat template was refused"):
+            raise ValueError(f"{e} (the characters a context of {ctx} tokens can hold)") from None
+        raise
+    return tokenizer.encode(prompt, bos=False, special=True)

@@ -15,10 +15,11 @@ from lazymoe import kernels
 from lazymoe.format.checks import whole_number
 from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
+from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
-from lazymoe.runtime.network import Network, prefetch_depth
+from lazymoe.runtime.network import Network, NonFiniteError, prefetch_depth
 from lazymoe.runtime.state import RunState
 from lazymoe.runtime.tokenizer import Tokenizer
 from lazymoe.runtime.weights import Weights
@@ -34,7 +35,7 @@ class Model:
                  state: RunState, experts: ExpertCache | None, net: Network):
         self.path, self.file, self.cfg, self.tokenizer = path, file, cfg, tokenizer
         self.weights, self.plan, self.state, self.experts, self.net = weights, plan, state, experts, net
-        self.chat_template = file.get("tokenizer.chat_template")
+        self.chat_template = meta(file.metadata, "tokenizer.chat_template", path, None)
         self.ctx = state.ctx
         self.stats: dict = {}
 
@@ -63,13 +64,17 @@ class Model:
         if pos + len(a) > self.ctx:
             raise ValueError(f"{pos + len(a)} tokens do not fit the context of {self.ctx} tokens")
         outs = []
-        for c in range(0, len(a), N_BATCH):
-            chunk = a[c:c + N_BATCH]
-            last = c + N_BATCH >= len(a)
-            if all_logits or last:
-                outs.append(self.net.forward(chunk, pos + c, all_logits))
-            else:
-                self.net.forward(chunk, pos + c, False)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):      # non-finite values are checked per layer
+                for c in range(0, len(a), N_BATCH):
+                    chunk = a[c:c + N_BATCH]
+                    last = c + N_BATCH >= len(a)
+                    if all_logits or last:
+                        outs.append(self.net.forward(chunk, pos + c, all_logits))
+                    else:
+                        self.net.forward(chunk, pos + c, False)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{self.path}: {e}") from None
         self.state.tokens.extend(int(t) for t in a)
         return np.concatenate(outs) if all_logits else outs[-1][0]
 
@@ -167,9 +172,10 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
     path = os.fspath(path)
     g = GGUFFile(path)
     try:
-        cfg = config_from_metadata(g.metadata, path)
+        cfg = config_from_metadata(g.metadata, path, g.tensors)
         weights = Weights(g, cfg)
-        tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+        tokenizer = Tokenizer.from_gguf_metadata(g.metadata, path)
+        meta(g.metadata, "tokenizer.chat_template", path, None)
         if tokenizer.vocab_size != cfg.n_vocab:
             raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.n_vocab}")
         ctx = min(cfg.n_ctx_train, DEFAULT_CTX) if ctx is None else whole_number(

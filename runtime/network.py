@@ -18,6 +18,23 @@ from lazymoe.runtime.state import RunState
 from lazymoe.runtime.weights import Layer, Weight, Weights
 
 
+class NonFiniteError(ValueError):
+    """A layer produced NaN or Inf: the file's weights are corrupt or out of range."""
+
+
+def non_finite(il: int, what: str) -> NonFiniteError:
+    where = "the token embedding" if il < 0 else "the output head" if what == "output" else f"layer {il}'s {what}"
+    return NonFiniteError(f"{where} produced non-finite values (NaN or Inf): the model's weights are corrupt "
+                          f"or out of range")
+
+
+def check_finite(x: np.ndarray, il: int, what: str) -> None:
+    """NonFiniteError naming layer il (-1: the embedding) unless x is all finite. A few microseconds per
+    call on [T, D]; it keeps NaN and Inf out of the kernels and the sampler."""
+    if not np.isfinite(x).all():
+        raise non_finite(il, what)
+
+
 def lin(w: Weight, X: np.ndarray) -> np.ndarray:
     """X [T, cols] -> X @ W.T [T, rows]: matvec for one token, matmul for a batch."""
     qt, a = w
@@ -89,8 +106,13 @@ class Network:
         self.state.v_cache[il, :, pos:N] = v.transpose(1, 0, 2)                   # [G, T, hd]
         scale = np.float32(1.0 / np.sqrt(hd))
         if T == 1:                                                          # decoding: one Numba pass
+            for a in (q, k, v):
+                check_finite(a, il, "attention")
             out1 = np.empty((H, hd), dtype=np.float32)                      # [H, hd]
-            attend_one(q[0], self.state.k_cache[il], self.state.v_cache[il], N, scale, out1)
+            try:
+                attend_one(q[0], self.state.k_cache[il], self.state.v_cache[il], N, scale, out1)
+            except ArithmeticError:                                         # finite q.k that overflowed
+                raise non_finite(il, "attention") from None
             return lin(L.attn_output, out1.reshape(1, H * hd))              # [1, D]
         # query t (position pos+t) sees keys 0..pos+t
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
@@ -177,6 +199,7 @@ class Network:
         Returns logits [T, V] (all_logits) or [1, V] for the last token."""
         cfg = self.cfg
         x = self._embed(ids)                                                # [T, D]
+        check_finite(x, -1, "embedding")
         routes: list = []                                                   # per layer [T, A]
         self._guess = None
         if self.experts is not None:
@@ -184,10 +207,14 @@ class Network:
         for il, L in enumerate(self.w.layers):
             h = rmsnorm(x, L.attn_norm, cfg.rms_eps)                        # [T, D]
             x += self._attention(il, L, h, pos)                             # [T, D]
+            check_finite(x, il, "attention")
             h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)                         # [T, D]
             x += self._moe(il, L, h, x, routes) if cfg.is_moe else self._dense_ffn(L, h)  # [T, D]
+            check_finite(x, il, "feed-forward")
         if self.trace is not None and routes:
             self.trace.append(np.stack(routes, axis=1).astype(np.int16))    # [T, L, A]
         if not all_logits:
             x = x[-1:]                                                      # [1, D]
-        return lin(self.w.output, rmsnorm(x, self.w.output_norm, cfg.rms_eps))  # [T or 1, V]
+        logits = lin(self.w.output, rmsnorm(x, self.w.output_norm, cfg.rms_eps))  # [T or 1, V]
+        check_finite(logits, cfg.n_layer, "output")
+        return logits

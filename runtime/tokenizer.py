@@ -28,6 +28,7 @@ import heapq
 import operator
 import re
 
+from lazymoe.format.metadata import meta
 from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, TOKEN_TYPES, UNKNOWN, UNUSED, USER_DEFINED
 
 SPACE = "\u2581"
@@ -146,28 +147,34 @@ class Tokenizer:
         self.byte_fallback = all(i >= 0 for i in byte_ids)
         self._byte_ids = byte_ids
         self._max_user_len = max((len(p) for p in self._user_defined), default=0)
+        self._max_piece_len = max(len(p) for p in pieces)
         self._special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (CONTROL, UNKNOWN)}
         self._special_pattern: re.Pattern | None = None
 
     @classmethod
-    def from_gguf_metadata(cls, md: dict) -> Tokenizer:
-        """Build from GGUF key/values (`tokenizer.ggml.*` mapped to Python values)."""
-        model = md.get(_GGUF + "model")
+    def from_gguf_metadata(cls, md: dict, where: str = "GGUF") -> Tokenizer:
+        """Build from GGUF key/values (`tokenizer.ggml.*`, each typed by format/metadata.py); `where` names the
+        file in errors."""
+        model = meta(md, _GGUF + "model", where, None)
         if model != "llama":
-            raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; only the SentencePiece "
+            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}; only the SentencePiece "
                              f"BPE tokenizer 'llama' is supported")
         for key in ("tokens", "scores", "token_type", "bos_token_id", "eos_token_id", "unknown_token_id"):
             if _GGUF + key not in md:
-                raise ValueError(f"GGUF metadata lacks {_GGUF + key}, needed by the 'llama' tokenizer")
-        tokens = [t.decode("utf-8") if isinstance(t, (bytes, bytearray)) else t
-                  for t in md[_GGUF + "tokens"]]
-        return cls(tokens, md[_GGUF + "scores"], md[_GGUF + "token_type"],
-                   bos_id=int(md[_GGUF + "bos_token_id"]),
-                   eos_id=int(md[_GGUF + "eos_token_id"]),
-                   unk_id=int(md[_GGUF + "unknown_token_id"]),
-                   add_space_prefix=bool(md.get(_GGUF + "add_space_prefix", True)),
-                   add_bos=bool(md.get(_GGUF + "add_bos_token", True)),
-                   remove_extra_whitespaces=bool(md.get(_GGUF + "remove_extra_whitespaces", False)))
+                raise ValueError(f"{where}: metadata lacks {_GGUF + key}, needed by the 'llama' tokenizer")
+        get = lambda key, *default: meta(md, _GGUF + key, where, *default)
+        return cls(get("tokens"), get("scores"), get("token_type"),
+                   bos_id=get("bos_token_id"), eos_id=get("eos_token_id"), unk_id=get("unknown_token_id"),
+                   add_space_prefix=get("add_space_prefix", True), add_bos=get("add_bos_token", True),
+                   remove_extra_whitespaces=get("remove_extra_whitespaces", False))
+
+    def max_chars(self, n_tokens: int) -> int:
+        """The most characters of text that n_tokens tokens can encode: each token covers at most the longest
+        piece (byte tokens cover less). Unbounded (a huge number) when runs of unknown symbols collapse into
+        one <unk> (no byte fallback) or extra whitespace is removed."""
+        if not self.byte_fallback or self.remove_extra_whitespaces:
+            return 1 << 62
+        return n_tokens * self._max_piece_len
 
     @property
     def vocab_size(self) -> int:

@@ -56,3 +56,27 @@ def run_cli(argv, stdin=""):
     finally:
         sys.stdout, sys.stderr, sys.stdin = old
     return rc, out.getvalue(), err.getvalue()
+
+
+def rewrite(tmp_path, edit, name="hostile.gguf", align=None, src=None) -> str:
+    """A hostile copy of `src` (default: the demo model) with `edit(parts)` applied to its parsed header and
+    data (lazymoe.benchmarks.fuzz.Gguf); align: the alignment the data is laid out with."""
+    from lazymoe.benchmarks.fuzz import Gguf
+    from lazymoe.runtime import DEMO_MODEL
+    with open(src or DEMO_MODEL, "rb") as f:
+        parts = Gguf(f.read())
+    edit(parts)
+    path = tmp_path / name
+    path.write_bytes(parts.bytes(align))
+    return str(path)
+
+
+def cli(*argv):
+    import contextlib
+    import io
+
+    from lazymoe import cli as lazymoe_cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = lazymoe_cli.main(list(argv))
+    return rc, out.getvalue(), err.getvalue()

@@ -15,17 +15,21 @@ def _info(args) -> int:
 
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
+    from lazymoe.format.metadata import meta
     from lazymoe.runtime.memory import PROCESS_ESTIMATE, min_budget, work_bytes
+    from lazymoe.runtime.tokenizer import Tokenizer
     from lazymoe.runtime.weights import model_sizes
 
     if args.ctx <= 0:
         raise ValueError(f"--ctx must be positive, got {args.ctx}")
     with GGUFFile(args.model) as f:
-        cfg = config_from_metadata(f.metadata, args.model)
-        total, active = cfg.params()
+        cfg = config_from_metadata(f.metadata, args.model, f.tensors)
         sizes = model_sizes(f, cfg)
+        total, active = cfg.params()
         types = sorted({t.type_name for t in f.tensors.values()})
-        name = f.get("general.name", "")
+        name = meta(f.metadata, "general.name", args.model, "")
+        Tokenizer.from_gguf_metadata(f.metadata, args.model)          # what `run` would refuse, refused here too
+        meta(f.metadata, "tokenizer.chat_template", args.model, None)
     kv = cfg.kv_bytes(args.ctx)
     info = {
         "file": args.model, "name": name, "architecture": "llama", "moe": cfg.is_moe, **cfg.__dict__,

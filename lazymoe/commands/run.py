@@ -6,6 +6,7 @@ runtime/cli.py turns a ValueError into one stderr line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -100,13 +101,28 @@ def cache_options(args):
                         prefetch_depth=args.prefetch_depth, overlap=args.overlap)
 
 
-def load(path: str, ram, ctx, cache, quiet: bool):
-    """load_model with the RAM plan on stderr (unless quiet)."""
+def machine_budget(ram, command: str):
+    """`ram` as given, or None (the default budget) with a one-line note on stderr when it is more than
+    this machine's memory: a plan for RAM that is not there would be refused by the kernel, not by us."""
+    import psutil
+
+    from lazymoe.runtime.memory import fmt_bytes, parse_size
+    if ram is None:
+        return None
+    total = psutil.virtual_memory().total
+    if parse_size(ram) <= total:
+        return ram
+    print(f"lazymoe {command}: note: --ram {ram} is more than this machine's {fmt_bytes(total)} of memory; "
+          f"using the default budget (available memory minus a reserve; the RAM plan shows it)", file=sys.stderr)
+    return None
+
+
+def load(path: str, ram, ctx, cache, quiet: bool, command: str = "run"):
+    """load_model (the caller prints model.plan.describe() once the first reply is done, so that an error
+    found while loading or on the first prompt is the only stderr line)."""
     from lazymoe.runtime.model import load_model
-    model = load_model(path, ram_budget=ram, ctx=ctx, progress=not quiet and sys.stderr.isatty(), cache=cache)
-    if not quiet:
-        print(model.plan.describe(), file=sys.stderr)
-    return model
+    return load_model(path, ram_budget=machine_budget(ram, command), ctx=ctx,
+                      progress=not quiet and sys.stderr.isatty(), cache=cache)
 
 
 def format_stats(s: dict) -> str:
@@ -152,6 +168,7 @@ def run_prompt(path: str, prompt: str, gen: dict, ram=None, ctx=None, cache=None
             print(json.dumps(out))
         else:
             sys.stdout.write("\n")
+            print(model.plan.describe(), file=sys.stderr)
             print(format_stats(last.stats), file=sys.stderr)
     finally:
         model.close()
@@ -164,32 +181,49 @@ def cmd_run(args) -> int:
                       as_json=args.json, trace=args.trace)
 
 
+def _read_line(stdin, n: int) -> str:
+    """Line n of chat's stdin; ValueError for bytes that are not UTF-8 (decoded strictly, or kept as lone
+    surrogates by Python's surrogateescape)."""
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin line {n} is not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"stdin line {n} is not valid UTF-8 (byte 0x{ord(line[e.start]) & 0xFF:02x} at "
+                         f"character {e.start + 1})") from None
+    return line
+
+
 def cmd_chat(args, stdin=None) -> int:
-    from lazymoe.runtime.chat import render_chat
+    from lazymoe.runtime.chat import chat_prompt_ids
     stdin = stdin if stdin is not None else sys.stdin
     gen = sampling(args)
-    model = load(args.model, args.ram, args.ctx, cache_options(args), quiet=False)
+    model = load(args.model, args.ram, args.ctx, cache_options(args), quiet=False, command="chat")
     tok = model.tokenizer
-    bos, eos = tok.pieces[tok.bos_id], tok.pieces[tok.eos_id]
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
+    planned = False
     try:
-        while True:
+        for n in itertools.count(1):
             if interactive:
                 print("> ", end="", file=sys.stderr, flush=True)
-            line = stdin.readline()
+            line = _read_line(stdin, n)
             if not line or line.strip() == "/exit":
                 break
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
-            prompt = render_chat(messages, model.chat_template, bos, eos)
-            ids = tok.encode(prompt, bos=False, special=True)
+            ids = chat_prompt_ids(messages, model.chat_template, tok, model.ctx)
             reply, last = stream_reply(model, ids, gen, show=True, reuse=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": reply.strip()})
+            if not planned:
+                print(model.plan.describe(), file=sys.stderr)
+                planned = True
             print(format_stats(last.stats) + f"; {last.stats['prompt_tokens_cached']} tokens reused from the KV cache",
                   file=sys.stderr)
     finally:
