@@ -32,7 +32,7 @@ def attend_one(q, kc, vc, n, scale, out):
             e = np.exp(s[j] - m)
             s[j] = e
             tot += e
-        inv = np.float32(1.0) / tot
+        inv = np.float32(1.0) / tot if tot > 0 else np.float32(0.0)     # NaN scores: no ZeroDivisionError from a kernel
         for d in range(hd):
             out[h, d] = 0.0
         for j in range(n):
