@@ -1,6 +1,7 @@
 """A few tokens: Y [T, R] = X [T, C] W^T with integer row dots, each weight row read from DRAM once.
 
-For up to dispatch.INT_MATMUL_MAX_TOKENS tokens (INT_DOTS_MAX_TOKENS for a type without tiles) this
+For up to dispatch.INT_MATMUL_MAX_TOKENS tokens (KTILE_MAX_TOKENS for the K-quants' tiles, INT_DOTS_MAX_TOKENS
+for a type without tiles) this
 beats dequantize + sgemm (dequant_matmul.py), which is memory-bound on few tokens. The tokens come
 quantized per the type's activation scheme: xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
 
