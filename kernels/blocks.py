@@ -46,6 +46,7 @@ class TypeKernels:
 def _kq(code, act, name, **kw):
     """A row whose dot and dequantizer are kquant.py's (the fast form per CPU)."""
     dot, dequant = kquant.REGISTRY[name]
+    kw.setdefault("tile", kquant.TILES.get(name))
     return TypeKernels(int(code), act, dot, dequant, **kw)
 
 

@@ -2,9 +2,9 @@
 
 Adding a type (Q5_1, Q4_1, Q5_0, the K-quants and BF16 were added this way) takes:
   * qtypes.py: its QType row (block size, bytes per block); quantizers.py: its quantizer;
-  * simd.py (or kquant.py's REGISTRY): its codegens: a row dot (AVX2 IR with a portable twin: plain
-    Numba `*_portable`, or kquant.py's generic IR `_ir` form), a dequantizer, and, if they pay, 1 row x
-    1..4 token tiles;
+  * simd.py (or kquant.py's REGISTRY and TILES): its codegens: a row dot (AVX2 IR with a portable twin:
+    plain Numba `*_portable`, or kquant.py's generic IR `_ir` form), a dequantizer, and, if they pay, 1 row x
+    1..4 token tiles (AVX2 only; without them the dots run per (row, token));
   * blocks.py: one KERNELS row naming those and its activation scheme; a new scheme (Q8_K for the
     K-quants: 256 per scale, 16 sums) is one ActScheme row in activations.py with its quantizers.
 Nothing else: the drivers (matvec.py: matvec and fused gate+up; int_matmul.py: few tokens;
@@ -16,13 +16,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .activations import Q8_K
 from .blocks import KERNELS, TypeKernels
 from .dequant_matmul import tiled_matmul
 from .int_matmul import int_matmul_parallel
 from .matvec import dot_rows, matvec_parallel
 from .qtypes import QType, qtype
 
-__all__ = ["INT_DOTS_MAX_TOKENS", "INT_MATMUL_MAX_TOKENS", "KERNELS", "PARALLEL_MIN_WEIGHTS", "TypeKernels", "matmul", "matvec"]
+__all__ = ["INT_DOTS_MAX_TOKENS", "INT_MATMUL_MAX_TOKENS", "KERNELS", "KTILE_MAX_TOKENS", "PARALLEL_MIN_WEIGHTS",
+           "TypeKernels", "matmul", "matvec"]
 
 # Below this many weights a matvec runs serially in the calling thread: a parallel region costs
 # tens of microseconds to start and join, more than a 256x512 Q4_0 matvec takes on one core (~10 us).
@@ -38,7 +40,12 @@ def threads_for(n_weights: int) -> int:
 # Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
 # at 64, 0.85-0.87x at 128.
 INT_MATMUL_MAX_TOKENS = 64
-# Types without tiles (the K-quants; every type on the portable build) run one row dot per (row, token):
+# The K-quants' tiles (kquant.py, Q8_K activations) stop at 32 tokens: Q4_K, Q6_K tiles against dequantize +
+# sgemm, 2 threads, one run (2026-12-01, machine shared, load ~4): 14336 x 4096 1.6-3.3x at 16 tokens, 0.8-1.6x
+# at 32, 1.0-1.1x at 64, 0.56-0.71x at 128; 4096 x 14336 1.6-2.5x at 16, 1.4-1.9x at 32, 0.8-1.0x at 64, ~0.5x
+# at 128; with them up to 64 the Q4_K_M prompt (256 tokens, ~64 per expert) measured no faster end to end.
+KTILE_MAX_TOKENS = 32
+# Types without tiles (every type on the portable build) run one row dot per (row, token):
 # against dequantize + sgemm, 14336 x 4096, 2 threads, side by side (2026-12-01): Q4_K, Q6_K, Q2_K 1.7-1.8x
 # at 16 tokens, 1.10-1.13x at 32, 0.62-0.66x at 64; Q5_0 on its dots 0.91x at 32 (its tiles: 1.2-1.3x at 64).
 INT_DOTS_MAX_TOKENS = 32
@@ -132,7 +139,11 @@ def matvec(qt, w, x, out=None) -> np.ndarray:
 
 def int_path(k: TypeKernels, tokens: int) -> bool:
     """Whether a product of k's type over this many tokens (> 1) takes the integer row dots."""
-    return k.int_matmul and tokens <= (INT_MATMUL_MAX_TOKENS if k.tile is not None else INT_DOTS_MAX_TOKENS)
+    if k.tile is None:
+        limit = INT_DOTS_MAX_TOKENS
+    else:
+        limit = KTILE_MAX_TOKENS if k.act is Q8_K else INT_MATMUL_MAX_TOKENS
+    return k.int_matmul and tokens <= limit
 
 
 def quantize_act_rows(k: TypeKernels, X):

@@ -1,13 +1,16 @@
 """A few tokens: Y [T, R] = X [T, C] W^T with integer row dots, each weight row read from DRAM once.
 
-For up to dispatch.INT_MATMUL_MAX_TOKENS tokens (INT_DOTS_MAX_TOKENS for a type without tiles) this
+For up to dispatch.INT_MATMUL_MAX_TOKENS tokens (KTILE_MAX_TOKENS for the K-quants' tiles, INT_DOTS_MAX_TOKENS
+for a type without tiles) this
 beats dequantize + sgemm (dequant_matmul.py), which is memory-bound on few tokens. The tokens come
 quantized per the type's activation scheme: xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
 
 A type whose registry row has a tile (AVX2 only) runs tiles of 1 row x 4 tokens (blocks.row_tile):
 each block unpacked once per 4 tokens, 4 independent accumulators. Against one block dot per (row,
 token) a 2 x 4 tile measured 1.4-2.2x at 2 tokens and 1.9-3.6x at 4-64 tokens; 1 x 4 is 1.3-1.5x faster
-again (see simd.py; this machine, 2026-11-27). Other types take one block dot per (row, token).
+again (see simd.py; this machine, 2026-11-27). The K-quants' tiles (kquant.py) unpack each 256-weight
+super-block (nibbles, 6-bit scales) once per 4 tokens: against their row dots 1.3-1.7x at 16-32 tokens
+(14336 x 4096 and 4096 x 14336, 2 threads, 2026-12-01). Other types take one block dot per (row, token).
 """
 from __future__ import annotations
 

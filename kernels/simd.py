@@ -293,6 +293,12 @@ def _tile_codegen(kind):
     xq int8 [T, C], xd f32 [T, NB], xct f32 [NB, >= k0 + 4]: the activations' block sums, transposed
     (tokens contiguous).
     """
+    return tile_switch(lambda context, builder, sig, args, kk: _emit_tile(context, builder, sig, args, kind, kk))
+
+
+def tile_switch(emit):
+    """Tile codegen from emit(context, builder, sig, args, kk) -> kk floats: a switch on kk (args[6]) to one
+    body per kk in 1..4, the result padded with zeros to 4 floats (kquant.py's K-quant tiles use it too)."""
     def codegen(context, builder, sig, args):
         res = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(4)]
         done = builder.append_basic_block("tile.done")
@@ -301,7 +307,7 @@ def _tile_codegen(kind):
             bb = builder.append_basic_block(f"tile.x{kk}")
             sw.add_case(ir.Constant(args[6].type, kk), bb)
             builder.position_at_end(bb)
-            for r, v in zip(res, _emit_tile(context, builder, sig, args, kind, kk)):
+            for r, v in zip(res, emit(context, builder, sig, args, kk)):
                 builder.store(v, r)
             builder.branch(done)
         builder.position_at_end(done)

@@ -155,17 +155,17 @@ def test_portable_dots_match_avx2(name):
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
-    from lazymoe.kernels.activations import quantize_q8_rows
     from lazymoe.kernels.int_matmul import int_matmul_parallel
-    code = K.KERNELS[name].code
+    k = K.KERNELS[name]
+    code = k.code
     w, Wd = weights(name, (37, 512), heavy=True)
     for tokens in (2, 5, 9):
         X = RNG.standard_normal((tokens, 512)).astype(np.float32)
-        xq, xd, xc = np.empty((tokens, 512), np.int8), np.empty((tokens, 16), np.float32), np.empty((tokens, 16), np.float32)
-        quantize_q8_rows(X, xq, xd, xc)
+        xq, xd, xc = k.act.buffers(512, tokens)
+        k.act.quantize_rows(X, xq, xd, xc)
         a, b = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
         int_matmul_parallel(code, False, w, X, xq, xd, xc, a, 2)
         if simd.HAVE_AVX2:
