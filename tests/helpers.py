@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from lazymoe.runtime.model import load_model
@@ -80,3 +81,15 @@ def cli(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = lazymoe_cli.main(list(argv))
     return rc, out.getvalue(), err.getvalue()
+
+
+def llama_logits(path: str, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits [T, V] for `ids` evaluated as one batch (llama-cpp-python, the `llama` extra)."""
+    import llama_cpp
+    m = llama_cpp.Llama(path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        m.eval(ids)
+        return np.array(m.scores[: len(ids)], dtype=np.float32)
+    finally:
+        m.close()
+

@@ -22,6 +22,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from lazymoe.kernels.qtypes import qtype_of_ggml  # noqa: E402
 from lazymoe.runtime.model import load_model  # noqa: E402
 from tests import make_kquant_golden as kq  # noqa: E402
+from tests.helpers import llama_logits  # noqa: E402
 
 # A router decision within this many logits of a tie (HF's last chosen expert against the best unchosen
 # one) is decided by rounding: every expert flip llama.cpp or lazymoe made on these files was at a margin
@@ -83,16 +84,6 @@ def names_tensor(msg: str, name: str, ggml_type: str) -> bool:
 def source(tmp_path_factory) -> str:
     """The fixture as F32 GGUF, llama.cpp's input (converted once for the module)."""
     return kq.source_gguf(os.fspath(tmp_path_factory.mktemp("kquants") / "f32.gguf"))
-
-
-def llama_logits(path: str, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits [T, V] for `ids` evaluated as one batch."""
-    m = llama_cpp.Llama(path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        m.eval(ids)
-        return np.array(m.scores[: len(ids)], dtype=np.float32)
-    finally:
-        m.close()
 
 
 def unsupported(types: dict[str, str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from lazymoe.format.gguf_file import GGUFFile  # noqa: E402
 from lazymoe.quantize.convert import convert  # noqa: E402
+from tests.helpers import llama_logits  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -25,15 +26,6 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 # the logit range per layer; a top-1 router (tiny-moe-top1) can flip an expert on such a
 # difference. F32 files must agree to float32 accuracy.
 TOL = {"f32": (2e-3, 1.0), "f16": (2e-3, 1.0), "q8_0": (0.25, 0.85), "q4_0": (0.25, 0.85)}   # (max |diff| / max |logit|, top-1 agreement)
-
-
-def llama_logits(path: str, ids: list[int]) -> np.ndarray:
-    m = llama_cpp.Llama(path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        m.eval(ids)
-        return np.array(m.scores[: len(ids)], dtype=np.float32)
-    finally:
-        m.close()
 
 
 @pytest.mark.parametrize("fixture", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
