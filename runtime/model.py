@@ -136,11 +136,17 @@ def _warm_up(types, moe: bool) -> None:
     n = 256
     x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
     for qt in types:
+        # Numba compiles read-only and writable arrays apart: resident weights are read-only views of the file
+        # mapping, experts sit in writable cache slots (a variant first met in the prompt put ~11 s of JIT into
+        # a cold first token)
         w = np.zeros(qt.storage_shape((n, n)), qt.dtype)
-        kernels.matvec(qt, w, x)
-        kernels.matmul(qt, w, X)
-        kernels.expert_ffn(qt, w, qt, w, qt, w, x)
-        kernels.expert_ffn_batch(qt, w, qt, w, qt, w, X)
+        ro = w.copy()
+        ro.setflags(write=False)
+        kernels.matvec(qt, ro, x)
+        kernels.matmul(qt, ro, X)
+        e = w if moe else ro
+        kernels.expert_ffn(qt, e, qt, e, qt, e, x)
+        kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
     kv = np.zeros((1, 2, 8), np.float32)
     attend_one(np.ones((2, 8), np.float32), kv, kv, 2, np.float32(1.0), np.empty((2, 8), np.float32))
 
