@@ -1,7 +1,7 @@
 """A/B of two kernel trees in one process: this checkout's lazymoe.kernels against another kernels/ folder.
 
-    git archive main kernels | tar -x -C /tmp/main          # the tree to compare against
-    python -m lazymoe.benchmarks.kernels_ab /tmp/main/kernels -n 15
+    mkdir -p OLD && git archive main kernels | tar -x -C OLD     # the tree to compare against
+    python -m lazymoe.benchmarks.kernels_ab OLD/kernels -n 15
 
 The other folder (A) is imported as a second package next to this checkout's (B), and every trial
 times A then B on the same inputs, so the per-trial time ratio A/B cancels the drift of a shared
