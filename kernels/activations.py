@@ -43,8 +43,13 @@ def quantize_q8(x, xq, xd, xc):
     """
     for b in range(xd.shape[0]):
         amax = np.float32(0.0)
+        finite = True
         for j in range(32):
-            amax = max(amax, abs(x[b * 32 + j]))
+            ax = abs(x[b * 32 + j])
+            finite &= ax <= np.float32(np.inf)                # False for NaN
+            amax = max(amax, ax)
+        if not finite:
+            amax = np.float32(np.nan)                         # a NaN scale: the product is NaN, never finite garbage
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
         s = 0

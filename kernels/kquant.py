@@ -586,13 +586,17 @@ def quantize_q8_k(x, xq, xd, xbs):
         o = b * QK_K
         amax = np.float32(0.0)
         mx = np.float32(0.0)
+        finite = True
         for j in range(QK_K):
             ax = abs(x[o + j])
+            finite &= ax <= np.float32(np.inf)                # False for NaN
             if ax > amax:
                 amax = ax
                 mx = x[o + j]
-        if amax == 0:
-            xd[b] = 0.0
+        if amax == 0 or not finite or amax == np.float32(np.inf):
+            # a non-finite input gets a NaN scale, so the product is NaN (the network names the layer), never a
+            # division by zero in here or finite garbage
+            xd[b] = np.float32(0.0) if finite and amax == 0 else np.float32(np.nan)
             for j in range(QK_K):
                 xq[o + j] = 0
             for k in range(16):

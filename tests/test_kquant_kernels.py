@@ -327,3 +327,23 @@ def test_second_process_loads_from_numba_cache():
     assert r["cold"]["cache_misses"] > 0
     assert r["warm"]["cache_misses"] == 0 and r["warm"]["cache_hits"] >= 4
     assert r["warm"]["total"] < r["cold"]["total"]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_activations_give_nan_not_an_exception(bad):
+    """A hostile norm weight can put Inf or NaN into the activations: the product must come out NaN (the network
+    reports the layer) rather than raise ZeroDivisionError in the quantizer or return finite garbage."""
+
+    from lazymoe import kernels as K
+    rng = np.random.default_rng(3)
+    for name, g in (("q4_k", G.Q4_K), ("q8_0", G.Q8_0)):
+        w = np.frombuffer(rng.bytes(8 * 512 // 256 * 144), np.uint8).reshape(8, -1).copy() if name == "q4_k" else None
+        if w is None:
+            w = quantize(rng.standard_normal((8, 512)).astype(np.float32), g)
+        else:
+            w.reshape(-1, 144)[:, :4] = np.array([0.01, 0.0], np.float16).view(np.uint8)
+        x = rng.standard_normal(512).astype(np.float32)
+        x[7] = bad
+        assert np.isnan(K.matvec(name, w, x)).all(), name
+        X = np.stack([x] * 5)
+        assert np.isnan(K.matmul(name, w, X)).all(), name
