@@ -62,6 +62,12 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def one_line(msg: str) -> str:
+    """msg with control characters escaped: an error may quote names or values from a hostile file (a key
+    that swallowed the bytes after it), and must stay one printable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (ValueError, OSError) as e:
         msg = str(e) if isinstance(e, ValueError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
-        print(f"lazymoe {args.command}: error: {msg}", file=sys.stderr)
+        print(f"lazymoe {args.command}: error: {one_line(msg)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -105,3 +105,11 @@ def test_ram_far_above_the_machine_is_accepted_with_a_note():
     lines = err.splitlines()
     assert rc == 0 and len(lines) == 3 and "note: --ram 1000T is more than this machine's" in lines[0], err
     assert lines[1].startswith("RAM plan: budget") and "1000" not in lines[1].split(":")[1], err
+
+
+def test_an_error_quoting_hostile_bytes_stays_one_printable_line():
+    """A key that swallowed the bytes after it (newlines, a template, control bytes) is quoted escaped; the
+    fuzzer's mixtral:2027006495 printed 8 stderr lines before (`--replay` it)."""
+    from lazymoe.cli import one_line
+    msg = one_line("m.gguf: metadata tokenizer.ggml.eos\x04\x00token\n{%- if x %}\n\x07 is not a key")
+    assert msg.isprintable() and "\\n{%- if x %}" in msg and "\\x07" in msg and "is not a key" in msg
