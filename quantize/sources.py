@@ -59,7 +59,7 @@ class Source:
 
 
 # Files a checkpoint folder is read from besides its safetensors shards.
-_FOLDER_FILES = ("config.json", "params.json", "model.safetensors.index.json", "tokenizer.model",
+_FOLDER_FILES = ("config.json", "params.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
                  "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -228,6 +228,15 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
     return md
 
 
+def _hf_tokenizer_metadata(folder: str, n_vocab: int) -> dict:
+    """A byte-level BPE tokenizer.json (Qwen, Llama 3, OLMo) or else a SentencePiece tokenizer.model (Mistral)."""
+    from lazymoe.quantize.hf_tokenizer import bpe_metadata, is_byte_level_bpe
+
+    if is_byte_level_bpe(folder):
+        return bpe_metadata(folder, n_vocab)
+    return _tokenizer_metadata(folder, ("tokenizer.model",), n_vocab)
+
+
 def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(p):
@@ -361,7 +370,7 @@ def _open_hf(path: str) -> Source:
         src.tensors = _plan(cfg, shards, names, permute_qk=True)
         src.metadata = llama_metadata(cfg)
         src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
-        src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model",), cfg.n_vocab))
+        src.metadata.update(_hf_tokenizer_metadata(path, cfg.n_vocab))
         tmpl = _hf_chat_template(path)
         if tmpl:
             src.metadata["tokenizer.chat_template"] = tmpl
