@@ -108,7 +108,7 @@ class BPETokenizer:
             raise ValueError(f"{where}: tokenizer.ggml.pre is {pre[:40]!r}; lazymoe knows {', '.join(sorted(PRE))}")
         self.pre_name, self._pre = pre, PRE[pre]
         ids = []
-        for name, i in (("bos_token_id", eos_id if bos_id is None else bos_id), ("eos_token_id", eos_id)):
+        for name, i in (("eos_token_id", eos_id), ("bos_token_id", eos_id if bos_id is None else bos_id)):
             try:
                 i = operator.index(i)
             except TypeError:
@@ -116,7 +116,7 @@ class BPETokenizer:
             if not 0 <= i < n:
                 raise ValueError(f"{where}: tokenizer {name} {i} is outside the vocabulary of {n} tokens")
             ids.append(i)
-        self.bos_id, self.eos_id = ids
+        self.eos_id, self.bos_id = ids                  # no BOS id (OLMo files may lack one): the EOS stands in
         self.add_bos = self._pre.add_bos if add_bos is None else bool(add_bos)
         self.pieces, self.types = tokens, types
 
