@@ -15,6 +15,16 @@ from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
 Weight = tuple[QType, np.ndarray]          # (storage type, stored array [rows, row_bytes] or [rows, cols])
 
 
+# A file whose output head is tied to the embedding (Hugging Face's tie_word_embeddings: Llama 3.2 1B/3B,
+# Qwen's small models) has no output.weight: llama.cpp's converter leaves it out and uses token_embd, as here.
+OUTPUT, TOKEN_EMBD = "output.weight", "token_embd.weight"
+
+
+def output_name(g: GGUFFile) -> str:
+    """The tensor the output head reads: output.weight, or token_embd.weight when the file ties them."""
+    return OUTPUT if OUTPUT in g.tensors else TOKEN_EMBD
+
+
 def weight(g: GGUFFile, name: str) -> Weight:
     return g.qtype(name), g.tensor(name)
 
@@ -80,6 +90,8 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
                     raise ValueError(f"{g.path}: tensor {t.name} has shape {t.shape}, expected {shape[1:]}")
                 g.qtype(t.name)
             continue
+        if name == OUTPUT and output_name(g) == TOKEN_EMBD:
+            continue                                # tied: token_embd [V, D] is checked as itself
         if name not in g.tensors:
             raise ValueError(f"{g.path}: tensor {name} is missing")
         got = g.tensors[name].shape
@@ -116,7 +128,7 @@ def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[list, list]:
 
 def resident_names(g: GGUFFile, cfg: ModelConfig) -> list[str]:
     """The tensors kept resident (all but the experts): views into the mapping, counted in the RAM plan."""
-    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n)]
+    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n) and n in g.tensors]   # a tied output: once
 
 
 def slot_sizes(parts) -> list[tuple[int, int]]:
@@ -131,7 +143,7 @@ class Weights:
         check_tensors(g, cfg)
         self.token_embd = weight(g, "token_embd.weight")                # [V, D]
         self.output_norm = norm_weight(g, "output_norm.weight")         # [D]
-        self.output = weight(g, "output.weight")                        # [V, D]
+        self.output = weight(g, OUTPUT) if output_name(g) == OUTPUT else self.token_embd   # [V, D]
         self.layers = [Layer(g, i, cfg.is_moe) for i in range(cfg.n_layer)]
         self.expert_parts, self.expert_offsets = expert_layout(g, cfg)  # [L] parts, [L][E][3] offsets
         self.resident_names = resident_names(g, cfg)

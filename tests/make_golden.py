@@ -2,13 +2,13 @@
 
 For each fixture checkpoint and each type: convert with lazymoe's quantizer, dequantize
 every tensor of the GGUF with gguf-py, undo llama.cpp's Q/K row permutation, load the
-weights into transformers' own MixtralForCausalLM / MistralForCausalLM (float32, eager
+weights into transformers' own MixtralForCausalLM / MistralForCausalLM / LlamaForCausalLM (float32, eager
 attention) and save its logits for a fixed token sequence to
 tests/fixtures/golden/<fixture>-<type>.npz (arrays `ids` [T], `logits` [T, V], and `weights_sha256` of the GGUF's tensors:
 regenerate when the quantizer's output changes). The Hugging Face state dict comes from
 lazymoe.benchmarks.hf_reference. From the repository root, with lazymoe installed:
 
-    python -m tests.make_golden
+    python -m tests.make_golden [FIXTURE ...]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-FIXTURES = ("tiny-mixtral", "tiny-moe-top1", "tiny-dense")
+FIXTURES = ("tiny-mixtral", "tiny-moe-top1", "tiny-dense", "tiny-dense-bpe")
 TYPES = ("f32", "q8_0", "q4_0")
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
 N_TOKENS = 24
@@ -55,16 +55,18 @@ def reference_model(gguf_path: str, config_path: str):
     from lazymoe.benchmarks.hf_reference import hf_state_dict
     from lazymoe.format.config import config_from_metadata
     from lazymoe.format.gguf_file import GGUFFile
-    from lazymoe.runtime.tokenizer import Tokenizer
+    from lazymoe.runtime.tokenizer import load_tokenizer
 
     g = GGUFFile(gguf_path)
     cfg = config_from_metadata(g.metadata, gguf_path)
-    ids = np.array(golden_ids(Tokenizer.from_gguf_metadata(g.metadata)), dtype=np.int64)
+    ids = np.array(golden_ids(load_tokenizer(g.metadata)), dtype=np.int64)
     with open(config_path) as f:
         hf_cfg = json.load(f)
     moe = hf_cfg.get("num_local_experts", 0) > 0
-    cls = transformers.MixtralForCausalLM if moe else transformers.MistralForCausalLM
-    conf = (transformers.MixtralConfig if moe else transformers.MistralConfig)(**hf_cfg)
+    # Mixtral, Mistral, or Llama (tiny-dense-bpe: Llama 3's tokenizer, tie_word_embeddings)
+    kind = "Mixtral" if moe else "Llama" if hf_cfg.get("model_type") == "llama" else "Mistral"
+    cls = getattr(transformers, f"{kind}ForCausalLM")
+    conf = getattr(transformers, f"{kind}Config")(**hf_cfg)
     conf._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(conf).to(torch.float32).eval()
@@ -81,12 +83,13 @@ def reference_logits(gguf_path: str, config_path: str) -> tuple[np.ndarray, np.n
     return ids, out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    names = (sys.argv[1:] if argv is None else argv) or list(FIXTURES)
     from lazymoe.quantize.convert import convert
     out_dir = os.path.join(HERE, "fixtures", "golden")
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for fx in FIXTURES:
+        for fx in names:
             src = os.path.join(HERE, "fixtures", fx)
             if not os.path.isdir(src):
                 print(f"skip {fx}: {src} is missing")

@@ -28,7 +28,7 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TOL = {"f32": (2e-3, 1.0), "f16": (2e-3, 1.0), "q8_0": (0.25, 0.85), "q4_0": (0.25, 0.85)}   # (max |diff| / max |logit|, top-1 agreement)
 
 
-@pytest.mark.parametrize("fixture", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
+@pytest.mark.parametrize("fixture", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense", "tiny-dense-bpe"])
 @pytest.mark.parametrize("qt", ["f32", "f16", "q8_0", "q4_0"])
 def test_llama_cpp_runs_our_files_like_hf(tmp_path, fixture, qt):
     out = str(tmp_path / "m.gguf")

@@ -61,7 +61,7 @@ class ReferenceKernels:
 
 # --- golden logits -------------------------------------------------------------------
 
-@pytest.mark.parametrize("fx", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense"])
+@pytest.mark.parametrize("fx", ["tiny-mixtral", "tiny-moe-top1", "tiny-dense", "tiny-dense-bpe"])
 @pytest.mark.parametrize("ty", ["f32", "q8_0", "q4_0"])
 def test_logits_match_transformers(converted, fx, ty, monkeypatch):
     import lazymoe.runtime.network
