@@ -15,9 +15,9 @@ llm_tokenizer_bpe for the same GGUF):
      adjacent pair with the lowest merge rank, the leftmost on ties. With ignore_merges (Llama 3) a word that is
      itself a token is taken whole. A final symbol that is not a token falls back to its byte tokens.
 
-Decoding maps each token's text back to bytes through the same alphabet (a character outside it stands for its
-own UTF-8), USER_DEFINED tokens give their text, CONTROL and UNUSED tokens give nothing, and the bytes are
-decoded as UTF-8 with U+FFFD for each invalid sequence (Python's "replace", which is Rust's from_utf8_lossy,
+Decoding maps each token's text back to bytes through the same alphabet (a token with a character outside it
+stands for its own UTF-8, as in `tokenizers`), USER_DEFINED tokens give their text, CONTROL and UNUSED tokens
+give nothing, and the bytes are decoded as UTF-8 with U+FFFD for each invalid sequence (Python's "replace", which is Rust's from_utf8_lossy,
 what `tokenizers` uses). The stream decoder holds back an incomplete trailing character.
 
 Work is bounded: BPE runs per word with a heap (O(n log n) in the word's bytes), results are cached per word in
@@ -89,6 +89,9 @@ def bytes_to_unicode() -> dict[int, str]:
 _BYTE_CHAR = bytes_to_unicode()
 _CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
 _BYTE_CHAR_STR = [_BYTE_CHAR[b] for b in range(256)]
+# str.translate: alphabet character -> chr(its byte); a Latin-1 character outside the alphabet -> a lone surrogate,
+# which latin-1 cannot encode, so that the token falls back to its UTF-8
+_TO_LATIN1 = {**{b: "\ud800" for b in range(256)}, **{ord(c): b for c, b in _CHAR_BYTE.items()}}
 
 
 class BPETokenizer:
@@ -150,8 +153,10 @@ class BPETokenizer:
     @staticmethod
     def _token_bytes(text: str, typ: int) -> bytes | None:
         if typ in (NORMAL, BYTE):
-            return b"".join(bytes([_CHAR_BYTE[c]]) if c in _CHAR_BYTE else c.encode("utf-8", "surrogatepass")
-                            for c in text)
+            try:                                 # every character in the byte alphabet: its bytes
+                return text.translate(_TO_LATIN1).encode("latin-1")
+            except UnicodeEncodeError:           # else the text's own UTF-8, as tokenizers' ByteLevel decoder
+                return text.encode("utf-8", "surrogatepass")
         if typ == USER_DEFINED:
             return text.encode("utf-8", "surrogatepass")
         return None                              # CONTROL, UNUSED, UNKNOWN: no text

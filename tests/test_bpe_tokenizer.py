@@ -293,6 +293,19 @@ def test_hostile_merge_chains_match_tokenizers():
     assert tok.decode(tok.encode("a" * 5000, bos=False)) == "a" * 5000
 
 
+def test_tokens_outside_the_byte_alphabet_decode_as_tokenizers():
+    """A token text with a character outside GPT-2's byte alphabet (a hostile or hand-edited vocabulary) stands for
+    its own UTF-8, as in `tokenizers`' ByteLevel decoder."""
+    from tokenizers import decoders, models
+
+    texts = [_BYTE_CHAR[b] for b in range(256)] + ["\x80", " x", "\u6211", "\u0100\x85\u00e9", "a\u00ad"]
+    hf = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(texts)}, []))
+    hf.decoder = decoders.ByteLevel()
+    tok = BPETokenizer(texts, [NORMAL] * len(texts), ["a b"], "gpt-2", None, 0)
+    for i in range(256, len(texts)):
+        assert tok.decode([i]) == hf.decode([i]), texts[i]
+
+
 def test_word_cache_is_bounded(monkeypatch):
     _, tok = _pair("olmo")
     monkeypatch.setattr(bpe_tokenizer, "MAX_CACHE", 16)

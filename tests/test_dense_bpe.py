@@ -120,3 +120,17 @@ def test_chat_and_generation(converted):
 def test_cli_runs_the_tied_file(converted, tmp_path):
     rc, out, err = cli("run", untied(tmp_path, converted(FX, "q8_0")), "-p", "Hello", "-n", "4", "--temp", "0")
     assert rc == 0, err
+
+
+def test_quantize_refuses_a_broken_tokenizer_json(tmp_path):
+    import json
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(FIXTURES, FX), src)
+    t = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    t["model"]["vocab"]["zz"] = 99999
+    (src / "tokenizer.json").write_text(json.dumps(t), encoding="utf-8")
+    out = tmp_path / "out.gguf"
+    rc, _, err = cli("quantize", str(src), "-o", str(out))
+    assert rc == 2 and err.count("\n") == 1 and "id 99999, outside the model's vocabulary of 2048 rows" in err
+    assert not out.exists()
