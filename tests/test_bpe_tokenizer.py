@@ -338,3 +338,43 @@ def test_max_chars_bounds_the_encoding(pair):
     for text in CORPUS:
         n = len(tok.encode(text, bos=False, special=True))
         assert len(text) <= tok.max_chars(n)
+
+
+def test_random_hostile_vocabularies_refused_or_bounded():
+    """Vocabularies mutated at random (merges of random parts or whose result is no token, duplicate and random
+    token texts, random valid types, another pre-tokenizer): each is refused with one ValueError line, or it
+    encodes and decodes, streamed the same as whole."""
+    base = _keys()
+    tokens0, merges0 = base["tokenizer.ggml.tokens"], base["tokenizer.ggml.merges"]
+    rng = random.Random(7)
+    for case in range(60):
+        tokens, merges = list(tokens0), list(merges0)
+        types = np.array(base["tokenizer.ggml.token_type"])
+        for _ in range(rng.randint(1, 30)):
+            k = rng.randrange(6)
+            if k == 0:
+                merges[rng.randrange(len(merges))] = f"{rng.choice(tokens)} {rng.choice(tokens)}"
+            elif k == 1 and case % 5 == 0:                  # malformed: refused
+                merges.append(rng.choice(["x", " ", "a  b", rng.choice(tokens) + " "]))
+            elif k == 1:
+                merges.append(rng.choice(["a  b", "\u0120 \u0120", "\u6211 \u6211"]))
+            elif k == 2:
+                tokens[rng.randrange(len(tokens))] = rng.choice(tokens)
+            elif k == 3:
+                tokens[rng.randrange(len(tokens))] = "".join(rng.choice("ab\u0120<|>\u6211 ") for _ in range(rng.randint(1, 9)))
+            elif k == 4:
+                types[rng.randrange(len(types))] = rng.choice([NORMAL, CONTROL, USER_DEFINED, UNUSED, 2, 6])
+            else:
+                rng.shuffle(merges)
+        pre = rng.choice(sorted(bpe_tokenizer.PRE))
+        try:
+            tok = BPETokenizer(tokens, types, merges, pre, None, 0)
+        except ValueError as e:
+            assert "\n" not in str(e)
+            continue
+        for text in CORPUS[case::20]:
+            for special in (True, False):
+                ids = tok.encode(text, bos=True, special=special)
+                assert all(0 <= i < len(tokens) for i in ids)
+                d = tok.stream()
+                assert "".join(d.feed(i) for i in ids) + d.flush() == tok.decode(ids)
