@@ -10,8 +10,10 @@
   the same way, a space inside a part written as U+0120 as gguf-py does).
 - pre: the converter names the pre-tokenizer by a hash of the real model's tokens for a fixed text, which only
   the real vocabulary reproduces; here it is recognised from tokenizer.json's pre_tokenizer itself: Qwen2's
-  Split regex -> "qwen2", Llama 3's -> "llama-bpe", GPT-2's ByteLevel regex -> "gpt-2" ("olmo" when
-  config.json's model_type is an OLMo one: the same regex in llama.cpp). Anything else is refused in one line.
+  Split regex -> "qwen2", Llama 3's -> "llama-bpe", GPT-2's ByteLevel regex -> "gpt-2", or with an NFC
+  normalizer (GPT-NeoX's tokenizer) "olmo" when config.json's model_type is an OLMo one, else "mpt" (the names
+  the converter gives those tokenizers; llama.cpp splits all of them with GPT-2's regex). Anything else is
+  refused in one line.
 - bos/eos/unk/sep/pad ids: tokenizer_config.json's *_token text looked up among the added tokens, then
   config.json's *_token_id; add_bos/add_eos: a TemplateProcessing post-processor that starts with the BOS (Llama
   3), overridden by tokenizer_config.json's add_*_token.
@@ -77,8 +79,11 @@ def is_byte_level_bpe(folder: str) -> bool:
 def _pre_name(t: dict, config: dict, where: str) -> str:
     pre = t.get("pre_tokenizer")
     if _byte_level(pre) and pre.get("use_regex", True):
-        mt = config.get("model_type")
-        return "olmo" if isinstance(mt, str) and mt.startswith("olmo") else "gpt-2"
+        norm = t.get("normalizer")
+        if not (isinstance(norm, dict) and norm.get("type") == "NFC"):
+            return "gpt-2"
+        mt = config.get("model_type")                 # GPT-NeoX's tokenizer: NFC, then GPT-2's regex
+        return "olmo" if isinstance(mt, str) and mt.startswith("olmo") else "mpt"
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
     if isinstance(steps, list) and len(steps) == 2 and _byte_level(steps[1]) and not steps[1].get("use_regex", True):
         split = steps[0]

@@ -7,7 +7,8 @@ llm_tokenizer_bpe for the same GGUF):
   1. special=True: the text of CONTROL and USER_DEFINED tokens ("<|im_start|>", "<think>") is matched first,
      longest first, and becomes their ids; special=False matches only USER_DEFINED ones (llama.cpp's rule:
      control tokens in user text are spelled out).
-  2. each fragment between them is normalised (NFC for "qwen2", as Qwen's tokenizer.json asks) and split into
+  2. each fragment between them is normalised (NFC for "qwen2", "olmo" and "mpt", as those models' tokenizer.json
+     files ask; llama.cpp skips it, so it differs from them on text that is not NFC) and split into
      words by the pre-tokenizer's regexes (PRE below, from llama.cpp's src/llama-vocab.cpp, in the form the
      models' tokenizer.json files spell them); with several regexes each splits the pieces of the previous one,
      a match and the text between matches each becoming a piece.
@@ -55,12 +56,13 @@ class Pre:
 _QWEN2_PRE = Pre((_QWEN2,), nfc=True)
 _LLAMA3_PRE = Pre((_LLAMA3,), ignore_merges=True, add_bos=True)
 _GPT2_PRE = Pre((_GPT2,))
+_NEOX_PRE = Pre((_GPT2,), nfc=True)        # GPT-NeoX's tokenizer (OLMo, OLMoE, MPT): GPT-2's regex after NFC
 # tokenizer.ggml.pre -> pre-tokenizer, as llama.cpp's llama_vocab::impl::load groups the names.
 PRE: dict[str, Pre] = {
     "qwen2": _QWEN2_PRE, "deepseek-r1-qwen": _QWEN2_PRE, "megrez": _QWEN2_PRE, "stablelm2": Pre((_QWEN2,)),
     "llama-bpe": _LLAMA3_PRE, "llama3": _LLAMA3_PRE, "llama-v3": _LLAMA3_PRE,
     "dbrx": Pre((_LLAMA3,)), "smaug-bpe": Pre((_LLAMA3,)),
-    "gpt-2": _GPT2_PRE, "olmo": _GPT2_PRE, "mpt": _GPT2_PRE, "phi-2": _GPT2_PRE,
+    "gpt-2": _GPT2_PRE, "phi-2": _GPT2_PRE, "olmo": _NEOX_PRE, "mpt": _NEOX_PRE,
     "default": Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
 }
 

@@ -4,10 +4,12 @@ on the same GGUF keys, for every pre-tokenizer we support: qwen2, llama-bpe, gpt
 tests/fixtures/make_bpe.py) and llama.cpp's "default" (built here)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import shutil
+import tempfile
 import unicodedata
 
 import numpy as np
@@ -25,8 +27,8 @@ from lazymoe.runtime.tokenizer import load_tokenizer  # noqa: E402
 from tests.helpers import FIXTURES  # noqa: E402
 
 N_VOCAB = 2048          # more rows than the fixtures' ~2,000 tokens: the converter pads, as for Qwen
-STYLES = ("qwen2", "llama3", "olmo")
-PRE_OF = {"qwen2": "qwen2", "llama3": "llama-bpe", "olmo": "gpt-2"}
+STYLES = ("qwen2", "llama3", "olmo", "gpt2")
+PRE_OF = {"qwen2": "qwen2", "llama3": "llama-bpe", "olmo": "mpt", "gpt2": "gpt-2"}   # olmo: no config.json model_type
 
 
 def _corpus() -> list[str]:
@@ -53,8 +55,22 @@ def _corpus() -> list[str]:
 CORPUS = _corpus()
 
 
+def _folder(style: str) -> str:
+    """A fixture folder; "gpt2" is bpe-olmo without its NFC normaliser (GPT-2's own tokenizer has none)."""
+    if style != "gpt2":
+        return os.path.join(FIXTURES, f"bpe-{style}")
+    folder = tempfile.mkdtemp(prefix="lazymoe-bpe-gpt2-")
+    atexit.register(shutil.rmtree, folder, True)
+    t = json.load(open(os.path.join(FIXTURES, "bpe-olmo", "tokenizer.json"), encoding="utf-8"))
+    t["normalizer"] = None
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(t, f)
+    shutil.copy(os.path.join(FIXTURES, "bpe-olmo", "tokenizer_config.json"), folder)
+    return folder
+
+
 def _pair(style: str):
-    folder = os.path.join(FIXTURES, f"bpe-{style}")
+    folder = _folder(style)
     hf = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     return hf, load_tokenizer(bpe_metadata(folder, N_VOCAB), folder)
 
@@ -78,6 +94,7 @@ def test_bos_as_the_model_adds_it(pair):
     for text in CORPUS[:20]:
         assert tok.encode(text, bos=True, special=True) == hf.encode(text, add_special_tokens=True).ids
     assert tok.add_bos == (style == "llama3")
+    assert tok._pre.nfc == (style in ("qwen2", "olmo"))
 
 
 def _vocab_only_gguf(path: str, md: dict) -> str:
@@ -117,7 +134,7 @@ def _llama_cpp_agrees(tmp_path, md: dict, tok, nfc: bool) -> None:
 
 def test_llama_cpp_tokenizes_our_keys_the_same(pair, tmp_path):
     style, _, tok = pair
-    _llama_cpp_agrees(tmp_path, bpe_metadata(os.path.join(FIXTURES, f"bpe-{style}"), N_VOCAB), tok, style == "qwen2")
+    _llama_cpp_agrees(tmp_path, bpe_metadata(_folder(style), N_VOCAB), tok, tok._pre.nfc)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +227,7 @@ def test_converter_keys(tmp_path):
 
 
 def test_which_folders_are_byte_level(tmp_path):
-    assert all(is_byte_level_bpe(os.path.join(FIXTURES, f"bpe-{s}")) for s in STYLES)
+    assert all(is_byte_level_bpe(_folder(s)) for s in STYLES)
     assert not is_byte_level_bpe(os.path.join(FIXTURES, "tiny-dense"))       # SentencePiece tokenizer.model only
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}))
