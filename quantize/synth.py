@@ -17,7 +17,7 @@ from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import WRITES
 from lazymoe.quantize.mixes import ftype, tensor_types
-from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
+from lazymoe.quantize.sources import Source, TensorPlan, model_metadata
 
 SHAPES = {
     "mixtral-8x7b": ModelConfig(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000,
@@ -160,7 +160,7 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
             plans.append(TensorPlan(name, shp, parts, stored=t))
         else:
             plans.append(TensorPlan(name, shp, matrix(t, *shp), stored=t))
-    md = llama_metadata(cfg)
+    md = model_metadata(cfg)
     md["general.architecture"] = arch
     md["general.name"] = f"synthetic {label} ({n_layer} layers, random weights)"
     md.update(synthetic_vocab(cfg.n_vocab))
