@@ -16,6 +16,7 @@ import numpy as np
 MAX_VOCAB = 1 << 20           # tokens; the largest real vocabularies are ~256 k
 MAX_DIM = 1 << 20             # any hyper-parameter count (layers, hidden, heads, context)
 MAX_EXPERTS = 256
+MAX_MERGES = 1 << 21          # BPE merges; real byte-level vocabularies have <= ~300 k (one per non-base token)
 MAX_TEMPLATE = 1 << 20        # characters of a chat template (real ones are 0.5-10 KB)
 
 MISSING = object()
@@ -59,6 +60,8 @@ KEYS: dict[str, Key] = {
     _L + "attention.layer_norm_rms_epsilon": Key("float", 0, 1),
     _L + "rope.freq_base": Key("float", 0, 1e12),
     _T + "model": Key("str", max_len=64),
+    _T + "pre": Key("str", max_len=64),
+    _T + "merges": Key("strings", max_len=MAX_MERGES),
     _T + "tokens": Key("strings", max_len=MAX_VOCAB),
     _T + "scores": Key("floats", max_len=MAX_VOCAB),
     _T + "token_type": Key("ints", 0, 255, max_len=MAX_VOCAB),
@@ -66,6 +69,9 @@ KEYS: dict[str, Key] = {
     _T + "eos_token_id": Key("int", 0, MAX_VOCAB),
     _T + "unknown_token_id": Key("int", 0, MAX_VOCAB),
     _T + "padding_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "seperator_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "cls_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "mask_token_id": Key("int", 0, MAX_VOCAB),
     _T + "add_bos_token": Key("bool"),
     _T + "add_eos_token": Key("bool"),
     _T + "add_space_prefix": Key("bool"),

@@ -237,6 +237,15 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
     return md
 
 
+def _hf_tokenizer_metadata(folder: str, n_vocab: int) -> dict:
+    """A byte-level BPE tokenizer.json (Qwen, Llama 3, OLMo) or else a SentencePiece tokenizer.model (Mistral)."""
+    from lazymoe.quantize.hf_tokenizer import bpe_metadata, is_byte_level_bpe
+
+    if is_byte_level_bpe(folder):
+        return bpe_metadata(folder, n_vocab)
+    return _tokenizer_metadata(folder, ("tokenizer.model",), n_vocab)
+
+
 def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(p):

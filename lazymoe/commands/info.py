@@ -17,7 +17,7 @@ def _info(args) -> int:
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.format.metadata import meta
     from lazymoe.runtime.memory import PROCESS_ESTIMATE, min_budget, work_bytes
-    from lazymoe.runtime.tokenizer import Tokenizer
+    from lazymoe.runtime.tokenizer import load_tokenizer
     from lazymoe.runtime.weights import model_sizes
 
     if args.ctx <= 0:
@@ -28,7 +28,7 @@ def _info(args) -> int:
         total, active = cfg.params()
         types = sorted({t.type_name for t in f.tensors.values()})
         name = meta(f.metadata, "general.name", args.model, "")
-        Tokenizer.from_gguf_metadata(f.metadata, args.model)          # what `run` would refuse, refused here too
+        load_tokenizer(f.metadata, args.model)          # what `run` would refuse, refused here too
         meta(f.metadata, "tokenizer.chat_template", args.model, None)
     kv = cfg.kv_bytes(args.ctx)
     info = {
