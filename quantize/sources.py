@@ -424,13 +424,6 @@ def _hf_config(path: str, c: dict) -> tuple[ModelConfig, int | None]:
     return cfg, ff if ARCHS[arch].expert_ff_key else None
 
 
-def _hf_tokenizer_metadata(path: str, n_vocab: int) -> dict:
-    """tokenizer.ggml.* keys from the folder's SentencePiece tokenizer.model, else from its tokenizer.json."""
-    if os.path.isfile(os.path.join(path, "tokenizer.model")) or not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return _tokenizer_metadata(path, ("tokenizer.model",), n_vocab)
-    raise ValueError(f"{path}: tokenizer.json (byte-level BPE) is not read yet; only a SentencePiece tokenizer.model")
-
-
 def _open_hf(path: str) -> Source:
     c = _read_json(os.path.join(path, "config.json"))
     cfg, n_ff_dense = _hf_config(path, c)

@@ -83,9 +83,12 @@ def reference_logits(gguf_path: str, config_path: str, ids=None) -> tuple[np.nda
     return ids, out
 
 
-# The other architectures (tests/fixtures/make_tiny.ARCH_CONFIGS, built here, not committed): token ids rather than
-# text, one of them (540) past the tokenizer's 512 tokens in the padded part of the embedding.
-ARCH_IDS = [1, 540] + [(7 * i + 3) % 512 for i in range(22)]
+# The other architectures (tests/fixtures/make_tiny.ARCH_CONFIGS, built here, not committed): the text's tokens by
+# Hugging Face's `tokenizers` on the checkpoint's tokenizer.json, then two ids past the tokenizer's ~2,000 tokens in
+# the padded part of the embedding; ARCH_TOKENS in all.
+ARCH_TEXT = "x = f(12) 🦙 Über 東京<|im_end|><|endoftext|>"
+ARCH_TOKENS = 20
+ARCH_PADDED_IDS = [2040, 2047]
 ARCH_TYPES = ("f32", "q8_0")
 # The K-quant file of each: llama.cpp's quantizer (llama_model_quantize, the `llama` extra) on lazymoe's F32 file.
 ARCH_KQUANT = "q4_k_m"
@@ -117,12 +120,20 @@ def arch_files(fx: str, tmp: str) -> dict[str, str]:
     return out
 
 
+def arch_ids(folder: str) -> list[int]:
+    """The golden ids of a checkpoint folder: ARCH_TEXT by `tokenizers`, cut to leave room for ARCH_PADDED_IDS."""
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).encode(ARCH_TEXT).ids
+    return ids[:ARCH_TOKENS - len(ARCH_PADDED_IDS)] + ARCH_PADDED_IDS
+
+
 def main_archs(out_dir: str) -> None:
     from tests.fixtures.make_tiny import ARCH_CONFIGS
     with tempfile.TemporaryDirectory() as tmp:
         for fx in ARCH_CONFIGS:
             for ty, path in arch_files(fx, tmp).items():
-                ids, logits = reference_logits(path, os.path.join(tmp, fx, "config.json"), ARCH_IDS)
+                ids = arch_ids(os.path.join(tmp, fx))
+                ids, logits = reference_logits(path, os.path.join(tmp, fx, "config.json"), ids)
                 dst = os.path.join(out_dir, f"{fx}-{ty}.npz")
                 np.savez_compressed(dst, ids=ids, logits=logits, weights_sha256=np.array(weights_sha256(path)))
                 print(f"wrote {dst}: {len(ids)} tokens, logits {logits.shape}, |max| {np.abs(logits).max():.3f}")

@@ -8,7 +8,8 @@ from lazymoe's F32 file (the `llama` extra; those tests skip without it). The go
 Tolerances, relative to the golden's largest |logit|:
 - F32 in lazymoe: max |diff| <= 1e-4 (float32 summation order only; measured 4-6e-7).
 - Q8_0 and Q4_K_M in lazymoe: the kernels round activations to Q8_0 / Q8_K blocks as llama.cpp does:
-  mean |diff| <= 5e-3 (measured 1.2-1.8e-3, the same as llama.cpp's on each file), top-1 >= 90%.
+  mean |diff| <= 5e-3 (measured 1.2-1.8e-3, the same as llama.cpp's on each file), top-1 >= 90% (a token
+  within 1% of the scale of HF's best counts: test_kquants' rule).
 - llama.cpp on lazymoe's F32 file: max |diff| <= 2e-3 (measured 1.2-1.5e-4); on Q8_0 and its own Q4_K_M
   mean |diff| <= 5e-3 (measured 1.2-1.8e-3), top-1 >= 90%.
 """
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F32_RTOL = 1e-4
 MEAN_RTOL = 5e-3
 TOP1 = 0.9
+TOP1_TIE = 0.01
 LLAMA_F32_RTOL = 2e-3
 
 ARCH_OF = {"tiny-qwen3moe": "qwen3moe", "tiny-qwen2moe": "qwen2moe", "tiny-olmoe": "olmoe"}
@@ -67,10 +69,13 @@ def golden(fx: str, ty: str, path: str):
 
 
 def rel(got, ref):
-    """(max, mean) |got - ref| relative to ref's largest |logit|, and top-1 agreement."""
+    """(max, mean) |got - ref| relative to ref's largest |logit|, and top-1 agreement: the share of positions where
+    the token picked is HF's best or within TOP1_TIE of the scale of it (random weights over 2,048 tokens leave
+    near-ties that Q8_0 rounding decides either way)."""
     scale = float(np.abs(ref).max())
     d = np.abs(got.astype(np.float64) - ref)
-    return d.max() / scale, d.mean() / scale, float((got.argmax(1) == ref.argmax(1)).mean())
+    picked = np.take_along_axis(ref, got.argmax(axis=1)[:, None], axis=1)[:, 0]       # [T]
+    return d.max() / scale, d.mean() / scale, float((picked >= ref.max(axis=1) - TOP1_TIE * scale).mean())
 
 
 def check(got, ref, ty):
@@ -113,7 +118,7 @@ def test_logits_identical_across_budgets(arch_file, fx, monkeypatch):
     import lazymoe.runtime.model
     monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
     path = arch_file(fx, "q8_0")
-    ids = list(range(3, 40))
+    ids = list(range(3, 40)) + [ARCH_VOCAB - 1]
     big = load_model(path, ram_budget="4G", ctx=64, progress=False)
     small = load_model(path, ram_budget=min_budget(path, 64), ctx=64, progress=False)
     assert big.plan.n_slots == big.plan.n_experts and small.plan.n_slots < small.plan.n_experts
@@ -152,6 +157,21 @@ def test_file_is_laid_out_as_llama_cpp_writes_it(arch_file, fx):
             assert g.tensors["blk.0.ffn_gate_inp_shexp.weight"].shape == (c["hidden"],)
             assert {"blk.0.ffn_gate_shexp.weight", "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight"} <= names
     st.close()
+
+
+@pytest.mark.parametrize("fx", list(ARCH_CONFIGS))
+def test_tokenizer_ids_are_hugging_face_ones(arch_file, fx):
+    """The converted file's byte-level BPE (tokenizer.ggml.*, runtime/bpe_tokenizer.py) gives the ids the golden
+    was made with, which Hugging Face's `tokenizers` gave on the checkpoint's tokenizer.json."""
+    path = arch_file(fx, "f32")
+    ids, _ = golden(fx, "f32", path)
+    text_ids = [int(i) for i in ids[:-len(make_golden.ARCH_PADDED_IDS)]]
+    model = load_model(path, ctx=64, progress=False)
+    got = model.tokenizer.encode(make_golden.ARCH_TEXT, bos=False, special=True)
+    assert got[:len(text_ids)] == text_ids
+    with GGUFFile(path) as g:
+        assert g.metadata["tokenizer.ggml.model"] == "gpt2"
+        assert g.metadata["tokenizer.ggml.pre"] == ("olmo" if fx == "tiny-olmoe" else "qwen2")
 
 
 def test_requantize_llama_cpp_k_quant_file(arch_file, tmp_path):
