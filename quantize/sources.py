@@ -1,7 +1,8 @@
 """Checkpoint sources: each turns a folder or file into a ModelConfig, GGUF metadata and a
 list of tensors to write, read lazily.
 
-- Hugging Face folder: config.json (MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM),
+- Hugging Face folder: config.json (MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM,
+  Qwen2MoeForCausalLM, OlmoeForCausalLM: format/config.ARCHS),
   model.safetensors or shards listed in model.safetensors.index.json, tokenizer.model,
   tokenizer_config.json / chat_template.jinja.
 - Mistral native folder: params.json, consolidated*.safetensors, tokenizer.model(.v1/.v3).

@@ -222,3 +222,31 @@ def test_unsupported_gguf_architecture_refused(tmp_path):
         path = synth_gguf(tmp_path / f"{arch}.gguf", arch=arch)
         with pytest.raises(ValueError, match=msg):
             load_model(path, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe"])
+@pytest.mark.parametrize("ft", ["q3_k_m", "q4_k_m"])
+def test_mixes_are_llama_cpps(tmp_path, arch, ft):
+    """quantize/mixes.py's per-tensor types for these architectures (8 layers, so the layer-dependent rules
+    differ between layers; the shared expert's ffn_down_shexp among them) equal llama.cpp's quantizer's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    from lazymoe.format.config import ModelConfig
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.mixes import FTYPES, tensor_types
+    from lazymoe.quantize.synth import synth_source
+    cfg = ModelConfig(n_layer=8, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_vocab=320, n_ctx_train=256,
+                      rms_eps=1e-6, rope_theta=1e6, n_expert=4, n_expert_used=2, arch=arch,
+                      n_embd_head=128 if arch == "qwen3moe" else 0, n_ff_shexp=512 if arch == "qwen2moe" else 0)
+    src, out = str(tmp_path / "f16.gguf"), str(tmp_path / f"{ft}.gguf")
+    write_gguf(synth_source(cfg, type_name="f16"), src, qtype("f16"), progress=False)
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = int(FTYPES[ft][0]), 2
+    assert llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p)) == 0
+    with GGUFFile(out) as g:
+        got = {n: t.type_name.upper() for n, t in g.tensors.items()}
+    want = tensor_types(cfg, ft)
+    assert {n: got[n] for n in want} == want
+    assert all(got[n] in ("F32", "F16") for n in got if n not in want)
