@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -208,7 +209,6 @@ def _edited(arch_file, tmp_path, fx, **changes) -> str:
     ("tiny-qwen3moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
 ])
 def test_bad_checkpoints_refused_in_one_line(arch_file, tmp_path, fx, changes, msg):
-    import re
     src = _edited(arch_file, tmp_path, fx, **changes)
     out = tmp_path / "out.gguf"
     rc, _, err = cli("quantize", src, "-o", str(out), "-t", "f32", "-q")
@@ -250,3 +250,38 @@ def test_mixes_are_llama_cpps(tmp_path, arch, ft):
     want = tensor_types(cfg, ft)
     assert {n: got[n] for n in want} == want
     assert all(got[n] in ("F32", "F16") for n in got if n not in want)
+
+
+@pytest.mark.parametrize("fx, key, value, msg", [
+    ("tiny-qwen3moe", "qwen3moe.attention.head_count", 2, r"blk.0.attn_q.weight has shape \(512, 256\), expected \(256, 256\)"),
+    ("tiny-qwen3moe", "qwen3moe.expert_feed_forward_length", 512, r"ffn_gate_exps.weight has shape .*expected \(8, 512, 256\)"),
+    ("tiny-qwen2moe", "qwen2moe.expert_shared_feed_forward_length", 128, r"ffn_gate_shexp.weight has shape"),
+    ("tiny-olmoe", "olmoe.expert_shared_feed_forward_length", 256, r"olmoe has no shared expert"),
+    ("tiny-olmoe", "olmoe.expert_count", 0, r"a olmoe model needs expert_count > 0"),
+    ("tiny-qwen3moe", "qwen3moe.attention.value_length", 64, r"value_length differs from attention.key_length 128"),
+    ("tiny-qwen3moe", "qwen3moe.attention.key_length", 64, r"value_length differs from attention.key_length 64"),
+])
+def test_file_that_disagrees_with_its_tensors_refused(arch_file, tmp_path, fx, key, value, msg):
+    """A file whose {arch}.* keys disagree with its tensors is refused in one line naming the tensor or key."""
+    from lazymoe.benchmarks.fuzz import enc
+    from tests.helpers import rewrite
+    path = rewrite(tmp_path, lambda p: p.set(key, 4, enc(4, value)), src=arch_file(fx, "q8_0"))    # 4: UINT32
+    with pytest.raises(ValueError, match=msg):
+        load_model(path, progress=False)
+    rc, _, err = cli("info", path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(msg, err), err
+
+
+@pytest.mark.parametrize("fx", list(ARCH_CONFIGS))
+def test_network_alone_matches_hf_on_quantized_weights(arch_file, fx, monkeypatch):
+    """With float32 reference kernels (tests/test_runtime.ReferenceKernels: gguf-py's dequantized weights) the
+    network on the Q8_0 file matches HF on the same weights to float32 accuracy, batch and decode alike."""
+    import lazymoe.runtime.network
+    from tests.test_runtime import ReferenceKernels
+    path = arch_file(fx, "q8_0")
+    ids, ref = golden(fx, "q8_0", path)
+    monkeypatch.setattr(lazymoe.runtime.network, "kernels", ReferenceKernels)
+    model = load_model(path, ctx=64, progress=False)
+    assert rel(model.logits(ids), ref)[0] <= F32_RTOL
+    model.rewind(0)
+    assert rel(np.stack([model.eval([i]) for i in ids[:6]]), ref[:6])[0] <= F32_RTOL
