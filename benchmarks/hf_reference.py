@@ -23,7 +23,7 @@ def hf_state_dict(g, cfg, moe: bool) -> dict:
         return np.ascontiguousarray(quants.dequantize(raw, info.ggml_type).reshape(info.shape), dtype=np.float32)
 
     sd = {"model.embed_tokens.weight": t("token_embd.weight"), "model.norm.weight": t("output_norm.weight"),
-          "lm_head.weight": t("output.weight")}
+          "lm_head.weight": t("output.weight" if "output.weight" in g.tensors else "token_embd.weight")}   # tied
     for i in range(cfg.n_layer):
         b, h = f"blk.{i}.", f"model.layers.{i}."
         sd[h + "input_layernorm.weight"] = t(b + "attn_norm.weight")

@@ -54,6 +54,10 @@ EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 EXPERT_SUFFIX = "_exps.weight"
 
 
+# The output head; a file without it (tie_word_embeddings) multiplies by token_embd.weight, as llama.cpp does.
+TIED_OUTPUT = "output.weight"
+
+
 def is_expert_tensor(name: str) -> bool:
     """True for the merged expert tensors (blk.N.ffn_*_exps.weight), which the expert cache reads."""
     return name.endswith(EXPERT_SUFFIX)

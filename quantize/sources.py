@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lazymoe.format.checks import number, open_regular, read_regular, whole_number
-from lazymoe.format.config import ARCHS, EXPERT_MATRICES, REFUSED, ModelConfig, check_config, config_from_metadata
+from lazymoe.format.config import ARCHS, EXPERT_MATRICES, REFUSED, TIED_OUTPUT, ModelConfig, check_config, config_from_metadata
 from lazymoe.format.metadata import MAX_DIM, MAX_EXPERTS
 from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
@@ -174,6 +174,8 @@ def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: 
     out = []
     for gname, shape in cfg.tensor_shapes().items():
         i, kind = _kind(gname)
+        if names.get(kind, "") is None:                        # a tensor the file leaves out (a tied output)
+            continue
         if kind in expert_source:
             src = names["expert"].replace("{i}", i).replace("{w}", expert_source[kind])
             readers = [shards.reader(src.replace("{e}", str(e)), shape[1:]) for e in range(shape[0])]
@@ -440,8 +442,8 @@ def _open_hf(path: str) -> Source:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
     llama = cfg.arch == "llama"
     names = dict(_HF_NAMES if llama else _HF_MLP_NAMES)
-    if c.get("tie_word_embeddings") and "lm_head.weight" not in shards.where:
-        names["output"] = names["token_embd"]
+    if c.get("tie_word_embeddings"):
+        names["output"] = None          # tied: no output.weight, as llama.cpp's converter writes it
     src = Source(path, "hf", cfg, closers=[shards.close], inputs=_folder_inputs(path, shards))
     try:
         # llama.cpp permutes Q/K rows for its adjacent-pair RoPE; NeoX-RoPE architectures keep HF's rows
@@ -581,8 +583,7 @@ def _open_gguf(path: str) -> Source:
                 parts = [reader(old[(int(m[1]), m[2], e)], shape[1:]) for e in range(cfg.n_expert)]
                 plans.append(TensorPlan(gname, shape, parts))
                 continue
-            if gname == "output.weight" and "token_embd.weight" in f.tensors:   # tied embeddings
-                plans.append(TensorPlan(gname, shape, [reader("token_embd.weight", shape)]))
+            if gname == TIED_OUTPUT and "token_embd.weight" in f.tensors:       # tied embeddings stay tied
                 continue
             raise ValueError(f"{path}: tensor {gname} is missing")
     except BaseException:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, expert_tensors, is_expert_tensor
+from lazymoe.format.config import EXPERT_MATRICES, TIED_OUTPUT, ModelConfig, expert_tensors, is_expert_tensor
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.kernels.qtypes import QType
 from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
@@ -93,6 +93,8 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
                     raise ValueError(f"{g.path}: tensor {t.name} has shape {t.shape}, expected {shape[1:]}")
                 g.qtype(t.name)
             continue
+        if name == TIED_OUTPUT and name not in g.tensors:          # tied to token_embd, checked as that
+            continue
         if name not in g.tensors:
             raise ValueError(f"{g.path}: tensor {name} is missing")
         got = g.tensors[name].shape
@@ -129,7 +131,7 @@ def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[list, list]:
 
 def resident_names(g: GGUFFile, cfg: ModelConfig) -> list[str]:
     """The tensors kept resident (all but the experts): views into the mapping, counted in the RAM plan."""
-    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n)]
+    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n) and (n != TIED_OUTPUT or n in g.tensors)]
 
 
 def slot_sizes(parts) -> list[tuple[int, int]]:
@@ -144,7 +146,7 @@ class Weights:
         check_tensors(g, cfg)
         self.token_embd = weight(g, "token_embd.weight")                # [V, D]
         self.output_norm = norm_weight(g, "output_norm.weight")         # [D]
-        self.output = weight(g, "output.weight")                        # [V, D]
+        self.output = weight(g, TIED_OUTPUT) if TIED_OUTPUT in g.tensors else self.token_embd   # [V, D]
         self.layers = [Layer(g, i, cfg) for i in range(cfg.n_layer)]
         self.expert_parts, self.expert_offsets = expert_layout(g, cfg)  # [L] parts, [L][E][3] offsets
         self.resident_names = resident_names(g, cfg)

@@ -9,7 +9,7 @@ regenerate when the quantizer's output changes). The Hugging Face state dict com
 lazymoe.benchmarks.hf_reference. From the repository root, with lazymoe installed:
 
     python -m tests.make_golden            # the Mixtral/Mistral fixtures
-    python -m tests.make_golden --archs    # Qwen3-MoE, Qwen2-MoE, OLMoE (also needs llama-cpp-python)
+    python -m tests.make_golden --archs [NAME ...]   # make_tiny.ARCH_CONFIGS (also needs llama-cpp-python)
 """
 from __future__ import annotations
 
@@ -127,10 +127,10 @@ def arch_ids(folder: str) -> list[int]:
     return ids[:ARCH_TOKENS - len(ARCH_PADDED_IDS)] + ARCH_PADDED_IDS
 
 
-def main_archs(out_dir: str) -> None:
+def main_archs(out_dir: str, names=()) -> None:
     from tests.fixtures.make_tiny import ARCH_CONFIGS
     with tempfile.TemporaryDirectory() as tmp:
-        for fx in ARCH_CONFIGS:
+        for fx in names or ARCH_CONFIGS:
             for ty, path in arch_files(fx, tmp).items():
                 ids = arch_ids(os.path.join(tmp, fx))
                 ids, logits = reference_logits(path, os.path.join(tmp, fx, "config.json"), ids)
@@ -143,8 +143,8 @@ def main() -> int:
     from lazymoe.quantize.convert import convert
     out_dir = os.path.join(HERE, "fixtures", "golden")
     os.makedirs(out_dir, exist_ok=True)
-    if sys.argv[1:] == ["--archs"]:
-        main_archs(out_dir)
+    if sys.argv[1:2] == ["--archs"]:
+        main_archs(out_dir, sys.argv[2:])
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         for fx in FIXTURES:

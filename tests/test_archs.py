@@ -39,7 +39,8 @@ TOP1 = 0.9
 TOP1_TIE = 0.01
 LLAMA_F32_RTOL = 2e-3
 
-ARCH_OF = {"tiny-qwen3moe": "qwen3moe", "tiny-qwen2moe": "qwen2moe", "tiny-olmoe": "olmoe"}
+ARCH_OF = {"tiny-qwen3moe": "qwen3moe", "tiny-qwen2moe": "qwen2moe", "tiny-olmoe": "olmoe", "tiny-llama3-tied": "llama"}
+MOE = [fx for fx, c in ARCH_CONFIGS.items() if c["experts"]]
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +115,7 @@ def test_llama_cpp_logits_match_hf(arch_file, fx, ty):
     assert mean <= MEAN_RTOL and top1 >= TOP1, (mean, top1)
 
 
-@pytest.mark.parametrize("fx", list(ARCH_CONFIGS))
+@pytest.mark.parametrize("fx", MOE)
 def test_logits_identical_across_budgets(arch_file, fx, monkeypatch):
     import lazymoe.runtime.model
     monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
@@ -127,7 +128,7 @@ def test_logits_identical_across_budgets(arch_file, fx, monkeypatch):
     assert small.experts.evictions > 0
 
 
-@pytest.mark.parametrize("fx", list(ARCH_CONFIGS))
+@pytest.mark.parametrize("fx", MOE)
 def test_file_is_laid_out_as_llama_cpp_writes_it(arch_file, fx):
     from lazymoe.quantize.safetensors_file import SafetensorsFile
     c = ARCH_CONFIGS[fx]
@@ -168,11 +169,31 @@ def test_tokenizer_ids_are_hugging_face_ones(arch_file, fx):
     ids, _ = golden(fx, "f32", path)
     text_ids = [int(i) for i in ids[:-len(make_golden.ARCH_PADDED_IDS)]]
     model = load_model(path, ctx=64, progress=False)
-    got = model.tokenizer.encode(make_golden.ARCH_TEXT, bos=False, special=True)
-    assert got[:len(text_ids)] == text_ids
     with GGUFFile(path) as g:
-        assert g.metadata["tokenizer.ggml.model"] == "gpt2"
-        assert g.metadata["tokenizer.ggml.pre"] == ("olmo" if fx == "tiny-olmoe" else "qwen2")
+        md = g.metadata
+    assert md["tokenizer.ggml.model"] == "gpt2"
+    assert md["tokenizer.ggml.pre"] == {"tiny-olmoe": "olmo", "tiny-llama3-tied": "llama-bpe"}.get(fx, "qwen2")
+    got = model.tokenizer.encode(make_golden.ARCH_TEXT, bos=bool(md.get("tokenizer.ggml.add_bos_token")), special=True)
+    assert got[:len(text_ids)] == text_ids
+
+
+def test_tied_output_head(arch_file, tmp_path):
+    """A checkpoint with tie_word_embeddings converts without output.weight (as llama.cpp's converter writes it),
+    llama.cpp's quantizer gives its token_embd the output head's type, and requantizing keeps it tied."""
+    from lazymoe.format.config import config_from_metadata
+    from lazymoe.quantize.mixes import tensor_types
+    km = arch_file("tiny-llama3-tied", make_golden.ARCH_KQUANT)
+    for path in (arch_file("tiny-llama3-tied", "f32"), km):
+        with GGUFFile(path) as g:
+            assert "output.weight" not in g.tensors and "token_embd.weight" in g.tensors
+    with GGUFFile(km) as g:
+        cfg = config_from_metadata(g.metadata, km)
+        shapes = {n: t.shape for n, t in g.tensors.items()}
+        assert g.tensors["token_embd.weight"].type_name == tensor_types(cfg, "q4_k_m", shapes)["token_embd.weight"] == "Q6_K"
+    out = str(tmp_path / "re.gguf")
+    convert(km, out, "q8_0", progress=False)
+    with GGUFFile(out) as g:
+        assert "output.weight" not in g.tensors
 
 
 def test_requantize_llama_cpp_k_quant_file(arch_file, tmp_path):
