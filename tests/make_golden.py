@@ -10,6 +10,7 @@ lazymoe.benchmarks.hf_reference. From the repository root, with lazymoe installe
 
     python -m tests.make_golden            # the Mixtral/Mistral fixtures
     python -m tests.make_golden --archs [NAME ...]   # make_tiny.ARCH_CONFIGS (also needs llama-cpp-python)
+    python -m tests.make_golden --compare-archs      # lazymoe's and llama.cpp's distance from those goldens
 """
 from __future__ import annotations
 
@@ -139,10 +140,36 @@ def main_archs(out_dir: str, names=()) -> None:
                 print(f"wrote {dst}: {len(ids)} tokens, logits {logits.shape}, |max| {np.abs(logits).max():.3f}")
 
 
+def compare_archs(names=()) -> None:
+    """Print lazymoe's and llama.cpp's distance from the committed goldens of make_tiny.ARCH_CONFIGS (no torch;
+    llama-cpp-python): max and mean |diff| relative to the golden's largest |logit|, top-1 agreement."""
+    from lazymoe.runtime.model import load_model
+    from tests.fixtures.make_tiny import ARCH_CONFIGS
+    from tests.helpers import llama_logits
+    with tempfile.TemporaryDirectory() as tmp:
+        for fx in names or ARCH_CONFIGS:
+            for ty, path in arch_files(fx, tmp).items():
+                g = np.load(os.path.join(HERE, "fixtures", "golden", f"{fx}-{ty}.npz"))
+                if str(g["weights_sha256"]) != weights_sha256(path):
+                    raise SystemExit(f"{fx}-{ty}: the file's weights differ from the golden's")
+                ref, ids = g["logits"], [int(i) for i in g["ids"]]
+                scale = np.abs(ref).max()
+                row = [f"{fx:18} {ty:7}"]
+                for who, got in (("lazymoe", load_model(path, ctx=64, progress=False).logits(ids)),
+                                 ("llama.cpp", llama_logits(path, ids))):
+                    d = np.abs(got - ref)
+                    row.append(f"{who} max {d.max() / scale:.1e} mean {d.mean() / scale:.1e} "
+                               f"top-1 {(got.argmax(1) == ref.argmax(1)).mean():.2f}")
+                print(" | ".join(row), flush=True)
+
+
 def main() -> int:
     from lazymoe.quantize.convert import convert
     out_dir = os.path.join(HERE, "fixtures", "golden")
     os.makedirs(out_dir, exist_ok=True)
+    if sys.argv[1:2] == ["--compare-archs"]:
+        compare_archs(sys.argv[2:])
+        return 0
     if sys.argv[1:2] == ["--archs"]:
         main_archs(out_dir, sys.argv[2:])
         return 0

@@ -8,10 +8,12 @@ from lazymoe's F32 file (the `llama` extra; those tests skip without it). The go
 Tolerances, relative to the golden's largest |logit|:
 - F32 in lazymoe: max |diff| <= 1e-4 (float32 summation order only; measured 4-6e-7).
 - Q8_0 and Q4_K_M in lazymoe: the kernels round activations to Q8_0 / Q8_K blocks as llama.cpp does:
-  mean |diff| <= 5e-3 (measured 1.2-1.8e-3, the same as llama.cpp's on each file), top-1 >= 90% (a token
-  within 1% of the scale of HF's best counts: test_kquants' rule).
-- llama.cpp on lazymoe's F32 file: max |diff| <= 2e-3 (measured 1.2-1.5e-4); on Q8_0 and its own Q4_K_M
-  mean |diff| <= 5e-3 (measured 1.2-1.8e-3), top-1 >= 90%.
+  mean |diff| <= 8e-3 (measured 1.2-1.9e-3 on the MoE files, 3.2-4.4e-3 on the tied dense one, each the same
+  as llama.cpp's on that file to two digits), top-1 >= 90% (a token within 1% of the scale of HF's best
+  counts: test_kquants' rule).
+- llama.cpp on lazymoe's F32 file: max |diff| <= 2e-3 (measured 1.2-1.6e-4, 7e-4 tied dense); on Q8_0 and its
+  own Q4_K_M mean |diff| <= 8e-3, top-1 >= 90%.
+Measured by `python -m tests.make_golden --compare-archs`.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from tests.helpers import FIXTURES, cli, min_budget
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F32_RTOL = 1e-4
-MEAN_RTOL = 5e-3
+MEAN_RTOL = 8e-3
 TOP1 = 0.9
 TOP1_TIE = 0.01
 LLAMA_F32_RTOL = 2e-3
