@@ -1,4 +1,5 @@
-"""Qwen3-MoE, Qwen2-MoE and OLMoE against Hugging Face's golden logits, in lazymoe and in llama.cpp (no torch).
+"""Qwen3-MoE, Qwen2-MoE, OLMoE and a tied dense Llama 3 against Hugging Face's golden logits, in lazymoe and in
+llama.cpp (no torch).
 
 Each checkpoint (tests/fixtures/make_tiny.ARCH_CONFIGS: rows of 256, 2 layers, a padded vocabulary) is built
 here from its seed, converted by lazymoe at F32 and Q8_0, and quantized by llama.cpp's own quantizer to Q4_K_M
@@ -118,10 +119,11 @@ def test_llama_cpp_logits_match_hf(arch_file, fx, ty):
 
 
 @pytest.mark.parametrize("fx", MOE)
-def test_logits_identical_across_budgets(arch_file, fx, monkeypatch):
+@pytest.mark.parametrize("ty", ["q8_0", make_golden.ARCH_KQUANT])
+def test_logits_identical_across_budgets(arch_file, fx, ty, monkeypatch):
     import lazymoe.runtime.model
     monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
-    path = arch_file(fx, "q8_0")
+    path = arch_file(fx, ty)
     ids = list(range(3, 40)) + [ARCH_VOCAB - 1]
     big = load_model(path, ram_budget="4G", ctx=64, progress=False)
     small = load_model(path, ram_budget=min_budget(path, 64), ctx=64, progress=False)
@@ -196,6 +198,17 @@ def test_tied_output_head(arch_file, tmp_path):
     convert(km, out, "q8_0", progress=False)
     with GGUFFile(out) as g:
         assert "output.weight" not in g.tensors
+
+
+def test_chat_on_a_qwen3moe_file(arch_file):
+    """`lazymoe chat` on the converted Qwen3-MoE file: its ChatML template (from tokenizer_config.json) renders and
+    a reply streams."""
+    from tests.helpers import run_cli
+    path = arch_file("tiny-qwen3moe", "q8_0")
+    with GGUFFile(path) as g:
+        assert "<|im_start|>" in g.metadata["tokenizer.chat_template"]
+    rc, out, err = run_cli(["chat", path, "-n", "4", "--ctx", "256"], stdin="Hello 東京\n")
+    assert rc == 0, err
 
 
 def test_requantize_llama_cpp_k_quant_file(arch_file, tmp_path):
