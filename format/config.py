@@ -2,8 +2,9 @@
 
 Mixtral, Mistral and Llama are one network here (GGUF architecture "llama"); a file
 with `llama.expert_count` > 0 has a Mixture-of-Experts FFN, otherwise a dense one.
-Qwen3-MoE, Qwen2-MoE and OLMoE (GGUF "qwen3moe", "qwen2moe", "olmoe") are the same network with the
-differences of ARCHS: RoPE style, Q/K norms, Q/K/V biases, top-k renormalisation, a shared expert.
+Qwen3-MoE, Qwen2-MoE and OLMoE (GGUF "qwen3moe", "qwen2moe", "olmoe") and the dense Qwen3 and Qwen2 ("qwen3",
+"qwen2") are the same network with the differences of ARCHS: RoPE style, Q/K norms, Q/K/V biases, top-k
+renormalisation, a shared expert.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ ARCHS = {a.name: a for a in (
     Arch("qwen2moe", ("Qwen2MoeForCausalLM",), rope_neox=True, qkv_bias=True, norm_topk=False, shared_expert=True,
          moe_only=True, expert_ff_key=True),
     Arch("olmoe", ("OlmoeForCausalLM",), rope_neox=True, qk_norm="all", norm_topk=False, moe_only=True),
+    # the dense Qwen models (Qwen3-0.6B..32B, Qwen2.5): the MoE ones' attention over a dense FFN
+    Arch("qwen3", ("Qwen3ForCausalLM",), rope_neox=True, qk_norm="head"),
+    Arch("qwen2", ("Qwen2ForCausalLM",), rope_neox=True, qkv_bias=True),
 )}
 
 # Architectures people ask for that are refused: GGUF name -> (Hugging Face names, the one line why).

@@ -374,14 +374,16 @@ def _hf_refuse(where: str, c: dict, arch: str) -> None:
     if arch == "llama":
         return
     checks = [
-        ("norm_topk_prob", bool(c.get("norm_topk_prob", False)), a.norm_topk),
-        ("decoder_sparse_step", c.get("decoder_sparse_step", 1), 1),
-        ("mlp_only_layers", c.get("mlp_only_layers") or [], []),
         ("use_sliding_window", bool(c.get("use_sliding_window", False)), False),
         ("clip_qkv", c.get("clip_qkv"), None),
     ]
-    bias_key = "qkv_bias" if arch == "qwen2moe" else "attention_bias"
-    checks.append((bias_key, bool(c.get(bias_key, a.qkv_bias)), a.qkv_bias))
+    if a.moe_only:
+        checks += [("norm_topk_prob", bool(c.get("norm_topk_prob", False)), a.norm_topk),
+                   ("decoder_sparse_step", c.get("decoder_sparse_step", 1), 1),
+                   ("mlp_only_layers", c.get("mlp_only_layers") or [], [])]
+    if arch != "qwen2":                              # Qwen2's q/k/v biases are not a config option
+        bias_key = "qkv_bias" if arch == "qwen2moe" else "attention_bias"
+        checks.append((bias_key, bool(c.get(bias_key, a.qkv_bias)), a.qkv_bias))
     for key, got, want in checks:
         if got != want:
             raise ValueError(f"{where}: {key} = {json.dumps(got)[:40]} is not supported for {arch} (llama.cpp's {arch} "

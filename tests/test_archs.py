@@ -1,5 +1,5 @@
-"""Qwen3-MoE, Qwen2-MoE, OLMoE and a tied dense Llama 3 against Hugging Face's golden logits, in lazymoe and in
-llama.cpp (no torch).
+"""Qwen3-MoE, Qwen2-MoE, OLMoE and the dense Llama 3 (tied head), Qwen3 and Qwen2 (tied head) against Hugging
+Face's golden logits, in lazymoe and in llama.cpp (no torch).
 
 Each checkpoint (tests/fixtures/make_tiny.ARCH_CONFIGS: rows of 256, 2 layers, a padded vocabulary) is built
 here from its seed, converted by lazymoe at F32 and Q8_0, and quantized by llama.cpp's own quantizer to Q4_K_M
@@ -42,7 +42,8 @@ TOP1 = 0.9
 TOP1_TIE = 0.01
 LLAMA_F32_RTOL = 2e-3
 
-ARCH_OF = {"tiny-qwen3moe": "qwen3moe", "tiny-qwen2moe": "qwen2moe", "tiny-olmoe": "olmoe", "tiny-llama3-tied": "llama"}
+ARCH_OF = {"tiny-qwen3moe": "qwen3moe", "tiny-qwen2moe": "qwen2moe", "tiny-olmoe": "olmoe", "tiny-llama3-tied": "llama",
+           "tiny-qwen3": "qwen3", "tiny-qwen2-tied": "qwen2"}
 MOE = [fx for fx, c in ARCH_CONFIGS.items() if c["experts"]]
 
 
@@ -179,6 +180,17 @@ def test_tokenizer_ids_are_hugging_face_ones(arch_file, fx):
     assert md["tokenizer.ggml.pre"] == {"tiny-olmoe": "olmo", "tiny-llama3-tied": "llama-bpe"}.get(fx, "qwen2")
     got = model.tokenizer.encode(make_golden.ARCH_TEXT, bos=bool(md.get("tokenizer.ggml.add_bos_token")), special=True)
     assert got[:len(text_ids)] == text_ids
+
+
+@pytest.mark.parametrize("fx", [fx for fx, c in ARCH_CONFIGS.items() if not c["experts"]])
+def test_dense_files_are_laid_out_as_llama_cpp_writes_them(arch_file, fx):
+    arch, c = ARCH_OF[fx], ARCH_CONFIGS[fx]
+    with GGUFFile(arch_file(fx, "f32")) as g:
+        assert g.metadata["general.architecture"] == arch and f"{arch}.expert_count" not in g.metadata
+        assert ("output.weight" in g.tensors) == (not c.get("tied"))
+        assert ("blk.0.attn_q.bias" in g.tensors) == (arch == "qwen2")
+        assert ("blk.0.attn_q_norm.weight" in g.tensors) == (arch == "qwen3")
+        assert g.metadata.get(f"{arch}.attention.key_length") == c.get("head_dim")
 
 
 def test_tied_output_head(arch_file, tmp_path):
