@@ -37,7 +37,7 @@ class Key:
                 "floats": "an ARRAY of finite numbers", "ints": f"an ARRAY of integers{rng}"}[self.kind]
 
 
-_L = "llama."
+_L = "{arch}."        # the architecture's own keys: one entry serves llama., qwen3moe., ...
 _T = "tokenizer.ggml."
 KEYS: dict[str, Key] = {
     "general.architecture": Key("str", max_len=64),
@@ -53,6 +53,10 @@ KEYS: dict[str, Key] = {
     _L + "rope.dimension_count": Key("int", 1, MAX_DIM),
     _L + "expert_count": Key("int", 0, MAX_EXPERTS),
     _L + "expert_used_count": Key("int", 0, MAX_EXPERTS),
+    _L + "expert_feed_forward_length": Key("int", 1, MAX_DIM),
+    _L + "expert_shared_feed_forward_length": Key("int", 1, MAX_DIM),
+    _L + "attention.key_length": Key("int", 1, MAX_DIM),
+    _L + "attention.value_length": Key("int", 1, MAX_DIM),
     _L + "attention.layer_norm_rms_epsilon": Key("float", 0, 1),
     _L + "rope.freq_base": Key("float", 0, 1e12),
     _T + "model": Key("str", max_len=64),
@@ -126,7 +130,7 @@ def _ok(spec: Key, v) -> bool:
 def meta(md: dict, key: str, where: str, default=MISSING):
     """md[key] checked against KEYS[key] (int, float, bool, str, list of str, or a 1-D numpy array);
     `default` when the key is absent (ValueError when no default is given)."""
-    spec = KEYS[key]
+    spec = KEYS.get(key) or KEYS[_L + key.split(".", 1)[-1]]
     if key not in md:
         if default is MISSING:
             raise ValueError(f"{where}: metadata key {key} is missing")

@@ -129,8 +129,9 @@ class Model:
 
 # --- the loader -------------------------------------------------------------------------
 
-def _warm_up(types, moe: bool) -> None:
-    """Compile every kernel the model will call, so the measured baseline includes the JIT."""
+def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
+    """Compile every kernel the model will call, so the measured baseline includes the JIT. resident_ffn: an FFN
+    runs on resident (read-only) weights: a dense model's, or a shared expert's."""
     if moe:
         compile_reader()
     n = 256
@@ -144,9 +145,9 @@ def _warm_up(types, moe: bool) -> None:
         ro.setflags(write=False)
         kernels.matvec(qt, ro, x)
         kernels.matmul(qt, ro, X)
-        e = w if moe else ro
-        kernels.expert_ffn(qt, e, qt, e, qt, e, x)
-        kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
+        for e in ([w] if moe else []) + ([ro] if resident_ffn else []):
+            kernels.expert_ffn(qt, e, qt, e, qt, e, x)
+            kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
     kv = np.zeros((1, 2, 8), np.float32)
     attend_one(np.ones((2, 8), np.float32), kv, kv, 2, np.float32(1.0), np.empty((2, 8), np.float32))
 
@@ -186,7 +187,7 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
             raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.n_vocab}")
         ctx = min(cfg.n_ctx_train, DEFAULT_CTX) if ctx is None else whole_number(
             ctx, "ctx", 1, cfg.n_ctx_train, hint=" (the model's context length)")
-        _warm_up(weights.types, cfg.is_moe)
+        _warm_up(weights.types, cfg.is_moe, not cfg.is_moe or cfg.n_ff_shexp > 0)
         plan = plan_memory(cfg, weights.resident_bytes, weights.slot_sizes, ctx, ram_budget, process_baseline(), path)
         _touch_resident(g, weights.resident_names, progress)
         state = RunState(cfg, ctx)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 
 import pytest
 
@@ -47,7 +46,6 @@ def test_a_refusal_caused_by_memory_counts_as_over_1gb():
 
 
 def test_ci_share_of_the_fuzzer():
-    t0 = time.monotonic()
     r = fuzz.campaign(CI_CASES, seed=CI_SEED, workers=2)
     bad = [f"{f['target']}:{f['seed']} {f['outcome']}\n{f['detail']}" for f in r["findings"]]
     assert not bad, "\n".join(bad[:5]) + "\n(replay one with python -m lazymoe.benchmarks.fuzz --replay TARGET:SEED)"
@@ -55,4 +53,3 @@ def test_ci_share_of_the_fuzzer():
     assert sum(sum(c.values()) for c in counts.values()) == CI_CASES
     assert set(counts) == set(fuzz.TARGETS)
     assert all(counts[t]["ok"] > 0 for t in ("demo", "mixtral", "template", "hf"))   # mutations that still load
-    assert time.monotonic() - t0 < 60
