@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
 from gguf import quants
+from numba import njit
 
 from lazymoe import kernels as K
-from lazymoe.kernels import simd
+from lazymoe.kernels import arm64, simd
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
@@ -153,6 +154,35 @@ def test_portable_dots_match_avx2(name):
     y = np.array([dot(flat, r * w.shape[1], xq, xd, xc) for r in range(7)], np.float32)
     check_product(name, Wd, x[None], y[None])
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
+
+
+def _rows_of(dot):
+    @njit
+    def rows(flat, rb, xq, xd, xc, y):
+        for r in range(y.shape[0]):
+            y[r] = dot(flat, r * rb, xq, xd, xc)
+    return rows
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
+def test_arm64_dots(name):
+    """arm64.py's dots of simd.py's types (what an arm64 host runs; here lowered for this CPU) against the
+    reference, odd and even block counts (its two accumulators), and a row beyond the arrays: clamped."""
+    rows = _rows_of(getattr(arm64, f"dot_{name}"))
+    for cols in (512, 544):
+        w, Wd = weights(name, (7, cols), heavy=True)
+        x = RNG.standard_normal(cols).astype(np.float32)
+        xq, xd, xc = np.empty(cols, np.int8), np.empty(cols // 32, np.float32), np.empty(cols // 32, np.float32)
+        quantize_q8(x, xq, xd, xc)
+        y = np.empty(7, np.float32)
+        rows(w.reshape(-1), w.shape[1], xq, xd, xc, y)
+        check_product(name, Wd, x[None], y[None])
+        one = np.empty(1, np.float32)
+        rows(w[6:].reshape(-1)[: w.shape[1] - 1], w.shape[1], xq, xd, xc, one)   # a block short
+        whole = (cols // 32 - 1) * w.shape[1] // (cols // 32)
+        ref = np.empty(1, np.float32)
+        rows(w[6:].reshape(-1)[:whole], w.shape[1], xq, xd, xc, ref)
+        assert one[0] == ref[0]
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
