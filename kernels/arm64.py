@@ -47,24 +47,27 @@ def _numba_target():
     return name, config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
 
 
-def _target_has_sdot() -> bool:
-    """Whether Numba's target CPU has the dot-product instructions: LLVM lowers a 16 x i8 partial reduction of
-    unknown signs for it, and the answer is whether sdot came out (never a fatal 'cannot select')."""
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    name, features = _numba_target()
+def target_has_sdot(triple: str | None = None, cpu: str = "", features: str = "") -> bool:
+    """Whether a target (default: Numba's, the host) has the dot-product instructions: LLVM lowers a 16 x i8
+    partial reduction of unknown signs for it, and the answer is whether sdot came out (never a fatal 'cannot
+    select', which the intrinsic on a CPU without them would be)."""
+    if triple is None:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        triple, (cpu, features) = llvm.get_process_triple(), _numba_target()
     m = ir.Module("probe")
     f = ir.Function(m, ir.FunctionType(_V(_I32, 4), [_V(_I8, 16), _V(_I8, 16), _V(_I32, 4)]), "probe")
     b = ir.IRBuilder(f.append_basic_block())
     b.ret(_partial(b, f.args[2], *f.args[:2]))
     mod = llvm.parse_assembly(str(m))
-    tm = llvm.Target.from_default_triple().create_target_machine(cpu=name, features=features, opt=2)
+    mod.triple = triple
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=2)
     return "sdot" in tm.emit_assembly(mod)
 
 
 # The sdot intrinsic where Numba's target has it (an arm64 host with +dotprod: Apple M1 and later, Neoverse N1
 # and later); the generic partial reduction elsewhere. Read when IR is generated: the codegen test sets it.
-DOTPROD = ARM64 and _target_has_sdot()
+DOTPROD = ARM64 and target_has_sdot()
 
 # LLVM 22 dropped "experimental" from the name (llvm-project #158637); LLVM 20 and 21 know only the old one
 _PARTIAL = ("llvm.vector.partial.reduce.add" if llvm.llvm_version_info >= (22,)

@@ -75,9 +75,14 @@ def _nan(context, builder, ty):
     return context.make_tuple(builder, ty, [nan] * ty.count) if isinstance(ty, types.UniTuple) else nan
 
 
+def arm64_dot(k: TypeKernels) -> Callable:
+    """The row's dot on an arm64 host: its arm64 form, or its dot where that is generic IR (the float types)."""
+    return k.neon if k.neon is not None else k.dot
+
+
 def host_dot(k: TypeKernels) -> Callable:
-    """The row's dot for this host: its arm64 form on arm64 (arm64.ARM64), else its dot (AVX2 or portable)."""
-    return k.neon if arm64.ARM64 and k.neon is not None else k.dot
+    """The row's dot for this host: arm64_dot on arm64 (arm64.ARM64), else its dot (AVX2 or portable)."""
+    return arm64_dot(k) if arm64.ARM64 else k.dot
 
 
 _DOTS = simd.code_switch({k.code: host_dot(k) for k in KERNELS.values()}, _nan)
