@@ -353,6 +353,68 @@ def arm64_report(cpu: str) -> dict:
     return out
 
 
+# The M1 Max estimate's assumptions (benchmarks/RESULTS.md states them with its figures): P-core clock, the
+# cores the kernels run on, the --ram budget on a 32 GB laptop, what besides the weights that budget holds
+# (KV cache, activations, buffers), and the internal SSD's read speed (not measured).
+M1 = {"ghz": 3.2, "cores": 8, "budget_gib": 24.0, "other_gib": 1.5, "ssd_gbps": 5.0}
+
+
+def m1_estimate(report: dict, ftypes=("q4_0", "q4_k_m", "q3_k_m", "q2_k"), m1=M1) -> dict:
+    """Per-token compute and expert reads of Mixtral 8x22B on an M1 Max from the llvm-mca cycles of report
+    (arm64_report for apple-m1), per llama.cpp's tensor mix of each ftype (quantize/mixes.py).
+
+    Compute: each matrix a token multiplies (attention, the output head, 2 of 8 experts per layer; token_embd
+    is a lookup, norms and the F32 router are left out: < 0.1 %) takes bytes / (mca bytes per cycle * clock *
+    cores): the kernels' own loop, all cores busy, data in cache (DRAM, ~200 GB/s for the CPU cores, is not
+    the limit at these rates). Reads: uniform routing, so an expert is in the cache with probability f = the
+    expert slots the budget holds beyond the resident tensors and `other_gib`, over all experts."""
+    from lazymoe.quantize.mixes import tensor_types
+    from lazymoe.quantize.synth import SHAPES
+    cfg = SHAPES["mixtral-8x22b"]
+    shapes = cfg.tensor_shapes()
+    out = {"assumptions": dict(m1), "gbps_per_core": {t: round(r["bytes_per_cycle"] * m1["ghz"], 2)
+                                                      for t, r in report.items() if "bytes_per_cycle" in r}}
+    for ft in ftypes:
+        types = tensor_types(cfg, ft, shapes)
+        sec = used = experts = resident = 0.0
+        for name, t in types.items():
+            bs, ts = GGML_QUANT_SIZES[G[t]]
+            shape = shapes[name]
+            nbytes = shape[-2] * shape[-1] // bs * ts                    # one matrix (one expert's)
+            if "_exps" in name:
+                experts += shape[0] * nbytes
+                per_token = cfg.n_expert_used * nbytes
+                used += per_token
+            else:
+                resident += nbytes
+                per_token = 0 if name == "token_embd.weight" else nbytes
+            if per_token:
+                sec += per_token / (report[t.lower()]["bytes_per_cycle"] * m1["ghz"] * 1e9 * m1["cores"])
+        room = (m1["budget_gib"] - m1["other_gib"]) * 2 ** 30 - resident
+        f = max(0.0, min(1.0, room / experts))
+        read = (1 - f) * used
+        out[ft] = {"compute_s": round(sec, 3), "expert_gb_per_token": round(used / 1e9, 2),
+                   "resident_gib": round(resident / 2 ** 30, 2), "experts_gib": round(experts / 2 ** 30, 1),
+                   "cached_share": round(f, 3), "read_gb_per_token": round(read / 1e9, 2),
+                   "read_s": round(read / 1e9 / m1["ssd_gbps"], 2)}
+    return out
+
+
+def arm64_table(report: dict, est: dict) -> str:
+    lines = [f"{'type':5} {'weights/it':>10} {'instr/it':>8} {'cycles/it':>9} {'weights/cyc':>11} "
+             f"{'GB/s/core @' + str(M1['ghz']) + 'GHz':>17}"]
+    for t, r in report.items():
+        lines.append(f"{t:5} {r['weights_per_iter']:10} {r['instructions_per_iter']:8} {r.get('mca_cycles_per_iter', 0):9.1f}"
+                     f" {r.get('weights_per_cycle', 0):11.2f} {est['gbps_per_core'].get(t, 0):17.2f}")
+    lines.append(f"Mixtral 8x22B per token, {M1['cores']} P-cores, --ram {M1['budget_gib']:g}G, SSD {M1['ssd_gbps']:g} GB/s:")
+    for ft, e in est.items():
+        if ft in ("assumptions", "gbps_per_core"):
+            continue
+        lines.append(f"  {ft}: compute {e['compute_s']} s; experts {e['expert_gb_per_token']} GB used, {e['experts_gib']} GiB"
+                     f" in all, {100 * e['cached_share']:.0f} % cached, read {e['read_gb_per_token']} GB = {e['read_s']} s")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     lines = [f"single thread, {res['shape'][0]} x {res['shape'][1]} per matrix, {res['pool_mib']} MiB pool, "
              f"median of {res['trials']} ({res['date']}, AVX2 {res['have_avx2']})",
@@ -380,7 +442,9 @@ def main(argv=None) -> int:
         print(json.dumps(first_call()))
         return 0
     if a.arm64:
-        print(json.dumps(arm64_report(a.arm64), indent=1))
+        rep = arm64_report(a.arm64)
+        est = m1_estimate(rep) if all("bytes_per_cycle" in r for r in rep.values()) else {"gbps_per_core": {}}
+        print(json.dumps({"cpu": a.arm64, "loops": rep, "m1_max": est}, indent=1) if a.json else arm64_table(rep, est))
         return 0
     if a.cache_check:
         print(json.dumps(cache_check(), indent=1))

@@ -37,6 +37,12 @@ from .simd import _TILE_LAYOUT, PREFETCH_AHEAD
 # arm64 host: the NEON forms replace simd.py's portable twins (LAZYMOE_NO_NEON=1 keeps the twins, for tests)
 ARM64 = platform.machine().lower() in ("arm64", "aarch64") and not os.environ.get("LAZYMOE_NO_NEON")
 
+# LLVM 22 dropped "experimental" from the name (llvm-project #158637); LLVM 20 and 21 know only the old one
+_PARTIAL = ("llvm.vector.partial.reduce.add" if llvm.llvm_version_info >= (22,)
+            else "llvm.experimental.vector.partial.reduce.add") + ".v4i32.v16i32"
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V = ir.VectorType
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 
 
@@ -65,16 +71,6 @@ def target_has_sdot(triple: str | None = None, cpu: str = "", features: str = ""
     return "sdot" in tm.emit_assembly(mod)
 
 
-# The sdot intrinsic where Numba's target has it (an arm64 host with +dotprod: Apple M1 and later, Neoverse N1
-# and later); the generic partial reduction elsewhere. Read when IR is generated: the codegen test sets it.
-DOTPROD = ARM64 and target_has_sdot()
-
-# LLVM 22 dropped "experimental" from the name (llvm-project #158637); LLVM 20 and 21 know only the old one
-_PARTIAL = ("llvm.vector.partial.reduce.add" if llvm.llvm_version_info >= (22,)
-            else "llvm.experimental.vector.partial.reduce.add") + ".v4i32.v16i32"
-
-_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V = ir.VectorType
 
 
 def _c64(v):
@@ -109,6 +105,11 @@ def _partial(b, acc, u, x):
     return b.call(_fn(b, _PARTIAL, _V(_I32, 4), [_V(_I32, 4), _V(_I32, 16)]), [acc, m])
 
 
+# The sdot intrinsic where Numba's target has it (an arm64 host with +dotprod: Apple M1 and later, Neoverse N1
+# and later); the generic partial reduction elsewhere. Read when IR is generated: the codegen test sets it.
+DOTPROD = ARM64 and target_has_sdot()
+
+
 def dot16(b, acc, u, x):
     """acc <4 x i32> + the 16 products u[l] x[l] of u, x <16 x i8> (both signed), summed into 4 lanes.
 
@@ -139,10 +140,9 @@ def chunk_dot(b, u, x, s):
     return b.shuffle_vector(out[0], out[1], _cv(_I32, range(8)))
 
 
-def _bits16(b, p, off):
-    """The 16 bits of the little-endian u16 at byte off -> <16 x i8>: 16 where bit j is set, else 0."""
-    h = _load(b, p, off, _V(_I8, 2))
-    h = b.shuffle_vector(h, h, _cv(_I32, [j // 8 for j in range(16)]))
+def _bits16(b, v, k):
+    """Bits 0..15 of the little-endian u16 at bytes k, k + 1 of v <16 x i8> -> <16 x i8>: 16 where bit j is set."""
+    h = b.shuffle_vector(v, v, _cv(_I32, [k + j // 8 for j in range(16)]))
     on = b.icmp_unsigned("!=", b.and_(h, _cv(_I8, [1 << (j % 8) for j in range(16)])), _cv(_I8, [0] * 16))
     return b.select(on, _cv(_I8, [16] * 16), _cv(_I8, [0] * 16))
 
@@ -158,7 +158,9 @@ def _unpack32(kind, b, p):
     q = _load(b, p, qoff, _V(_I8, 16))
     lo, hi = b.and_(q, _cv(_I8, [15] * 16)), b.lshr(q, _cv(_I8, [4] * 16))
     if qh_at is not None:                          # Q5: bit j of the u32 qh is bit 4 of weight j
-        lo, hi = b.or_(lo, _bits16(b, p, qh_at)), b.or_(hi, _bits16(b, p, qh_at + 2))
+        # qh splat across a whole register (a partial-register load would chain iterations in llvm-mca's model)
+        h = b.bitcast(_splat(b, _load(b, p, qh_at, _I32), 4), _V(_I8, 16))
+        lo, hi = b.or_(lo, _bits16(b, h, 0)), b.or_(hi, _bits16(b, h, 2))
     return d, m, lo, hi
 
 

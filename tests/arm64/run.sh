@@ -6,7 +6,7 @@
 # inside it, and runs the kernel tests and the golden-logits tests there. Exits non-zero on any failure
 # and ends with pytest's summary line. Slow (emulation): see the README for how often it runs.
 #
-#   tests/arm64/run.sh [PYTEST ARGS...]       # default: the kernel and golden-logit tests
+#   tests/arm64/run.sh [PYTEST ARGS...]       # default: the kernel, arm64 codegen and golden-logit tests
 #
 # LAZYMOE_ARM64_ROOT: where the root is cached (default ~/.cache/lazymoe/arm64-root).
 # LAZYMOE_ARM64_CPU: the CPU qemu emulates (default neoverse-n1: NEON with the dot-product instructions and no
@@ -61,7 +61,7 @@ for m in proc sys dev; do
 done
 
 args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(tests/test_kernels.py tests/test_runtime.py::test_logits_match_transformers)
+[ ${#args[@]} -gt 0 ] || args=(tests/test_kernels.py tests/test_arm64_codegen.py tests/test_runtime.py::test_logits_match_transformers)
 say "installing lazymoe and its test dependencies inside (aarch64 wheels)"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin QEMU_CPU="$cpu" PIP_CERT=/etc/ssl/certs/host-ca.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 /bin/sh -c \
