@@ -233,36 +233,43 @@ def cache_check() -> dict:
 ARM64_TRIPLE = "arm64-apple-darwin"
 
 
-def arm64_module(codegen) -> str:
-    """LLVM IR of `float row_dot(w, wo, x, xq, xd, xc)` around one registry codegen, arrays by value as
-    Numba passes them (built with Numba's CPU context, no compilation: the target is chosen afterwards)."""
+def arm64_module(codegen, tile: bool = False) -> str:
+    """LLVM IR of `float row_dot(w, wo, x, xq, xd, xc)` around one registry codegen (tile: `4 floats
+    row_tile(w, wo, xq, xd, xct, k0, kk)`), arrays by value as Numba passes them (built with Numba's CPU
+    context, no compilation: the target is chosen afterwards)."""
     from llvmlite import ir
     from numba import types
     from numba.core import typing
     from numba.core.registry import cpu_target
     ctx = cpu_target.target_context
-    arr = lambda dt: types.Array(dt, 1, "C")                             # noqa: E731
-    sig = typing.signature(types.float32, arr(types.uint8), types.int64, arr(types.float32), arr(types.int8),
-                           arr(types.float32), arr(types.float32))
+    arr = lambda dt, nd=1: types.Array(dt, nd, "C")                      # noqa: E731
+    if tile:
+        sig = typing.signature(types.UniTuple(types.float32, 4), arr(types.uint8), types.int64, arr(types.int8, 2),
+                               arr(types.float32, 2), arr(types.float32, 2), types.int64, types.int64)
+    else:
+        sig = typing.signature(types.float32, arr(types.uint8), types.int64, arr(types.float32), arr(types.int8),
+                               arr(types.float32), arr(types.float32))
     m = ir.Module("row_dot")
-    f = ir.Function(m, ir.FunctionType(ir.FloatType(), [ctx.get_value_type(t) for t in sig.args]), "row_dot")
+    fnty = ir.FunctionType(ctx.get_value_type(sig.return_type), [ctx.get_value_type(t) for t in sig.args])
+    f = ir.Function(m, fnty, "row_dot")
     b = ir.IRBuilder(f.append_basic_block("entry"))
     b.ret(codegen(ctx, b, sig, list(f.args)))
     return str(m)
 
 
-def arm64_asm(name: str, cpu: str = "apple-m1", triple: str = ARM64_TRIPLE) -> str:
-    """Assembly of type name's row dot as an arm64 host with this CPU runs it (blocks.arm64_dot; arm64.DOTPROD
-    set as arm64.py sets it for that CPU while the IR is generated), optimized at -O3 for that CPU."""
+def arm64_asm(name: str, cpu: str = "apple-m1", triple: str = ARM64_TRIPLE, tile: bool = False) -> str:
+    """Assembly of type name's row dot (tile: its 1 x 4 token tile, K-quants) as an arm64 host with this CPU runs
+    it (blocks.arm64_dot, kquant.NEON_TILES; arm64.DOTPROD set as arm64.py sets it for that CPU while the IR is
+    generated), optimized at -O3 for that CPU."""
     import llvmlite.binding as llvm
 
-    from lazymoe.kernels import arm64
+    from lazymoe.kernels import arm64, kquant
     from lazymoe.kernels.blocks import KERNELS, arm64_dot
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     saved, arm64.DOTPROD = arm64.DOTPROD, arm64.target_has_sdot(triple, cpu)
     try:
-        text = arm64_module(arm64_dot(KERNELS[name]))
+        text = arm64_module(kquant.NEON_TILES[name] if tile else arm64_dot(KERNELS[name]), tile)
     finally:
         arm64.DOTPROD = saved
     tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=3)

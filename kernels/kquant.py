@@ -644,6 +644,7 @@ def _registry_dequant(kind):
 
 REGISTRY = {t: (_registry_dot(t), _registry_dequant(t)) for t in _TYPES}
 NEON = {t: _registry_dot(t, False) for t in _TYPES}        # the arm64 dots (the generic forms: arm64.py)
-# 1 row x 4 token tiles for int_matmul (AVX2 only, as simd.py's: the portable build runs the dots per
-# (row, token)); the generic-IR form exists (x86=False) but is not registered.
-TILES = {t: _k_tile_codegen(t, True) if HAVE_AVX2 else None for t in _K_UNPACK}
+# 1 row x 4 token tiles for int_matmul: the x86 form where HAVE_AVX2, the generic one (arm64.chunk_dot: sdot)
+# on an arm64 host; none on the portable build (the dots run per (row, token)). NEON_TILES: the arm64 ones.
+NEON_TILES = {t: _k_tile_codegen(t, False) for t in _K_UNPACK}
+TILES = {t: _k_tile_codegen(t, True) if HAVE_AVX2 else NEON_TILES[t] if arm64.ARM64 else None for t in _K_UNPACK}

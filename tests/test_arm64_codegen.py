@@ -6,6 +6,7 @@ as benchmarks/kquant_dots.py's M1 estimate does, and its loops are read back:
 - integer types (Q8 and Q8_K activations) on the M1: every loop runs on sdot, each sdot 16 weights of
   whole blocks per iteration, under 1.5 instructions per weight and no scalar integer multiply: no
   scalar per-weight loop anywhere. On the A72: the same loops without sdot (it has none), on vector multiplies.
+- the K-quants' token tiles on the M1: sdot for 4 tokens per 16 weights.
 - float types (f32, f16, bf16): the hot loop multiplies on 4-lane vectors (fmla), 32 weights an iteration
   (the scalar remainder loop takes the last cols % 8 weights only).
 tests/arm64/run.sh runs these kernels under emulation, on both kinds of CPU, against gguf's reference.
@@ -22,6 +23,7 @@ from numba import njit
 
 from lazymoe.benchmarks.kquant_dots import arm64_asm, asm_loops, block_loop, loop_weights, mnemonic_counts
 from lazymoe.kernels import arm64
+from lazymoe.kernels.activations import Q8_K
 from lazymoe.kernels.blocks import KERNELS, row_dot
 
 INT = [n for n, k in KERNELS.items() if k.act.quantize is not None]
@@ -57,6 +59,15 @@ def test_integer_dots_on_plain_neon_have_no_sdot(name):
     for body in asm_loops(asm):
         assert len([ln for ln in body if VECTOR_INT_MUL.match(ln)]) >= block(name) // 16, name
         assert not [ln for ln in body if SCALAR_INT_MUL.match(ln)], name
+
+
+@pytest.mark.parametrize("name", [n for n in INT if KERNELS[n].act is Q8_K])
+def test_k_quant_tiles_run_on_sdot_on_apple_m1(name):
+    """The K-quants' 1 row x 4 token tiles (an arm64 host's int_matmul): 4 tokens' sdot per 16 weights."""
+    asm = arm64_asm(name, "apple-m1", tile=True)
+    body = max(asm_loops(asm), key=lambda b: mnemonic_counts(b).get("sdot", 0))
+    assert mnemonic_counts(body).get("sdot", 0) == 4 * block(name) // 16, name
+    assert not [ln for ln in body if SCALAR_INT_MUL.match(ln)], name
 
 
 @pytest.mark.parametrize("name", FLOAT)
