@@ -1,11 +1,13 @@
-"""The arm64 forms of the integer row dots: generic LLVM vector IR shaped for NEON's dot products.
+"""The arm64 forms of the integer row dots and the K-quants' token tiles: LLVM vector IR shaped for NEON.
 
-Each 16 weights' products go through llvm.vector.partial.reduce.add(<4 x i32> acc, mul(sext <16 x i8> u,
-sext <16 x i8> x)) (`dot16`). LLVM's AArch64 backend lowers it to one `sdot` on a CPU with the dot-product
-extension (+dotprod: Apple M1 and later, Neoverse N1/V1, Cortex-A76 on) and to smull / saddw on plain NEON
-(Cortex-A72); other targets expand it generically. So one source serves both kinds of arm64 CPU: the choice
-is LLVM's instruction selection for the CPU Numba compiles for (its host CPU's name and features, or
-NUMBA_CPU_NAME). tests/test_arm64_codegen.py cross-compiles every type's dot for apple-m1 (sdot) and
+Every 16 weights' products go through `dot16`: where Numba's target CPU has the dot-product instructions
+(DOTPROD: +dotprod, Apple M1 and later, Neoverse N1/V1, Cortex-A76 on) it is one `sdot`
+(llvm.aarch64.neon.sdot); elsewhere the generic llvm.vector.partial.reduce.add over mul(sext u, sext x), which
+LLVM lowers to smull / smlal on plain NEON (Cortex-A72) and expands on any other target. (The generic form
+alone is not enough: LLVM sees that unpacked weights are never negative, widens them unsigned, and without
+i8mm's usdot falls back to smull even where sdot exists.) DOTPROD is decided at import by asking LLVM to lower
+one partial reduction of unknown signs for Numba's target (its host CPU name and features, or NUMBA_CPU_NAME)
+and looking for sdot. tests/test_arm64_codegen.py cross-compiles every type's dot for apple-m1 (sdot) and
 cortex-a72 (smull, no sdot); tests/arm64/run.sh runs the kernel tests on both under emulation.
 
   dot16(b, acc, u, x)          <4 x i32> acc + the products of u, x <16 x i8>, in 4 lanes (one sdot)
@@ -13,13 +15,14 @@ cortex-a72 (smull, no sdot); tests/arm64/run.sh runs the kernel tests on both un
   dot32_codegen(kind)          the row dot of a 32-weight block type (q4_0, q4_1, q5_0, q5_1, q8_0)
   NEON[t]                      the registry's codegens of simd.py's types (q4_0, q8_0, q5_1) on arm64
 
-Where the host is arm64 (ARM64), blocks.py takes each KERNELS row's `neon` codegen in place of its `dot`:
-a new integer type plugs in by naming its arm64 form there (built on dot16; the codegen test checks every
-such row for sdot). Operands stay within int8: weights are unsigned < 64 after unpacking (Q8_0: int8),
-activations |q| <= 127, so every sum is exact in int32 and the lanes' grouping never changes a result.
+Where the host is arm64 (ARM64), blocks.py takes each KERNELS row's `neon` codegen in place of its `dot`
+(kquant.py's tiles are its generic ones there): a new integer type plugs in by naming its arm64 form in its
+row (built on dot16 or kquant's generic _chunk_dot; the codegen test checks every such row for sdot).
+Operands stay within int8: weights are unsigned < 64 after unpacking (Q8_0: int8), activations
+|q| <= 127, so every sum is exact in int32 and the lanes' grouping never changes a result.
 
 The 32-block dot keeps two <4 x f32> accumulators (even and odd blocks): one would wait on its FMA's
-latency every block (4 cycles on the M1's cores against ~3 cycles of issue per block).
+latency every block (4 cycles on the M1's cores; llvm-mca issues a block in ~3.7).
 """
 from __future__ import annotations
 
@@ -130,10 +133,10 @@ def chunk_dot(b, u, x, s):
     """kquant.py's generic _chunk_dot: <8 x i32> whose lanes sum to sum_l s[l // 2] u[l] x[l] over 32 weights
     (u <32 x i8> < 64, x <32 x i8>, s <16 x i16>: lane 0 the scale of weights 0..15, lane 8 of 16..31).
 
-    Lanes 0..3: dot16 of weights 0..15 times s[0]; lanes 4..7: of 16..31 times s[8] (|sum| <= 16 * 63 * 128 *
-    63 < 2^31). Two sdot and two mla per 32 weights."""
+    Lanes 0..3: dot16 of weights 0..15 times s[0]; lanes 4..7: of 16..31 times s[8] (each |lane| <= 4 * 63 *
+    128 * 128 < 2^31). Two sdot and two mla per 32 weights."""
     zero = ir.Constant(_V(_I32, 4), None)
-    sw = b.sext(s, _V(_I32, 16))                     # widened whole: each half's scale is a lane (mla by element)
+    sw = b.sext(s, _V(_I32, 16))
     out = []
     for h, (uh, xh) in enumerate(zip(_halves(b, u), _halves(b, x))):
         out.append(b.mul(dot16(b, zero, uh, xh), b.shuffle_vector(sw, sw, _cv(_I32, [8 * h] * 4))))
@@ -158,7 +161,7 @@ def _unpack32(kind, b, p):
     q = _load(b, p, qoff, _V(_I8, 16))
     lo, hi = b.and_(q, _cv(_I8, [15] * 16)), b.lshr(q, _cv(_I8, [4] * 16))
     if qh_at is not None:                          # Q5: bit j of the u32 qh is bit 4 of weight j
-        # qh splat across a whole register (a partial-register load would chain iterations in llvm-mca's model)
+        # the u32 qh in every 4 bytes of a register; each half's two bytes spread over 16 lanes
         h = b.bitcast(_splat(b, _load(b, p, qh_at, _I32), 4), _V(_I8, 16))
         lo, hi = b.or_(lo, _bits16(b, h, 0)), b.or_(hi, _bits16(b, h, 2))
     return d, m, lo, hi
