@@ -3,7 +3,7 @@
     python -m lazymoe.benchmarks.kquant_dots                 # table (~1.3 GiB RAM, about a minute)
     python -m lazymoe.benchmarks.kquant_dots --json          # one JSON object on stdout
     python -m lazymoe.benchmarks.kquant_dots --cache-check   # first-call time, fresh process, cold vs warm cache
-    python -m lazymoe.benchmarks.kquant_dots --arm64         # the generic dots' aarch64 loop (no arm64 needed)
+    python -m lazymoe.benchmarks.kquant_dots --arm64         # each type's arm64 loop, llvm-mca cycles (no arm64 needed)
 
 Form "dequant" is the dequantizer, row by row into one float32 row buffer (the dequantize + sgemm path's
 inner step), in stored bytes read per second.
@@ -228,73 +228,198 @@ def cache_check() -> dict:
     return out
 
 
-def _one(dot):
-    @njit
-    def one(w, wo, xq, xd, xc):
-        return dot(w, wo, xq, xd, xc)
-    return one
+# ---- arm64 machine code, cross-compiled here: no arm64 needed --------------------------------------------
+
+ARM64_TRIPLE = "arm64-apple-darwin"
 
 
-def arm64_child(cpu: str) -> dict:
-    """Each generic dot (dot_<t>_ir) compiled for aarch64 by Numba's own LLVM: the hot loop's instructions.
+def arm64_module(codegen, tile: bool = False) -> str:
+    """LLVM IR of `float row_dot(w, wo, x, xq, xd, xc)` around one registry codegen (tile: `4 floats
+    row_tile(w, wo, xq, xd, xct, k0, kk)`), arrays by value as Numba passes them (built with Numba's CPU
+    context, no compilation: the target is chosen afterwards)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import typing
+    from numba.core.registry import cpu_target
+    ctx = cpu_target.target_context
+    arr = lambda dt, nd=1: types.Array(dt, nd, "C")                      # noqa: E731
+    if tile:
+        sig = typing.signature(types.UniTuple(types.float32, 4), arr(types.uint8), types.int64, arr(types.int8, 2),
+                               arr(types.float32, 2), arr(types.float32, 2), types.int64, types.int64)
+    else:
+        sig = typing.signature(types.float32, arr(types.uint8), types.int64, arr(types.float32), arr(types.int8),
+                               arr(types.float32), arr(types.float32))
+    m = ir.Module("row_dot")
+    fnty = ir.FunctionType(ctx.get_value_type(sig.return_type), [ctx.get_value_type(t) for t in sig.args])
+    f = ir.Function(m, fnty, "row_dot")
+    b = ir.IRBuilder(f.append_basic_block("entry"))
+    b.ret(codegen(ctx, b, sig, list(f.args)))
+    return str(m)
 
-    Run with NUMBA_OPT=0 (see arm64_report): the x86-optimized module holds x86 intrinsics that aarch64
-    cannot lower, so the unoptimized module is optimized here for the aarch64 target machine instead.
-    """
-    import re
 
+def arm64_asm(name: str, cpu: str = "apple-m1", triple: str = ARM64_TRIPLE, tile: bool = False) -> str:
+    """Assembly of type name's row dot (tile: its 1 x 4 token tile, K-quants) as an arm64 host with this CPU runs
+    it (blocks.arm64_dot, kquant.NEON_TILES; arm64.DOTPROD set as arm64.py sets it for that CPU while the IR is
+    generated), optimized at -O3 for that CPU."""
     import llvmlite.binding as llvm
+
+    from lazymoe.kernels import arm64, kquant
+    from lazymoe.kernels.blocks import KERNELS, arm64_dot
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
-    tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
-    out = {}
-    for t in [t for t in KQ + B32 if t != "q5_1"]:      # simd.py's Q5_1 has no generic-IR form (its twin is plain Numba)
-        bs, ts = SIZES[t]
-        c = 1024
-        xc = np.zeros(c // 16, np.int16) if t in KQ else np.zeros(c // 32, np.float32)
-        f = _one(getattr(K, f"dot_{t}_ir"))
-        f(np.zeros(c // bs * ts, np.uint8), 0, np.zeros(c, np.int8), np.zeros(c // bs, np.float32), xc)
-        text = next(iter(f.inspect_llvm().values()))
-        text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", text)
-        m = llvm.parse_assembly(text)
-        m.triple, m.data_layout = "aarch64-unknown-linux-gnu", str(tm.target_data)
-        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(3))
-        pb.getModulePassManager().run(m, pb)
-        asm = tm.emit_assembly(m)
-        # the loop body over one block: the basic block with the most multiplies
-        body = max(re.split(r"\n(?=\S+:)", asm), key=lambda blk: blk.count("mul") + blk.count("mlal"))
-        ins = [ln.split()[0] for ln in body.splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")]
-        hist = {}
-        for i in ins:
-            hist[i] = hist.get(i, 0) + 1
-        out[t] = {"weights_per_block": bs, "instructions_per_block": len(ins),
-                  "top": sorted(hist.items(), key=lambda kv: -kv[1])[:6],
-                  "asm": "\n".join(ln.strip() for ln in body.splitlines() if ln.startswith("\t"))}
+    saved, arm64.DOTPROD = arm64.DOTPROD, arm64.target_has_sdot(triple, cpu)
+    try:
+        text = arm64_module(kquant.NEON_TILES[name] if tile else arm64_dot(KERNELS[name]), tile)
+    finally:
+        arm64.DOTPROD = saved
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=3)
+    m = llvm.parse_assembly(text)
+    m.triple, m.data_layout = triple, str(tm.target_data)
+    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(3))
+    pb.getModulePassManager().run(m, pb)
+    return tm.emit_assembly(m)
+
+
+def asm_loops(asm: str) -> list[list[str]]:
+    """The instructions of each loop in asm: from a label to the last branch back to it (inner loops nest;
+    a stretch holding a `ret` is a jump back to the exit, not a loop)."""
+    import re
+    lines, labels, loops = [], {}, {}
+    for raw in asm.splitlines():
+        ln = re.split(r"\s(;|//)", raw)[0].rstrip()
+        if re.match(r"^\.?L\w+:$", ln):
+            labels[ln[:-1]] = len(lines)
+        elif raw.startswith("\t") and not ln.strip().startswith(".") and ln.strip():
+            lines.append(ln.strip())
+            target = re.split(r"[\s,]+", ln.strip())[-1]
+            if target in labels:
+                loops[target] = (labels[target], len(lines))
+    return [lines[a:z] for a, z in loops.values() if "ret" not in (ln.split()[0] for ln in lines[a:z])]
+
+
+def mnemonic_counts(body: list[str]) -> dict[str, int]:
+    """Instructions of body by mnemonic, Apple's `sdot.4s` and LLVM's `sdot v0.4s` alike as `sdot`."""
+    out: dict[str, int] = {}
+    for ln in body:
+        op = ln.split()[0].split(".")[0]
+        out[op] = out.get(op, 0) + 1
     return out
 
 
-def arm64_report(cpu: str) -> dict:
-    """arm64_child in a fresh process (NUMBA_OPT=0, its own cache), plus llvm-mca's cycles if llvm-mca is found."""
-    import shutil
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, NUMBA_OPT="0", NUMBA_CACHE_DIR=d)
-        p = subprocess.run([sys.executable, "-m", "lazymoe.benchmarks.kquant_dots", "--arm64-child", cpu], env=env,
+_MULTIPLIES = ("sdot", "fmla", "smull", "smull2", "smlal", "smlal2", "mla")
+
+
+def block_loop(name: str, cpu: str = "apple-m1", triple: str = ARM64_TRIPLE) -> list[str]:
+    """The hot loop of type name's arm64 row dot: the loop with the most vector multiplies (LLVM also
+    vectorizes the float dots' remainder loop, which never runs more than 7 times)."""
+    def key(body):
+        c = mnemonic_counts(body)
+        return sum(c.get(m, 0) for m in _MULTIPLIES), len(body)
+    return max(asm_loops(arm64_asm(name, cpu, triple)), key=key)
+
+
+# Weights per iteration of each hot loop: the loop's multiply instructions times the weights each covers
+# (sdot: 16 int8 products; fmla on 4 float lanes: 4). tests/test_arm64_codegen.py checks that these cover
+# whole blocks.
+def loop_weights(body: list[str]) -> int:
+    c = mnemonic_counts(body)
+    return 16 * c.get("sdot", 0) or 4 * c.get("fmla", 0)
+
+
+def mca_cycles(body: list[str], cpu: str = "apple-m1", mca: str = "llvm-mca") -> float:
+    """llvm-mca's steady-state cycles per iteration of body on cpu (Linux-syntax assembly)."""
+    import re
+    with tempfile.NamedTemporaryFile("w", suffix=".s") as f:
+        f.write("\n".join(body) + "\n")
+        f.flush()
+        q = subprocess.run([mca, "-mtriple=aarch64", f"-mcpu={cpu}", "-iterations=200", f.name],
                            capture_output=True, text=True, check=True)
-        res = json.loads(p.stdout)
-        mca = shutil.which("llvm-mca")
-        for r in res.values():
-            if mca:
-                path = os.path.join(d, "body.s")
-                with open(path, "w") as f:
-                    f.write(r["asm"] + "\n")
-                q = subprocess.run([mca, "-mtriple=aarch64", f"-mcpu={cpu}", path], capture_output=True, text=True)
-                import re
-                tot, it = re.search(r"Total Cycles:\s+(\d+)", q.stdout), re.search(r"Iterations:\s+(\d+)", q.stdout)
-                if tot and it:
-                    r["mca_cycles_per_block"] = int(tot.group(1)) / int(it.group(1))
-                    r["mca_weights_per_cycle"] = r["weights_per_block"] / r["mca_cycles_per_block"]
-            del r["asm"]
-    return res
+    tot, it = re.search(r"Total Cycles:\s+(\d+)", q.stdout), re.search(r"Iterations:\s+(\d+)", q.stdout)
+    return int(tot.group(1)) / int(it.group(1))
+
+
+def arm64_report(cpu: str) -> dict:
+    """Each type's arm64 hot loop for cpu: instructions, weights and llvm-mca cycles per iteration (if found)."""
+    import shutil
+
+    from lazymoe.kernels.blocks import KERNELS
+    mca = shutil.which("llvm-mca")
+    out = {}
+    for name in KERNELS:
+        body = block_loop(name, cpu, "aarch64-unknown-linux-gnu")     # LLVM's syntax: llvm-mca 14 reads it
+        c = mnemonic_counts(body)
+        n = loop_weights(body)
+        bs, ts = GGML_QUANT_SIZES[G[name.upper()]]
+        r = {"weights_per_iter": n, "bytes_per_iter": n // bs * ts, "instructions_per_iter": len(body),
+             "top": sorted(c.items(), key=lambda kv: -kv[1])[:6]}
+        if mca:
+            cyc = mca_cycles(body, cpu, mca)
+            r |= {"mca_cycles_per_iter": round(cyc, 2), "weights_per_cycle": round(n / cyc, 2),
+                  "bytes_per_cycle": round(n / bs * ts / cyc, 2)}
+        out[name] = r
+    return out
+
+
+# The M1 Max estimate's assumptions (benchmarks/RESULTS.md states them with its figures): P-core clock, the
+# cores the kernels run on, the --ram budget on a 32 GB laptop, what besides the weights that budget holds
+# (KV cache, activations, buffers), and the internal SSD's read speed (not measured).
+M1 = {"ghz": 3.2, "cores": 8, "budget_gib": 24.0, "other_gib": 1.5, "ssd_gbps": 5.0}
+
+
+def m1_estimate(report: dict, ftypes=("q4_0", "q4_k_m", "q3_k_m", "q2_k"), m1=M1) -> dict:
+    """Per-token compute and expert reads of Mixtral 8x22B on an M1 Max from the llvm-mca cycles of report
+    (arm64_report for apple-m1), per llama.cpp's tensor mix of each ftype (quantize/mixes.py).
+
+    Compute: each matrix a token multiplies (attention, the output head, 2 of 8 experts per layer; token_embd
+    is a lookup, norms and the F32 router are left out: < 0.1 %) takes bytes / (mca bytes per cycle * clock *
+    cores): the kernels' own loop, all cores busy, data in cache (DRAM, ~200 GB/s for the CPU cores, is not
+    the limit at these rates). Reads: uniform routing, so an expert is in the cache with probability f = the
+    expert slots the budget holds beyond the resident tensors and `other_gib`, over all experts."""
+    from lazymoe.quantize.mixes import tensor_types
+    from lazymoe.quantize.synth import SHAPES
+    cfg = SHAPES["mixtral-8x22b"]
+    shapes = cfg.tensor_shapes()
+    out = {"assumptions": dict(m1), "gbps_per_core": {t: round(r["bytes_per_cycle"] * m1["ghz"], 2)
+                                                      for t, r in report.items() if "bytes_per_cycle" in r}}
+    for ft in ftypes:
+        types = tensor_types(cfg, ft, shapes)
+        sec = used = experts = resident = 0.0
+        for name, t in types.items():
+            bs, ts = GGML_QUANT_SIZES[G[t]]
+            shape = shapes[name]
+            nbytes = shape[-2] * shape[-1] // bs * ts                    # one matrix (one expert's)
+            if "_exps" in name:
+                experts += shape[0] * nbytes
+                per_token = cfg.n_expert_used * nbytes
+                used += per_token
+            else:
+                resident += nbytes
+                per_token = 0 if name == "token_embd.weight" else nbytes
+            if per_token:
+                sec += per_token / (report[t.lower()]["bytes_per_cycle"] * m1["ghz"] * 1e9 * m1["cores"])
+        room = (m1["budget_gib"] - m1["other_gib"]) * 2 ** 30 - resident
+        f = max(0.0, min(1.0, room / experts))
+        read = (1 - f) * used
+        out[ft] = {"compute_s": round(sec, 3), "expert_gb_per_token": round(used / 1e9, 2),
+                   "resident_gib": round(resident / 2 ** 30, 2), "experts_gib": round(experts / 2 ** 30, 1),
+                   "cached_share": round(f, 3), "read_gb_per_token": round(read / 1e9, 2),
+                   "read_s": round(read / 1e9 / m1["ssd_gbps"], 2)}
+    return out
+
+
+def arm64_table(report: dict, est: dict) -> str:
+    lines = [f"{'type':5} {'weights/it':>10} {'instr/it':>8} {'cycles/it':>9} {'weights/cyc':>11} "
+             f"{'GB/s/core @' + str(M1['ghz']) + 'GHz':>17}"]
+    for t, r in report.items():
+        lines.append(f"{t:5} {r['weights_per_iter']:10} {r['instructions_per_iter']:8} {r.get('mca_cycles_per_iter', 0):9.1f}"
+                     f" {r.get('weights_per_cycle', 0):11.2f} {est['gbps_per_core'].get(t, 0):17.2f}")
+    lines.append(f"Mixtral 8x22B per token, {M1['cores']} P-cores, --ram {M1['budget_gib']:g}G, SSD {M1['ssd_gbps']:g} GB/s:")
+    for ft, e in est.items():
+        if ft in ("assumptions", "gbps_per_core"):
+            continue
+        lines.append(f"  {ft}: compute {e['compute_s']} s; experts {e['expert_gb_per_token']} GB used, {e['experts_gib']} GiB"
+                     f" in all, {100 * e['cached_share']:.0f} % cached, read {e['read_gb_per_token']} GB = {e['read_s']} s")
+    return "\n".join(lines)
 
 
 def table(res: dict) -> str:
@@ -317,18 +442,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--cache-check", action="store_true")
     ap.add_argument("--arm64", metavar="CPU", nargs="?", const="apple-m1",
-                    help="compile the generic dots for aarch64 (default cpu apple-m1) and count the loop's instructions")
+                    help="cross-compile every type's arm64 row dot (default cpu apple-m1): its hot loop and llvm-mca cycles")
     ap.add_argument("--first-call", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--arm64-child", metavar="CPU", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.first_call:
         print(json.dumps(first_call()))
         return 0
-    if a.arm64_child:
-        print(json.dumps(arm64_child(a.arm64_child)))
-        return 0
     if a.arm64:
-        print(json.dumps(arm64_report(a.arm64), indent=1))
+        rep = arm64_report(a.arm64)
+        est = m1_estimate(rep) if all("bytes_per_cycle" in r for r in rep.values()) else {"gbps_per_core": {}}
+        print(json.dumps({"cpu": a.arm64, "loops": rep, "m1_max": est}, indent=1) if a.json else arm64_table(rep, est))
         return 0
     if a.cache_check:
         print(json.dumps(cache_check(), indent=1))

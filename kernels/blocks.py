@@ -2,7 +2,8 @@
 
 A KERNELS row names the type's code (GGML's type id, the numbering a GGUF file already carries),
 its activation scheme (activations.py) and its codegens in simd.py: a row dot, a dequantizer and,
-with AVX2 and where they pay, token tiles. From the rows this module builds row_dot (and rows_dot, its
+with AVX2 and where they pay, token tiles; integer types also name their arm64 dot (`neon`, arm64.py),
+which an arm64 host runs in place of `dot`. From the rows this module builds row_dot (and rows_dot, its
 loop over rows), row_tile and dequant_row, each one intrinsic whose IR switches on the code
 (simd.code_switch). The drivers
 (matvec.py, int_matmul.py, dequant_matmul.py) are written once and pass the code, an ordinary int64
@@ -24,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import kquant, simd
+from . import arm64, kquant, simd
 from .activations import FLOAT, Q8, Q8_K, ActScheme
 
 
@@ -36,6 +37,7 @@ class TypeKernels:
     dequant: Callable                # simd codegen (w, wo, out, oo, cols): the row as float32
     tile: Callable | None = None     # simd codegen, 1 row x 1..4 tokens; None: one dot per (row, token)
     as_stored: bool = False          # rows are float32: sgemm reads them as stored, no dequantizing
+    neon: Callable | None = None     # the dot on an arm64 host (arm64.py: sdot where +dotprod); None: dot
 
     @property
     def int_matmul(self) -> bool:
@@ -47,6 +49,7 @@ def _kq(code, act, name, **kw):
     """A row whose dot and dequantizer are kquant.py's (the fast form per CPU)."""
     dot, dequant = kquant.REGISTRY[name]
     kw.setdefault("tile", kquant.TILES.get(name))
+    kw.setdefault("neon", kquant.NEON[name])
     return TypeKernels(int(code), act, dot, dequant, **kw)
 
 
@@ -54,9 +57,9 @@ KERNELS: dict[str, TypeKernels] = {
     "f32": TypeKernels(int(G.F32), FLOAT, simd.dot_f32, simd.dequant_f32, as_stored=True),
     "f16": TypeKernels(int(G.F16), FLOAT, simd.dot_f16, simd.dequant_f16),
     "bf16": TypeKernels(int(G.BF16), FLOAT, simd.dot_bf16, simd.dequant_bf16),
-    "q8_0": TypeKernels(int(G.Q8_0), Q8, simd.dot_q8_0, simd.dequant_q8_0, simd.tile_q8_0),
-    "q4_0": TypeKernels(int(G.Q4_0), Q8, simd.dot_q4_0, simd.dequant_q4_0, simd.tile_q4_0),
-    "q5_1": TypeKernels(int(G.Q5_1), Q8, simd.dot_q5_1, simd.dequant_q5_1, simd.tile_q5_1),
+    "q8_0": TypeKernels(int(G.Q8_0), Q8, simd.dot_q8_0, simd.dequant_q8_0, simd.tile_q8_0, neon=arm64.NEON["q8_0"]),
+    "q4_0": TypeKernels(int(G.Q4_0), Q8, simd.dot_q4_0, simd.dequant_q4_0, simd.tile_q4_0, neon=arm64.NEON["q4_0"]),
+    "q5_1": TypeKernels(int(G.Q5_1), Q8, simd.dot_q5_1, simd.dequant_q5_1, simd.tile_q5_1, neon=arm64.NEON["q5_1"]),
     "q4_1": _kq(G.Q4_1, Q8, "q4_1", tile=simd.tile_q4_1),
     "q5_0": _kq(G.Q5_0, Q8, "q5_0", tile=simd.tile_q5_0),
     "q2_k": _kq(G.Q2_K, Q8_K, "q2_k"),
@@ -72,8 +75,18 @@ def _nan(context, builder, ty):
     return context.make_tuple(builder, ty, [nan] * ty.count) if isinstance(ty, types.UniTuple) else nan
 
 
-_DOTS = simd.code_switch({k.code: k.dot for k in KERNELS.values()}, _nan)
-_ROWS = simd.code_switch({k.code: simd.rows_of(k.dot) for k in KERNELS.values()}, None)
+def arm64_dot(k: TypeKernels) -> Callable:
+    """The row's dot on an arm64 host: its arm64 form, or its dot where that is generic IR (the float types)."""
+    return k.neon if k.neon is not None else k.dot
+
+
+def host_dot(k: TypeKernels) -> Callable:
+    """The row's dot for this host: arm64_dot on arm64 (arm64.ARM64), else its dot (AVX2 or portable)."""
+    return arm64_dot(k) if arm64.ARM64 else k.dot
+
+
+_DOTS = simd.code_switch({k.code: host_dot(k) for k in KERNELS.values()}, _nan)
+_ROWS = simd.code_switch({k.code: simd.rows_of(host_dot(k)) for k in KERNELS.values()}, None)
 _TILES = simd.code_switch({k.code: k.tile for k in KERNELS.values() if k.tile is not None}, _nan)
 _DEQUANTS = simd.code_switch({k.code: k.dequant for k in KERNELS.values()}, None)
 

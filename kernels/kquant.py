@@ -28,9 +28,9 @@ differs between the forms, so those agree to float rounding only.
 
 Fast form, one codegen per scheme: generic LLVM vector IR (loads, shuffles, zext/sext, mul, add,
 llvm.vector.reduce.add, llvm.fma) except the 32-weight step `_chunk_dot`, which is either
-vpmaddubsw + vpmaddwd (`dot_<t>_x86`, used where HAVE_AVX2) or widening multiplies on register halves
-(`dot_<t>_ir`, everywhere else: LLVM lowers it to NEON smull / smlal; on AVX2 it runs ~3x slower than
-the x86 form, 12 against 34 Gweights/s in cache for Q4_K). Neither saturates: weights are < 64 after masking.
+vpmaddubsw + vpmaddwd (`dot_<t>_x86`, used where HAVE_AVX2) or arm64.py's dot16 pairs (`dot_<t>_ir`,
+everywhere else: NEON sdot with the dot-product extension, smull on plain NEON; Q4_1 and Q5_0 take
+arm64.dot32_codegen whole). Neither saturates: weights are < 64 after masking.
 
 Safety: a kernel reads block b of a row only at wo + b * type_size + fixed positions inside the block,
 and the block count is clamped once per call to what w, xq, xd and xc (or out) hold, so any bytes at all
@@ -45,6 +45,7 @@ from numba import njit, types
 from numba.core import cgutils, typing
 from numba.extending import intrinsic
 
+from . import arm64
 from .simd import HAVE_AVX2, PREFETCH_AHEAD, tile_switch
 
 QK_K = 256
@@ -136,18 +137,12 @@ def _chunk_dot(b, u, x, s, x86):
     """Partial sums <8 x i32> of sum_l s[l // 2] u[l] x[l] over 32 weights: u <32 x i8> (0..63), x <32 x i8>,
     s <16 x i16> the scale of each 16 weights' half (lanes 0..7: weights 0..15, lanes 8..15: 16..31).
 
-    x86: vpmaddubsw + vpmaddwd on adjacent pairs. Generic: widening multiplies on register halves (8 lanes
-    of 16 bits: NEON's smull / smlal, and what AVX2 splits 256-bit vectors into); |u x| <= 63 * 128 and
-    a pair of them fit i16, so neither form saturates or wraps.
+    x86: vpmaddubsw + vpmaddwd on adjacent pairs (|u x| <= 63 * 128 and a pair of them fit i16: no
+    saturation). Generic: arm64.chunk_dot (NEON sdot with +dotprod).
     """
     if x86:
         return _maddwd(b, _maddubs(b, u, x), s)
-    p = b.mul(b.sext(u, _V(_I16, 32)), b.sext(x, _V(_I16, 32)))
-    h = b.add(_shuf(b, p, list(range(8)) + list(range(16, 24))), _shuf(b, p, list(range(8, 16)) + list(range(24, 32))))
-    w = _V(_I32, 8)
-    lo, hi = list(range(8)), list(range(8, 16))
-    return b.add(b.mul(b.sext(_shuf(b, h, lo), w), b.sext(_shuf(b, s, lo), w)),
-                 b.mul(b.sext(_shuf(b, h, hi), w), b.sext(_shuf(b, s, hi), w)))
+    return arm64.chunk_dot(b, u, x, s)
 
 
 def _nibbles32(b, q16):
@@ -419,7 +414,9 @@ def _unpack_32(kind, b, p):
 
 
 def _dot32_codegen(kind, x86):
-    """sum_b f32(d_w d_x) * u.x  +  (Q4_1) m_w * xc  or  (Q5_0) - 16 d_w xc."""
+    """sum_b f32(d_w d_x) * u.x  +  (Q4_1) m_w * xc  or  (Q5_0) - 16 d_w xc. Generic: arm64.dot32_codegen."""
+    if not x86:
+        return arm64.dot32_codegen(kind)
     ts = TYPE_SIZE[kind]
 
     def codegen(context, b, sig, args):
@@ -626,9 +623,9 @@ dot_bf16 = dot_bf16_ir
 
 # ---- the registry's codegens (blocks.py KERNELS rows), in simd.py's argument lists ------------------
 
-def _registry_dot(kind):
-    """Codegen (w, wo, x, xq, xd, xc) -> f32: the fast form chosen by HAVE_AVX2; x is not read."""
-    cg = (_k_dot_codegen if kind in _K_UNPACK else _dot32_codegen)(kind, HAVE_AVX2)
+def _registry_dot(kind, x86=HAVE_AVX2):
+    """Codegen (w, wo, x, xq, xd, xc) -> f32: the x86 form where HAVE_AVX2, else the generic one; x is not read."""
+    cg = (_k_dot_codegen if kind in _K_UNPACK else _dot32_codegen)(kind, x86)
 
     def codegen(context, b, sig, args):
         inner = typing.signature(sig.return_type, sig.args[0], sig.args[1], *sig.args[3:6])
@@ -646,6 +643,8 @@ def _registry_dequant(kind):
 
 
 REGISTRY = {t: (_registry_dot(t), _registry_dequant(t)) for t in _TYPES}
-# 1 row x 4 token tiles for int_matmul (AVX2 only, as simd.py's: the portable build runs the dots per
-# (row, token)); the generic-IR form exists (x86=False) but is not registered.
-TILES = {t: _k_tile_codegen(t, True) if HAVE_AVX2 else None for t in _K_UNPACK}
+NEON = {t: _registry_dot(t, False) for t in _TYPES}        # the arm64 dots (the generic forms: arm64.py)
+# 1 row x 4 token tiles for int_matmul: the x86 form where HAVE_AVX2, the generic one (arm64.chunk_dot: sdot)
+# on an arm64 host; none on the portable build (the dots run per (row, token)). NEON_TILES: the arm64 ones.
+NEON_TILES = {t: _k_tile_codegen(t, False) for t in _K_UNPACK}
+TILES = {t: _k_tile_codegen(t, True) if HAVE_AVX2 else NEON_TILES[t] if arm64.ARM64 else None for t in _K_UNPACK}

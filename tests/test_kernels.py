@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
 from gguf import quants
+from numba import njit
 
 from lazymoe import kernels as K
-from lazymoe.kernels import simd
-from lazymoe.kernels.activations import quantize_q8
+from lazymoe.kernels import arm64, simd
+from lazymoe.kernels.activations import Q8_K, quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import quantize_q8_k
@@ -155,9 +156,38 @@ def test_portable_dots_match_avx2(name):
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
+def _rows_of(dot):
+    @njit
+    def rows(flat, rb, xq, xd, xc, y):
+        for r in range(y.shape[0]):
+            y[r] = dot(flat, r * rb, xq, xd, xc)
+    return rows
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1"])
+def test_arm64_dots(name):
+    """arm64.py's dots of simd.py's types (what an arm64 host runs; here lowered for this CPU) against the
+    reference, odd and even block counts (its two accumulators), and a row beyond the arrays: clamped."""
+    rows = _rows_of(getattr(arm64, f"dot_{name}"))
+    for cols in (512, 544):
+        w, Wd = weights(name, (7, cols), heavy=True)
+        x = RNG.standard_normal(cols).astype(np.float32)
+        xq, xd, xc = np.empty(cols, np.int8), np.empty(cols // 32, np.float32), np.empty(cols // 32, np.float32)
+        quantize_q8(x, xq, xd, xc)
+        y = np.empty(7, np.float32)
+        rows(w.reshape(-1), w.shape[1], xq, xd, xc, y)
+        check_product(name, Wd, x[None], y[None])
+        one = np.empty(1, np.float32)
+        rows(w[6:].reshape(-1)[: w.shape[1] - 1], w.shape[1], xq, xd, xc, one)   # a block short
+        whole = (cols // 32 - 1) * w.shape[1] // (cols // 32)
+        ref = np.empty(1, np.float32)
+        rows(w[6:].reshape(-1)[:whole], w.shape[1], xq, xd, xc, ref)
+        assert one[0] == ref[0]
+
+
 @pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_tiles_match_dots(name):
-    """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
+    """The tiles (AVX2; arm64's K-quant tiles), 1 row x 4 tokens and edges, against one block dot per (row, token)."""
     from lazymoe.kernels.int_matmul import int_matmul_parallel
     k = K.KERNELS[name]
     code = k.code
@@ -168,7 +198,7 @@ def test_tiles_match_dots(name):
         k.act.quantize_rows(X, xq, xd, xc)
         a, b = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
         int_matmul_parallel(code, False, w, X, xq, xd, xc, a, 2)
-        if simd.HAVE_AVX2:
+        if k.tile is not None:
             int_matmul_parallel(code, True, w, X, xq, xd, xc, b, 2)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
         check_product(name, Wd, X, a)
@@ -196,7 +226,7 @@ def test_no_x86_ir_without_avx2():
     (The x86 backend's own llvm.x86.atomic.* for Numba's refcounts is the host's, not ours.)"""
     from lazymoe.kernels.int_matmul import _token_rows
     from lazymoe.kernels.matvec import dot_rows
-    assert all(k.tile is None for k in K.KERNELS.values())
+    assert all(k.tile is None or arm64.ARM64 and k.act is Q8_K for k in K.KERNELS.values())   # arm64: K-quant tiles
     w, _ = weights("q4_0", (8, 64))
     K.matvec("q4_0", w, np.ones(64, np.float32))
     K.matmul("q4_0", w, np.ones((5, 64), np.float32))

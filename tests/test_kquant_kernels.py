@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType as G
 from gguf.quants import dequantize, quantize
 from numba import njit
 
+from lazymoe.kernels import arm64, simd
 from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
-from lazymoe.kernels import simd
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.blocks import dequant_row, row_dot
 
@@ -58,8 +58,8 @@ def _deq(fn):
     return deq
 
 
-# Q5_1 is simd.py's (kquant.py's docstring says why): its registry dot (AVX2 IR, or the portable twin compiled
-# in place) and the twin itself stand in for the forms, its dequantizer is the registry's.
+# Q5_1 is simd.py's (kquant.py's docstring says why): its AVX2 registry dot, its arm64 form (arm64.py) and its
+# portable twin stand in for the forms, its dequantizer is the registry's.
 Q5_1 = int(G.Q5_1)
 
 
@@ -78,7 +78,7 @@ def _q5_1_dequant(w, wo, out, oo, nb):
 
 IMPLS = {t: {"ir": getattr(K, f"dot_{t}_ir"), "x86": getattr(K, f"dot_{t}_x86"), "plain": getattr(P, f"dot_{t}_plain")}
          for t in KQ + B32 if t != "q5_1"}
-IMPLS["q5_1"] = {"x86" if simd.HAVE_AVX2 else "ir": _q5_1_registry, "plain": simd.dot_q5_1_portable}
+IMPLS["q5_1"] = {"ir": arm64.dot_q5_1, "plain": simd.dot_q5_1_portable} | ({"x86": _q5_1_registry} if simd.HAVE_AVX2 else {})
 ROWS = {t: {f: _rows(d) for f, d in v.items()} for t, v in IMPLS.items()}
 ONE = {t: {f: _one(d) for f, d in v.items()} for t, v in IMPLS.items()}
 DEQ = {t: _deq(getattr(K, f"dequant_{t}")) for t in KQ + B32 if t != "q5_1"}

@@ -6,12 +6,14 @@
 # inside it, and runs the kernel tests and the golden-logits tests there. Exits non-zero on any failure
 # and ends with pytest's summary line. Slow (emulation): see the README for how often it runs.
 #
-#   tests/arm64/run.sh [PYTEST ARGS...]       # default: the kernel and golden-logit tests
+#   tests/arm64/run.sh [PYTEST ARGS...]       # default: the kernel, arm64 codegen and golden-logit tests
 #
 # LAZYMOE_ARM64_ROOT: where the root is cached (default ~/.cache/lazymoe/arm64-root).
 # LAZYMOE_ARM64_CPU: the CPU qemu emulates (default neoverse-n1: NEON with the dot-product instructions and no
 # SVE, like Apple's M1; qemu's default "max" has SVE, and OpenBLAS's SVE kernels compute garbage under qemu 7.2:
-# a 24x64 @ 64x512 float32 product came out 3.7e19 off).
+# a 24x64 @ 64x512 float32 product came out 3.7e19 off). cortex-a72 is plain NEON (no sdot: the kernels' other
+# lowering; an sdot there would be an illegal instruction). Numba compiles for the same CPU (NUMBA_CPU_NAME):
+# under qemu-user LLVM reads the host's /proc/cpuinfo and would see a "generic" arm64 without dotprod.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 root=${LAZYMOE_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/lazymoe/arm64-root}
@@ -59,11 +61,12 @@ for m in proc sys dev; do
 done
 
 args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(tests/test_kernels.py tests/test_runtime.py::test_logits_match_transformers)
+[ ${#args[@]} -gt 0 ] || args=(tests/test_kernels.py tests/test_arm64_codegen.py tests/test_runtime.py::test_logits_match_transformers)
 say "installing lazymoe and its test dependencies inside (aarch64 wheels)"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin QEMU_CPU="$cpu" PIP_CERT=/etc/ssl/certs/host-ca.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 /bin/sh -c \
     'cd /src && { [ -x /venv/bin/python ] || python3 -m venv /venv; } && /venv/bin/pip install -q -e ".[test]"'
 say "running pytest under emulation ($cpu): ${args[*]}"
-chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin QEMU_CPU="$cpu" NUMBA_NUM_THREADS=2 /bin/sh -c \
+chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin QEMU_CPU="$cpu" NUMBA_CPU_NAME="$cpu" NUMBA_NUM_THREADS=2 \
+    /bin/sh -c \
     "cd /src && /venv/bin/python -m pytest -q -p no:cacheprovider $(printf '%q ' "${args[@]}")"
