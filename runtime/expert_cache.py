@@ -310,7 +310,7 @@ class _Pool:
 
 class _Job:
     """One expert being read into a slot."""
-    __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "cancelled")
+    __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "at", "cancelled")
 
     def __init__(self, key, slot, kind, seq):
         self.key, self.slot, self.kind, self.seq = key, slot, kind, seq
@@ -360,6 +360,7 @@ class ExpertCache:
 
         self.slot_of: dict[tuple[int, int], int] = {}     # (layer, expert) -> slot, resident or being read
         self.views: dict = {}                             # resident key -> (gate, up, down) stored arrays
+        self.at: dict = {}                                # resident key -> byte offsets of those arrays in its pool
         self.loading: dict = {}                           # key -> _Job being read
         self.source: dict = {}                            # key -> "demand" | "spec" until its first use
         self.pinned: set = set()                          # keys the current layer uses: never evicted
@@ -446,6 +447,64 @@ class ExpertCache:
         self.wait_s += time.perf_counter() - t0
         return views
 
+    def acquire(self, layer: int, experts, wait_all: bool = False):
+        """Of a layer's experts (ints, none of them acquired before in this layer), those resident now, waiting until
+        at least one is (all, with wait_all): (indices into experts, their offsets [n, 3] in the layer's pool arena).
+        Issues demand reads for the others as slots allow; pins the ones it returns (release them with unpin).
+        One lock and one pass for the lot: the bookkeeping of get() without its per-call costs."""
+        keys = [(layer, e) for e in experts]
+        touch = self.pool_of[layer].policy.touch
+        t0 = time.perf_counter()
+        got, at, have = [], [], set()
+        with self.cv:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                timeout = None
+                for key in keys:
+                    if key in self.at:
+                        continue
+                    job = self.loading.get(key)
+                    if job is None:
+                        if key not in self.slot_of and self._issue(key, "demand"):
+                            self.pinned.add(key)
+                        continue
+                    if job in self.running:
+                        if (job.done >= job.need).all():  # read, though the reader has not returned yet
+                            self._finish(job)
+                            continue
+                        timeout = POLL_S
+                    self._promote(key)
+                    self.pinned.add(key)
+                for i, key in enumerate(keys):
+                    if i not in have and key in self.at:
+                        have.add(i)
+                        got.append(i)
+                        src = self.source.pop(key, None)
+                        if src == "demand":
+                            self.misses += 1
+                        else:
+                            self.hits += 1
+                            self.prefetch_useful += src == "spec"
+                        self.pinned.add(key)
+                        touch(key)
+                        at.append(self.at[key])
+                if got and (not wait_all or len(got) == len(keys)):
+                    break
+                self.cv.wait(timeout)
+        self.wait_s += time.perf_counter() - t0
+        return got, np.array(at, np.int64).reshape(-1, 3)
+
+    def arena(self, layer: int) -> np.ndarray:
+        """The uint8 pool that the offsets acquire() returns for this layer point into."""
+        return self.pool_of[layer].pool
+
+    def release(self, layer: int, experts) -> None:
+        """unpin for several experts of a layer under one lock."""
+        with self.cv:
+            for e in experts:
+                self.pinned.discard((layer, e))
+
     def unpin(self, layer: int, expert: int | None = None) -> None:
         """The caller is done with an expert (None: with every expert)."""
         with self.cv:
@@ -465,7 +524,7 @@ class ExpertCache:
                 return False
             pool.policy.forget(old)
             slot = self.slot_of.pop(old)
-            del self.views[old]
+            del self.views[old], self.at[old]
             self.source.pop(old, None)
             self.evictions += 1
         job = _Job(key, slot, kind, self.seq)
@@ -488,7 +547,7 @@ class ExpertCache:
         pool = self.pool_of[layer]
         base = job.slot * pool.slot_bytes
         addr0 = pool.pool.ctypes.data + base
-        addrs, sizes, need, offs, views = [], [], [], [], []
+        addrs, sizes, need, offs, views, at = [], [], [], [], [], []
         for p, s, off in zip(pool.parts, pool.starts, self.offsets[layer][expert]):
             lo = off // IO_ALIGN * IO_ALIGN
             hi = -(-(off + p.nbytes) // IO_ALIGN) * IO_ALIGN
@@ -496,12 +555,14 @@ class ExpertCache:
             sizes.append(hi - lo)
             need.append(off + p.nbytes - lo)
             offs.append(lo)
-            raw = pool.pool[base + s + off - lo:base + s + off - lo + p.nbytes]
+            at.append(base + s + off - lo)
+            raw = pool.pool[at[-1]:at[-1] + p.nbytes]
             views.append(raw.view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape)))
         job.addrs, job.sizes = np.array(addrs, np.int64), np.array(sizes, np.int64)
         job.need, job.offs = np.array(need, np.int64), np.array(offs, np.int64)
         job.done = np.zeros(len(sizes), np.int64)
         job.views = tuple(views)
+        job.at = tuple(at)
 
     def _promote(self, key) -> None:
         job = self.loading.get(key)
@@ -521,6 +582,7 @@ class ExpertCache:
         self.queue.remove(job)
         del self.loading[job.key]
         self.views[job.key] = job.views
+        self.at[job.key] = job.at
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled = True

@@ -5,6 +5,7 @@ import pytest
 
 from lazymoe import kernels as K
 from lazymoe.kernels.grouped import combine, group_layout, grouped_ffn, sort_assignments
+from tests.helpers import synth_gguf
 from tests.test_kernels import FFN_TIGHT, FFN_TYPES, K_FFN_TYPES, ffn_bound, ffn_reference, weights
 
 RNG = np.random.default_rng(77)
@@ -115,3 +116,32 @@ def test_bad_inputs():
         with pytest.raises(ValueError) as err:
             f_()
         assert str(err.value) and "\n" not in str(err.value)
+
+
+def test_network_grouped_against_per_expert(tmp_path, monkeypatch):
+    """A fine-grained model (16 experts, top-4, K-quant experts in one layer): the grouped network against its
+    per-expert path, prompt and decoding, and identical logits under a budget of the fewest slots (each layer's
+    experts then arrive in several acquire calls)."""
+    import lazymoe.runtime.model
+    from lazymoe import load_model
+    from lazymoe.runtime.network import Network
+    from tests.helpers import min_budget
+    from tests.test_runtime import PROCESS_ESTIMATE
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
+    kq = {"blk.0.ffn_gate_exps.weight": "q4_k", "blk.0.ffn_up_exps.weight": "q4_k", "blk.0.ffn_down_exps.weight": "q6_k"}
+    p = synth_gguf(tmp_path / "fine.gguf", D=256, F=256, E=16, A=4, types=kq)
+    ids = list(range(1, 60))
+    roomy = load_model(p, ram_budget="2G", ctx=128, progress=False)
+    tight = load_model(p, ram_budget=min_budget(p, 128), ctx=128, progress=False)
+    a, b = roomy.logits(ids), tight.logits(ids)
+    assert np.array_equal(a, b) and tight.experts.evictions > 0
+    roomy.rewind(0)
+    steps = [roomy.eval([i]) for i in ids[:6]]
+    monkeypatch.setattr(Network, "grouped", False)
+    per = load_model(p, ram_budget="2G", ctx=128, progress=False)
+    c = per.logits(ids)
+    assert np.abs(a - c).max() <= 1e-3 * np.abs(c).max()
+    per.rewind(0)
+    for s, i in zip(steps, ids[:6]):
+        d = per.eval([i])
+        assert np.abs(s - d).max() <= 1e-3 * np.abs(d).max()
