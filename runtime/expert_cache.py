@@ -38,7 +38,6 @@ from lazymoe.kernels.qtypes import QType
 IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
 CHUNK = 32 << 20            # bytes per pread: cold O_DIRECT reads 8 MiB at ~1.0 GB/s, 32 MiB at ~2.2 GB/s here
 IDLE_S = 2.0                # the reader thread exits after this long without work (and restarts on demand)
-READ_BATCH = 1              # jobs the reader takes per GIL-free call (4 measured no faster: RESULTS.md)
 POLL_S = 0.001              # how often a caller waiting for a job inside that call checks its progress
 READ_MODES = ("auto", "direct", "buffered")
 DEFAULT_READ = "auto"       # direct, unless most expert bytes are already in the page cache (then buffered)
@@ -48,6 +47,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
 _pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_longlong]
 _pread.restype = ctypes.c_ssize_t
+_preadv = _libc.preadv             # POSIX (glibc; macOS 11+): one request for ranges adjacent in the file
+_preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong]
+_preadv.restype = ctypes.c_ssize_t
+_memmove = _libc.memmove
+_memmove.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memmove.restype = ctypes.c_void_p
 _mincore = getattr(_libc, "mincore", None)
 
 
@@ -104,17 +109,59 @@ def read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
     """Read range i (sizes[i] bytes at file offset offs[i] to address addrs[i]) from done[i] on, GIL released.
     Returns 0 when all are read (a range ending at end of file may stop early once need[i] bytes are in),
     1 if flag[0] was set (interrupted; done[] says where to resume), -1 on a read error or a short file."""
-    for i in range(len(sizes)):
+    return read_linked(fd, addrs, sizes, need, offs, done, np.zeros(len(sizes), np.int8), flag, chunk)
+
+
+@njit(nogil=True)
+def read_linked(fd, addrs, sizes, need, offs, done, link, flag, chunk):
+    """read_ranges, where link[i] = 1 says range i starts where range i - 1 ends in the file, or inside its last
+    aligned page (the same matrix of experts e - 1 and e of a merged tensor [E, rows, cols]): unstarted linked
+    ranges, up to chunk bytes, are one preadv request scattered into their buffers, and the page two ranges share
+    is copied from the first buffer into the second (at most IO_ALIGN bytes)."""
+    n = len(sizes)
+    iov = np.empty((n, 2), np.int64)                  # struct iovec {void *base; size_t len}
+    merged_to = 0                                     # ranges below this were merged once (do not merge again)
+    i = 0
+    while i < n:
+        j = i + 1
+        if i >= merged_to and done[i] == 0:
+            total = sizes[i]
+            while j < n and link[j] != 0 and done[j] == 0 and total + offs[j] + sizes[j] - offs[j - 1] - sizes[j - 1] <= chunk:
+                total += offs[j] + sizes[j] - offs[j - 1] - sizes[j - 1]
+                j += 1
+        if j > i + 1:
+            if flag[0] != 0:
+                return 1
+            merged_to = j
+            end = offs[i]
+            for k in range(i, j):
+                skip = end - offs[k]                  # bytes of range k already in range k - 1's buffer
+                iov[k - i, 0] = addrs[k] + skip
+                iov[k - i, 1] = sizes[k] - skip
+                end = offs[k] + sizes[k]
+            r = _preadv(fd, iov.ctypes.data, j - i, offs[i])
+            if r < 0:
+                return -1
+            got = offs[i] + r                         # the file is read up to here
+            for k in range(i, j):
+                skip = 0 if k == i else offs[k - 1] + sizes[k - 1] - offs[k]
+                if skip > 0:
+                    if got < offs[k - 1] + sizes[k - 1]:
+                        break                         # the shared page is not in: range k starts from 0
+                    _memmove(addrs[k], addrs[k - 1] + offs[k] - offs[k - 1], skip)
+                done[k] = max(0, min(sizes[k], got - offs[k]))
+            continue                                  # short reads finish range by range below
         while done[i] < sizes[i]:
             if flag[0] != 0:
                 return 1
-            n = min(chunk, sizes[i] - done[i])
-            r = _pread(fd, addrs[i] + done[i], n, offs[i] + done[i])
+            m = min(chunk, sizes[i] - done[i])
+            r = _pread(fd, addrs[i] + done[i], m, offs[i] + done[i])
             if r <= 0:
                 if r == 0 and done[i] >= need[i]:
                     break
                 return -1
             done[i] += r
+        i += 1
     return 0
 
 
@@ -122,6 +169,7 @@ def compile_reader() -> None:
     """Compile the reader (its ctypes call keeps it out of numba's cache) so the first expert read does not wait."""
     z = np.zeros(0, np.int64)
     read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
+    read_linked(-1, z, z, z, z, z, np.zeros(0, np.int8), np.zeros(1, np.int32), CHUNK)
 
 
 @dataclass(frozen=True)
@@ -373,6 +421,7 @@ class ExpertCache:
         self.seq = 0
         self.worker: threading.Thread | None = None
         self.hits = self.misses = self.evictions = self.bytes_read = 0
+        self.linked_reads = 0                             # ranges read in the request of the range before them
         self.prefetch_issued = self.prefetch_useful = self.prefetch_cancelled = self.prefetch_bytes = 0
         self.wait_s = 0.0                                 # time the caller spent waiting for reads
         self.read_s = 0.0                                 # time the reader spent inside its reads (disk busy)
@@ -611,17 +660,23 @@ class ExpertCache:
                         return
                 if self.closing:
                     return
-                batch = sorted(self.queue, key=lambda j: (j.kind != "demand", j.seq))[:READ_BATCH]
+                batch = self._next_batch()
                 self.running = batch
                 self.flag[0] = 0
                 before = [int(j.done.sum()) for j in batch]
-                arrays = [np.concatenate([getattr(j, a) for j in batch]) for a in ("addrs", "sizes", "need", "offs", "done")]
+                # ranges part-major ([part, job]), so the same matrix of adjacent experts is adjacent in the call
+                arrays = [np.stack([getattr(j, a) for j in batch], axis=1) for a in ("addrs", "sizes", "need", "offs", "done")]
                 done = arrays[-1]
-                at = 0
-                for j in batch:                              # the jobs' progress becomes views of the shared array
-                    j.done, at = done[at:at + len(j.sizes)], at + len(j.sizes)
+                for k, j in enumerate(batch):                # the jobs' progress becomes views of the shared array
+                    j.done = done[:, k]
+                offs, sizes = arrays[3], arrays[1]
+                link = np.zeros(offs.shape, np.int8)         # [part, job]: starts where the previous job's range ends
+                end = offs[:, :-1] + sizes[:, :-1]
+                link[:, 1:] = (offs[:, 1:] <= end) & (offs[:, 1:] >= end - IO_ALIGN) & (done[:, 1:] == 0)
+                self.linked_reads += int(link.sum())
+                arrays = [a.reshape(-1) for a in arrays]
             t_read = time.perf_counter()
-            rc = read_ranges(self.fd, *arrays, self.flag, CHUNK)
+            rc = read_linked(self.fd, *arrays, link.reshape(-1), self.flag, CHUNK)
             t_read = time.perf_counter() - t_read
             with self.cv:
                 self.read_s += t_read
@@ -647,6 +702,24 @@ class ExpertCache:
                                                 f"{j.key[0]} could not be read")
                 self.cv.notify_all()
 
+    def _next_batch(self) -> list:
+        """The first job by priority (demand first, then oldest), with the queued jobs of its layer whose experts
+        are adjacent to it (e - 1, e + 1, ...) up to CHUNK bytes, in expert order: in a merged tensor their
+        matrices are adjacent in the file, so each matrix of the run is one read request (read_linked)."""
+        first = min(self.queue, key=lambda j: (j.kind != "demand", j.seq))
+        batch = [first]
+        if len(self.queue) > 1:
+            queued = {j.key: j for j in self.queue if not j.cancelled and not int(j.done.sum())}
+            total = int(first.sizes.sum())
+            layer, e = first.key
+            for step in (1, -1):
+                k = e + step
+                while (layer, k) in queued and total + int(queued[(layer, k)].sizes.sum()) <= CHUNK:
+                    batch.append(queued[(layer, k)])
+                    total += int(batch[-1].sizes.sum())
+                    k += step
+        return sorted(batch, key=lambda j: j.key[1])
+
     def counters(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
@@ -656,6 +729,7 @@ class ExpertCache:
                 "slot_classes": [[p.slot_bytes, len(p.layers), p.n_slots] for p in self.pools],
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
+                "linked_reads": self.linked_reads,
                 "wait_s": self.wait_s, "read_s": self.read_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
                 "read": self.read, "warm_share": self.warm_share}
 
