@@ -382,6 +382,7 @@ class ExpertCache:
             raise ValueError(f"read mode {read!r} is not one of {', '.join(READ_MODES)}")
         self.path = path
         self.offsets = offsets
+        self.n_experts = sum(len(o) for o in offsets)     # of every layer
         by_layer = [tuple(parts)] * len(offsets) if parts and isinstance(parts[0], ExpertPart) else list(parts)
         self.parts = by_layer                             # [L] (gate, up, down) ExpertParts
         classes = slot_classes(by_layer)
@@ -543,6 +544,10 @@ class ExpertCache:
                 self.cv.wait(timeout)
         self.wait_s += time.perf_counter() - t0
         return got, np.array(at, np.int64).reshape(-1, 3)
+
+    def holds_all(self) -> bool:
+        """Whether every expert of the model is resident (then guessing and reading ahead has nothing to do)."""
+        return len(self.at) == self.n_experts
 
     def arena(self, layer: int) -> np.ndarray:
         """The uint8 pool that the offsets acquire() returns for this layer point into."""

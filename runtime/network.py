@@ -166,7 +166,7 @@ class Network:
             self._guess = None
         if self.options.overlap:
             cache.want(il, experts)                                         # read the rest while the first computes
-        if self.options.prefetch and T == 1:
+        if self.options.prefetch and T == 1 and not cache.holds_all():
             for nl in range(il + 1, min(self.cfg.n_layer, il + 1 + self.prefetch_depth)):
                 self._prefetch_next(nl, x)
         if not self.grouped:
