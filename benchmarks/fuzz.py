@@ -523,13 +523,13 @@ def run_gguf(path: str, cli_main) -> str:
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.format.metadata import meta
     from lazymoe.runtime.chat import chat_prompt_ids
-    from lazymoe.runtime.tokenizer import Tokenizer
+    from lazymoe.runtime.tokenizer import load_tokenizer
     clean = False
     try:
         with GGUFFile(path) as g:
             md, tensors = g.metadata, g.tensors
             config_from_metadata(md, path, tensors)
-            tok = Tokenizer.from_gguf_metadata(md, path)
+            tok = load_tokenizer(md, path)
             template = meta(md, "tokenizer.chat_template", path, None)
             chat_prompt_ids(MESSAGES, template, tok, 2048)
     except (ValueError, OSError) as e:

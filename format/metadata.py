@@ -16,6 +16,7 @@ import numpy as np
 MAX_VOCAB = 1 << 20           # tokens; the largest real vocabularies are ~256 k
 MAX_DIM = 1 << 20             # any hyper-parameter count (layers, hidden, heads, context)
 MAX_EXPERTS = 256
+MAX_MERGES = 1 << 21          # BPE merges; real byte-level vocabularies have <= ~300 k (one per non-base token)
 MAX_TEMPLATE = 1 << 20        # characters of a chat template (real ones are 0.5-10 KB)
 
 MISSING = object()
@@ -36,7 +37,7 @@ class Key:
                 "floats": "an ARRAY of finite numbers", "ints": f"an ARRAY of integers{rng}"}[self.kind]
 
 
-_L = "llama."
+_L = "{arch}."        # the architecture's own keys: one entry serves llama., qwen3moe., ...
 _T = "tokenizer.ggml."
 KEYS: dict[str, Key] = {
     "general.architecture": Key("str", max_len=64),
@@ -52,9 +53,15 @@ KEYS: dict[str, Key] = {
     _L + "rope.dimension_count": Key("int", 1, MAX_DIM),
     _L + "expert_count": Key("int", 0, MAX_EXPERTS),
     _L + "expert_used_count": Key("int", 0, MAX_EXPERTS),
+    _L + "expert_feed_forward_length": Key("int", 1, MAX_DIM),
+    _L + "expert_shared_feed_forward_length": Key("int", 1, MAX_DIM),
+    _L + "attention.key_length": Key("int", 1, MAX_DIM),
+    _L + "attention.value_length": Key("int", 1, MAX_DIM),
     _L + "attention.layer_norm_rms_epsilon": Key("float", 0, 1),
     _L + "rope.freq_base": Key("float", 0, 1e12),
     _T + "model": Key("str", max_len=64),
+    _T + "pre": Key("str", max_len=64),
+    _T + "merges": Key("strings", max_len=MAX_MERGES),
     _T + "tokens": Key("strings", max_len=MAX_VOCAB),
     _T + "scores": Key("floats", max_len=MAX_VOCAB),
     _T + "token_type": Key("ints", 0, 255, max_len=MAX_VOCAB),
@@ -62,6 +69,9 @@ KEYS: dict[str, Key] = {
     _T + "eos_token_id": Key("int", 0, MAX_VOCAB),
     _T + "unknown_token_id": Key("int", 0, MAX_VOCAB),
     _T + "padding_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "seperator_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "cls_token_id": Key("int", 0, MAX_VOCAB),
+    _T + "mask_token_id": Key("int", 0, MAX_VOCAB),
     _T + "add_bos_token": Key("bool"),
     _T + "add_eos_token": Key("bool"),
     _T + "add_space_prefix": Key("bool"),
@@ -120,7 +130,7 @@ def _ok(spec: Key, v) -> bool:
 def meta(md: dict, key: str, where: str, default=MISSING):
     """md[key] checked against KEYS[key] (int, float, bool, str, list of str, or a 1-D numpy array);
     `default` when the key is absent (ValueError when no default is given)."""
-    spec = KEYS[key]
+    spec = KEYS.get(key) or KEYS[_L + key.split(".", 1)[-1]]
     if key not in md:
         if default is MISSING:
             raise ValueError(f"{where}: metadata key {key} is missing")

@@ -3,7 +3,8 @@
 The rules are llama_tensor_get_type() in llama.cpp's src/llama-quant.cpp (read there, for the llama
 architecture: Mixtral, Mistral, Llama), without an importance matrix and without user overrides:
 - not quantized: 1-D tensors, norms and the router (ffn_gate_inp) keep their source type;
-- output.weight: Q6_K (Q8_0 stays Q8_0; Q8_0 where a row is not a whole number of the ftype's blocks);
+- output.weight: Q6_K (Q8_0 stays Q8_0; Q8_0 where a row is not a whole number of the ftype's blocks); a file
+  without one (tied embeddings) gives token_embd.weight that rule;
 - attn_v: by ftype (Q2_K: Q4_K with >= 4 query heads per KV head, else Q3_K; Q3_K_M: Q5_K in the first two
   layers, then Q4_K; Q3_K_L: Q5_K; Q4_K_M, Q5_K_M: Q6_K in the use_more_bits layers; Q4_K_S: Q5_K in the
   first four); any 8-expert model (Mixtral) then takes Q8_0 for attn_v and attn_k;
@@ -99,7 +100,7 @@ def tensor_types(cfg: ModelConfig, ftype_name: str, shapes: dict[str, tuple[int,
             continue
         m = _LAYER.match(name)
         layer = int(m.group(1)) if m else 0
-        if name == "output.weight":
+        if name == "output.weight" or (name == "token_embd.weight" and "output.weight" not in shapes):  # tied: as output
             t = "Q8_0" if shape[-1] % _blocks(default) else (t if t == "Q8_0" else "Q6_K")
         elif name == "token_embd.weight":
             pass

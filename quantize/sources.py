@@ -1,7 +1,8 @@
 """Checkpoint sources: each turns a folder or file into a ModelConfig, GGUF metadata and a
 list of tensors to write, read lazily.
 
-- Hugging Face folder: config.json (MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM),
+- Hugging Face folder: config.json (MixtralForCausalLM, MistralForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM,
+  Qwen2MoeForCausalLM, OlmoeForCausalLM: format/config.ARCHS),
   model.safetensors or shards listed in model.safetensors.index.json, tokenizer.model,
   tokenizer_config.json / chat_template.jinja.
 - Mistral native folder: params.json, consolidated*.safetensors, tokenizer.model(.v1/.v3).
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lazymoe.format.checks import number, open_regular, read_regular, whole_number
-from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, check_config, config_from_metadata
+from lazymoe.format.config import ARCHS, EXPERT_MATRICES, REFUSED, TIED_OUTPUT, ModelConfig, check_config, config_from_metadata
 from lazymoe.format.metadata import MAX_DIM, MAX_EXPERTS
 from lazymoe.format.tokens import UNUSED
 from lazymoe.kernels.qtypes import QType
@@ -59,7 +60,7 @@ class Source:
 
 
 # Files a checkpoint folder is read from besides its safetensors shards.
-_FOLDER_FILES = ("config.json", "params.json", "model.safetensors.index.json", "tokenizer.model",
+_FOLDER_FILES = ("config.json", "params.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
                  "tokenizer.model.v1", "tokenizer.model.v3", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -156,23 +157,34 @@ def _vector(shards: _Shards, name: str, gguf_name: str, n: int) -> TensorPlan:
 _EXPERT_SOURCE = dict(zip(EXPERT_MATRICES, ("w1", "w3", "w2")))
 
 
-def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: bool) -> list[TensorPlan]:
+def _kind(gname: str) -> tuple[str, str]:
+    """(layer or "", kind) of a GGUF name: ("0", "attn_q") for blk.0.attn_q.weight, ("0", "attn_q.bias") for its bias."""
+    parts = gname.split(".")
+    i, kind = (parts[1], parts[2]) if parts[0] == "blk" else ("", parts[0])
+    return i, kind if parts[-1] == "weight" else f"{kind}.{parts[-1]}"
+
+
+def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: bool,
+          expert_source: dict[str, str] = _EXPERT_SOURCE) -> list[TensorPlan]:
     """A plan for every tensor of cfg.tensor_shapes() (the one table of GGUF names and shapes), read from a
-    source whose names are given by `names`: a table from the GGUF name's kind ("attn_q", "token_embd", ...;
-    "expert" for the merged expert tensors) to the source's name with {i} for the layer, {e} the expert and
-    {w} Mixtral's w1/w2/w3."""
+    source whose names are given by `names`: a table from the GGUF name's kind ("attn_q", "attn_q.bias",
+    "token_embd", ...; "expert" for the merged expert tensors) to the source's name with {i} for the layer,
+    {e} the expert and {w} the expert matrix's name in `expert_source` (Mixtral's w1/w2/w3)."""
     heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_head_kv}
     out = []
     for gname, shape in cfg.tensor_shapes().items():
-        parts = gname.split(".")
-        i, kind = (parts[1], parts[2]) if parts[0] == "blk" else ("", parts[0])
-        if kind in _EXPERT_SOURCE:
-            src = names["expert"].replace("{i}", i).replace("{w}", _EXPERT_SOURCE[kind])
+        i, kind = _kind(gname)
+        if names.get(kind, "") is None:                        # a tensor the file leaves out (a tied output)
+            continue
+        if kind in expert_source:
+            src = names["expert"].replace("{i}", i).replace("{w}", expert_source[kind])
             readers = [shards.reader(src.replace("{e}", str(e)), shape[1:]) for e in range(shape[0])]
             out.append(TensorPlan(gname, shape, readers))
             continue
         src = names[kind].replace("{i}", i)
-        if len(shape) == 1:
+        if kind == "ffn_gate_inp_shexp":                       # HF's Linear(D, 1): [1, D], squeezed as llama.cpp does
+            out.append(TensorPlan(gname, shape, [shards.reader(src, (1,) + shape)], keep_f32=True))
+        elif len(shape) == 1:
             out.append(_vector(shards, src, gname, shape[0]))
         elif kind == "ffn_gate_inp":
             out.append(TensorPlan(gname, shape, [shards.reader(src, shape)], keep_f32=True))
@@ -228,6 +240,15 @@ def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) 
     return md
 
 
+def _hf_tokenizer_metadata(folder: str, n_vocab: int) -> dict:
+    """A byte-level BPE tokenizer.json (Qwen, Llama 3, OLMo) or else a SentencePiece tokenizer.model (Mistral)."""
+    from lazymoe.quantize.hf_tokenizer import bpe_metadata, is_byte_level_bpe
+
+    if is_byte_level_bpe(folder):
+        return bpe_metadata(folder, n_vocab)
+    return _tokenizer_metadata(folder, ("tokenizer.model",), n_vocab)
+
+
 def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(p):
@@ -244,29 +265,38 @@ def _hf_chat_template(folder: str) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def llama_metadata(cfg: ModelConfig) -> dict:
+def model_metadata(cfg: ModelConfig, n_ff: int | None = None) -> dict:
+    """The {arch}.* keys llama.cpp's converter writes for cfg; n_ff: feed_forward_length where it is not the
+    experts' size (Qwen's intermediate_size, of a dense FFN the MoE layers do not have; default cfg.n_ff)."""
+    p = cfg.arch + "."
     md = {
-        "general.architecture": "llama",
-        "llama.block_count": cfg.n_layer,
-        "llama.context_length": cfg.n_ctx_train,
-        "llama.embedding_length": cfg.n_embd,
-        "llama.feed_forward_length": cfg.n_ff,
-        "llama.attention.head_count": cfg.n_head,
-        "llama.attention.head_count_kv": cfg.n_head_kv,
-        "llama.attention.layer_norm_rms_epsilon": cfg.rms_eps,
-        "llama.rope.freq_base": cfg.rope_theta,
-        "llama.rope.dimension_count": cfg.head_dim,
-        "llama.vocab_size": cfg.n_vocab,
+        "general.architecture": cfg.arch,
+        p + "block_count": cfg.n_layer,
+        p + "context_length": cfg.n_ctx_train,
+        p + "embedding_length": cfg.n_embd,
+        p + "feed_forward_length": cfg.n_ff if n_ff is None else n_ff,
+        p + "attention.head_count": cfg.n_head,
+        p + "attention.head_count_kv": cfg.n_head_kv,
+        p + "attention.layer_norm_rms_epsilon": cfg.rms_eps,
+        p + "rope.freq_base": cfg.rope_theta,
+        p + "rope.dimension_count": cfg.head_dim,
+        p + "vocab_size": cfg.n_vocab,
     }
+    if cfg.n_embd_head:
+        md[p + "attention.key_length"] = md[p + "attention.value_length"] = cfg.n_embd_head
     if cfg.is_moe:
-        md["llama.expert_count"] = cfg.n_expert
-        md["llama.expert_used_count"] = cfg.n_expert_used
+        md[p + "expert_count"] = cfg.n_expert
+        md[p + "expert_used_count"] = cfg.n_expert_used
+        if cfg.kind.expert_ff_key:
+            md[p + "expert_feed_forward_length"] = cfg.n_ff
+    if cfg.n_ff_shexp:
+        md[p + "expert_shared_feed_forward_length"] = cfg.n_ff_shexp
     return md
 
 
 # --- Hugging Face -------------------------------------------------------------------
 
-_HF_ARCHS = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
+_HF_ARCHS = tuple(n for a in ARCHS.values() for n in a.hf)
 
 _HF_NAMES = {
     "token_embd": "model.embed_tokens.weight",
@@ -276,6 +306,11 @@ _HF_NAMES = {
     "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
     "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
     "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "attn_output": "model.layers.{i}.self_attn.o_proj.weight",
     "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "ffn_gate_inp": "model.layers.{i}.block_sparse_moe.gate.weight",
@@ -284,6 +319,19 @@ _HF_NAMES = {
     "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
     "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
 }
+
+# Qwen2/3-MoE and OLMoE name the router and the experts as the dense model names its MLP; Qwen2-MoE adds
+# the shared expert and its gate.
+_HF_MLP_NAMES = {
+    **_HF_NAMES,
+    "ffn_gate_inp": "model.layers.{i}.mlp.gate.weight",
+    "expert": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+    "ffn_gate_inp_shexp": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+}
+_HF_MLP_EXPERTS = dict(zip(EXPERT_MATRICES, ("gate_proj", "up_proj", "down_proj")))
 
 
 _NO_DEFAULT = object()
@@ -305,14 +353,47 @@ def _json_float(c: dict, key: str, where: str, default: float, hi: float) -> flo
     return default if v is None else number(v, f"{where}: {key}", 0.0, hi, lo_open=True)
 
 
-def _hf_config(path: str, c: dict) -> ModelConfig:
-    where = os.path.join(path, "config.json")
+def _hf_arch(where: str, c: dict) -> str:
+    """The GGUF architecture of a config.json's `architectures`; ValueError naming what is refused."""
     archs = c.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ValueError(f"{where}: architectures must be a list of names, got {str(archs)[:80]}")
-    if not any(a in _HF_ARCHS for a in archs):
-        raise ValueError(f"{where}: architecture {archs or str(c.get('model_type'))[:80]!r} is not supported "
-                         f"(expected one of {', '.join(_HF_ARCHS)})")
+    for name, a in ARCHS.items():
+        if any(x in a.hf for x in archs):
+            return name
+    for hf, why in REFUSED.values():
+        if any(x in hf for x in archs):
+            raise ValueError(f"{where}: {why}")
+    raise ValueError(f"{where}: architecture {archs or str(c.get('model_type'))[:80]!r} is not supported "
+                     f"(expected one of {', '.join(_HF_ARCHS)})")
+
+
+def _hf_refuse(where: str, c: dict, arch: str) -> None:
+    """ValueError for a config the architecture's network (as llama.cpp builds it) does not compute."""
+    a = ARCHS[arch]
+    if arch == "llama":
+        return
+    checks = [
+        ("norm_topk_prob", bool(c.get("norm_topk_prob", False)), a.norm_topk),
+        ("decoder_sparse_step", c.get("decoder_sparse_step", 1), 1),
+        ("mlp_only_layers", c.get("mlp_only_layers") or [], []),
+        ("use_sliding_window", bool(c.get("use_sliding_window", False)), False),
+        ("clip_qkv", c.get("clip_qkv"), None),
+    ]
+    bias_key = "qkv_bias" if arch == "qwen2moe" else "attention_bias"
+    checks.append((bias_key, bool(c.get(bias_key, a.qkv_bias)), a.qkv_bias))
+    for key, got, want in checks:
+        if got != want:
+            raise ValueError(f"{where}: {key} = {json.dumps(got)[:40]} is not supported for {arch} (llama.cpp's {arch} "
+                             f"network has {json.dumps(want)})")
+
+
+def _hf_config(path: str, c: dict) -> tuple[ModelConfig, int | None]:
+    """(the ModelConfig of a config.json, its dense intermediate_size where the experts' size is another key)."""
+    where = os.path.join(path, "config.json")
+    arch = _hf_arch(where, c)
+    archs = c.get("architectures")
+    _hf_refuse(where, c, arch)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):
@@ -321,28 +402,34 @@ def _hf_config(path: str, c: dict) -> ModelConfig:
     n_head = _json_int(c, "num_attention_heads", where)
     D = _json_int(c, "hidden_size", where)
     head_dim = _json_int(c, "head_dim", where, None)
-    if head_dim is not None and head_dim * n_head != D:
+    if arch == "llama" and head_dim is not None and head_dim * n_head != D:
         raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads differs from hidden_size {D}; not supported")
+    ff = _json_int(c, "intermediate_size", where)
+    moe_ff = _json_int(c, "moe_intermediate_size", where) if ARCHS[arch].expert_ff_key else ff
+    experts_key = "num_local_experts" if arch == "llama" else "num_experts"
     cfg = ModelConfig(
-        n_layer=_json_int(c, "num_hidden_layers", where), n_embd=D, n_ff=_json_int(c, "intermediate_size", where),
+        n_layer=_json_int(c, "num_hidden_layers", where), n_embd=D, n_ff=moe_ff,
         n_head=n_head, n_head_kv=_json_int(c, "num_key_value_heads", where, n_head),
         n_vocab=_json_int(c, "vocab_size", where), n_ctx_train=_json_int(c, "max_position_embeddings", where, 4096),
         rms_eps=_json_float(c, "rms_norm_eps", where, 1e-5, 1.0),
         rope_theta=_json_float(theta_in, "rope_theta", where, 10000.0, 1e12),
-        n_expert=_json_int(c, "num_local_experts", where, 0, lo=0, hi=MAX_EXPERTS),
+        n_expert=_json_int(c, experts_key, where, 0, lo=0, hi=MAX_EXPERTS),
         n_expert_used=_json_int(c, "num_experts_per_tok", where, 0, lo=0, hi=MAX_EXPERTS),
+        arch=arch,
+        n_embd_head=0 if head_dim is None or head_dim * n_head == D else head_dim,
+        n_ff_shexp=_json_int(c, "shared_expert_intermediate_size", where) if ARCHS[arch].shared_expert else 0,
     )
     if "MixtralForCausalLM" in archs and not cfg.is_moe:
         raise ValueError(f"{where}: MixtralForCausalLM without num_local_experts")
-    if "MixtralForCausalLM" not in archs and cfg.is_moe:
+    if arch == "llama" and "MixtralForCausalLM" not in archs and cfg.is_moe:
         cfg = ModelConfig(**{**cfg.__dict__, "n_expert": 0, "n_expert_used": 0})
     check_config(cfg, where)
-    return cfg
+    return cfg, ff if ARCHS[arch].expert_ff_key else None
 
 
 def _open_hf(path: str) -> Source:
     c = _read_json(os.path.join(path, "config.json"))
-    cfg = _hf_config(path, c)
+    cfg, n_ff_dense = _hf_config(path, c)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         wm = _read_json(index).get("weight_map")
@@ -353,15 +440,18 @@ def _open_hf(path: str) -> Source:
         shards = _Shards(path, ["model.safetensors"])
     else:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
-    names = dict(_HF_NAMES)
-    if c.get("tie_word_embeddings") and "lm_head.weight" not in shards.where:
-        names["output"] = names["token_embd"]
+    llama = cfg.arch == "llama"
+    names = dict(_HF_NAMES if llama else _HF_MLP_NAMES)
+    if c.get("tie_word_embeddings"):
+        names["output"] = None          # tied: no output.weight, as llama.cpp's converter writes it
     src = Source(path, "hf", cfg, closers=[shards.close], inputs=_folder_inputs(path, shards))
     try:
-        src.tensors = _plan(cfg, shards, names, permute_qk=True)
-        src.metadata = llama_metadata(cfg)
+        # llama.cpp permutes Q/K rows for its adjacent-pair RoPE; NeoX-RoPE architectures keep HF's rows
+        src.tensors = _plan(cfg, shards, names, permute_qk=not cfg.kind.rope_neox,
+                            expert_source=_EXPERT_SOURCE if llama else _HF_MLP_EXPERTS)
+        src.metadata = model_metadata(cfg, n_ff_dense)
         src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
-        src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model",), cfg.n_vocab))
+        src.metadata.update(_hf_tokenizer_metadata(path, cfg.n_vocab))
         tmpl = _hf_chat_template(path)
         if tmpl:
             src.metadata["tokenizer.chat_template"] = tmpl
@@ -420,7 +510,7 @@ def _open_mistral(path: str) -> Source:
     try:
         # Mistral's native Q/K rows are already in the interleaved order llama.cpp uses.
         src.tensors = _plan(cfg, shards, _MISTRAL_NAMES, permute_qk=False)
-        src.metadata = llama_metadata(cfg)
+        src.metadata = model_metadata(cfg)
         src.metadata["general.name"] = os.path.basename(os.path.abspath(path))
         src.metadata.update(_tokenizer_metadata(path, ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"), cfg.n_vocab))
     except BaseException:
@@ -493,8 +583,7 @@ def _open_gguf(path: str) -> Source:
                 parts = [reader(old[(int(m[1]), m[2], e)], shape[1:]) for e in range(cfg.n_expert)]
                 plans.append(TensorPlan(gname, shape, parts))
                 continue
-            if gname == "output.weight" and "token_embd.weight" in f.tensors:   # tied embeddings
-                plans.append(TensorPlan(gname, shape, [reader("token_embd.weight", shape)]))
+            if gname == TIED_OUTPUT and "token_embd.weight" in f.tensors:       # tied embeddings stay tied
                 continue
             raise ValueError(f"{path}: tensor {gname} is missing")
     except BaseException:

@@ -17,7 +17,7 @@ from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import WRITES
 from lazymoe.quantize.mixes import ftype, tensor_types
-from lazymoe.quantize.sources import Source, TensorPlan, llama_metadata
+from lazymoe.quantize.sources import Source, TensorPlan, model_metadata
 
 SHAPES = {
     "mixtral-8x7b": ModelConfig(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=32000,
@@ -120,14 +120,14 @@ def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> n
 
 def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name: str = "q4_0", seed: int = 0,
                  types: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
-                 drop=(), arch: str = "llama") -> Source:
+                 drop=(), arch: str | None = None) -> Source:
     """A Source whose tensors are random blocks with the sizes of `shape` (a SHAPES name, or any ModelConfig)
     and `layers` of its layers, weight matrices in `type_name`: a type ("q4_0") or one of llama.cpp's file
     types ("q4_k_m": each tensor in the type llama.cpp's quantizer gives it, see quantize/mixes.py).
 
     For hostile files, by GGUF tensor name: types (a weight matrix stored in another type, any type gguf-py
     knows), shapes (a tensor written with another shape), drop (tensors left out); arch is written as
-    general.architecture."""
+    general.architecture (default: the config's)."""
     if isinstance(shape, ModelConfig):
         base, label = shape, "model"
     elif shape in SHAPES:
@@ -167,8 +167,8 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
             plans.append(TensorPlan(name, shp, parts, stored=t))
         else:
             plans.append(TensorPlan(name, shp, matrix(t, *shp), stored=t))
-    md = llama_metadata(cfg)
-    md["general.architecture"] = arch
+    md = model_metadata(cfg)
+    md["general.architecture"] = arch or cfg.arch
     md["general.name"] = f"synthetic {label} ({n_layer} layers, random weights)"
     md.update(synthetic_vocab(cfg.n_vocab))
     return Source(f"synth:{label}", "synth", cfg, md, plans)

@@ -103,7 +103,7 @@ class _Clock:
 
 
 def _run(model, ids, common, sampler, max_tokens, stops):
-    tok_eos = model.tokenizer.eos_id
+    eog = model.tokenizer.eog_ids          # eos and the end-of-turn tokens (<|im_end|>, <|eot_id|>)
     dec = model.tokenizer.stream()
     clock = _Clock(model, len(ids) - common, common)
     model.rewind(common)
@@ -115,7 +115,7 @@ def _run(model, ids, common, sampler, max_tokens, stops):
         tok = sampler.sample(logits, hist)
         if clock.n_gen == 0:
             clock.ttft = time.perf_counter() - clock.t0
-        if tok == tok_eos:
+        if tok in eog:
             text, _ = stops.push(dec.flush())
             yield Step(tok, text + stops.flush(), clock.stats("eos"), "eos", tuple(hist[len(ids):]))
             return

@@ -21,7 +21,7 @@ from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_option
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
 from lazymoe.runtime.network import Network, NonFiniteError, prefetch_depth
 from lazymoe.runtime.state import RunState
-from lazymoe.runtime.tokenizer import Tokenizer
+from lazymoe.runtime.tokenizer import Tokenizer, load_tokenizer
 from lazymoe.runtime.weights import Weights
 
 DEFAULT_CTX = 4096
@@ -180,7 +180,7 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
     try:
         cfg = config_from_metadata(g.metadata, path, g.tensors)
         weights = Weights(g, cfg)
-        tokenizer = Tokenizer.from_gguf_metadata(g.metadata, path)
+        tokenizer = load_tokenizer(g.metadata, path)
         meta(g.metadata, "tokenizer.chat_template", path, None)
         if tokenizer.vocab_size != cfg.n_vocab:
             raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.n_vocab}")

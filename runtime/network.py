@@ -1,5 +1,6 @@
-"""The forward pass (Mixtral / Mistral / Llama as llama.cpp lays them out in GGUF) over Weights, a RunState
-and the expert cache.
+"""The forward pass (Mixtral / Mistral / Llama, Qwen3-MoE, Qwen2-MoE, OLMoE as llama.cpp lays them out in GGUF)
+over Weights, a RunState and the expert cache. What the architectures do differently is data (format/config.ARCHS):
+the RoPE style, Q/K norms, Q/K/V biases, top-k renormalisation and a shared expert, each a small piece here.
 
 Shape legend: T tokens in the batch, D hidden, H query heads, G KV heads, R = H // G heads per KV head,
 hd head size, N positions in the KV cache, E experts, A experts used per token, F FFN size, V vocabulary.
@@ -91,21 +92,40 @@ class Network:
         return rows.astype(np.float32)                                      # [T, D]
 
     def _rope(self, x: np.ndarray, pos: int) -> None:
-        """Rotate adjacent pairs (2i, 2i+1) of x [T, heads, hd] in place for positions pos.."""
-        T = x.shape[0]
+        """Rotate x [T, heads, hd] in place for positions pos..: pairs (i, i + hd/2) for NeoX-style
+        architectures (Hugging Face's rotate_half), else adjacent pairs (2i, 2i+1) of the permuted rows."""
+        T, half = x.shape[0], x.shape[-1] // 2
         c = self.state.rope_cos[pos:pos + T, None, :]                       # [T, 1, hd/2]
         s = self.state.rope_sin[pos:pos + T, None, :]                       # [T, 1, hd/2]
-        x0, x1 = x[..., 0::2].copy(), x[..., 1::2].copy()                   # [T, heads, hd/2]
-        x[..., 0::2] = x0 * c - x1 * s
-        x[..., 1::2] = x0 * s + x1 * c
+        a, b = (slice(0, half), slice(half, None)) if self.cfg.kind.rope_neox else (slice(0, None, 2), slice(1, None, 2))
+        x0, x1 = x[..., a].copy(), x[..., b].copy()                         # [T, heads, hd/2]
+        x[..., a] = x0 * c - x1 * s
+        x[..., b] = x0 * s + x1 * c
+
+    def _qkv(self, L: Layer, h: np.ndarray):
+        """Projections of h [T, D] -> q [T, H, hd], k [T, G, hd], v [T, G, hd] with the architecture's biases and
+        Q/K RMSNorms (OLMoE: over the whole projection; Qwen3: over each head), before RoPE."""
+        cfg, T = self.cfg, h.shape[0]
+        out = []
+        for w, bias, norm, heads in ((L.attn_q, L.attn_q_bias, L.attn_q_norm, cfg.n_head),
+                                     (L.attn_k, L.attn_k_bias, L.attn_k_norm, cfg.n_head_kv),
+                                     (L.attn_v, L.attn_v_bias, None, cfg.n_head_kv)):
+            y = lin(w, h)                                                   # [T, heads*hd]
+            if bias is not None:
+                y = y + bias
+            if norm is not None and cfg.kind.qk_norm == "all":
+                y = rmsnorm(y, norm, cfg.rms_eps)
+            y = y.reshape(T, heads, cfg.head_dim)                           # [T, heads, hd]
+            if norm is not None and cfg.kind.qk_norm == "head":
+                y = rmsnorm(y, norm, cfg.rms_eps)
+            out.append(np.ascontiguousarray(y, dtype=np.float32))
+        return out
 
     def _attention(self, il: int, L: Layer, h: np.ndarray, pos: int) -> np.ndarray:
         cfg = self.cfg
         T, H, G, hd = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         R, N = H // G, pos + h.shape[0]
-        q = lin(L.attn_q, h).reshape(T, H, hd)                              # [T, H, hd]
-        k = lin(L.attn_k, h).reshape(T, G, hd)                              # [T, G, hd]
-        v = lin(L.attn_v, h).reshape(T, G, hd)                              # [T, G, hd]
+        q, k, v = self._qkv(L, h)                                           # [T, H, hd], [T, G, hd], [T, G, hd]
         self._rope(q, pos)
         self._rope(k, pos)
         self.state.k_cache[il, :, pos:N] = k.transpose(1, 0, 2)                   # [G, T, hd]
@@ -141,13 +161,18 @@ class Network:
         return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))  # [T, D]
 
     def _route(self, L: Layer, h: np.ndarray):
-        """Router for h [T, D] -> chosen experts [T, A] best first, and their weights [T, A]."""
+        """Router for h [T, D] -> chosen experts [T, A] best first, and their weights [T, A]: the softmax over all
+        E experts at the chosen A, renormalised to sum 1 where the architecture does (Mixtral, Qwen3-MoE: the
+        softmax over the chosen A), else as they are (Qwen2-MoE, OLMoE)."""
         A = self.cfg.n_expert_used
         r = lin(L.ffn_gate_inp, h)                                          # [T, E] router logits
         top = np.argsort(-r, axis=1, kind="stable")[:, :A]                  # [T, A] chosen experts, best first
         sel = np.take_along_axis(r, top, axis=1)                            # [T, A]
-        wt = np.exp(sel - sel[:, :1])                                       # [T, A] softmax over the chosen A
-        wt /= wt.sum(axis=1, keepdims=True)
+        wt = np.exp(sel - sel[:, :1])                                       # [T, A] exp relative to the best
+        if self.cfg.kind.norm_topk:
+            wt /= wt.sum(axis=1, keepdims=True)
+        else:
+            wt /= np.exp(r - sel[:, :1]).sum(axis=1, keepdims=True)         # [T, A] / the sum over all E
         return top, wt
 
     def _moe(self, il: int, L: Layer, h: np.ndarray, x: np.ndarray, routes: list) -> np.ndarray:
@@ -225,11 +250,21 @@ class Network:
             self._guess = top[0]
         self.experts.prefetch(nl, top[0])
 
-    def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
-        (q1, w1), (q3, w3), (q2, w2) = L.ffn_gate, L.ffn_up, L.ffn_down
+    @staticmethod
+    def _ffn(gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
+        """down(silu(gate h) * up h) of resident weights for h [T, D] -> [T, D]."""
+        (q1, w1), (q3, w3), (q2, w2) = gate, up, down
         if h.shape[0] == 1:
             return kernels.expert_ffn(q1, w1, q3, w3, q2, w2, h[0]).reshape(1, -1)   # [1, D]
         return kernels.expert_ffn_batch(q1, w1, q3, w3, q2, w2, np.ascontiguousarray(h))  # [T, D]
+
+    def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
+        return self._ffn(L.ffn_gate, L.ffn_up, L.ffn_down, h)                # [T, D]
+
+    def _shared_expert(self, L: Layer, h: np.ndarray) -> np.ndarray:
+        """Qwen2-MoE's shared expert for h [T, D]: its FFN scaled by sigmoid(ffn_gate_inp_shexp . h) -> [T, D]."""
+        g = 1.0 / (1.0 + np.exp(-(h @ L.ffn_gate_inp_shexp)))              # [T]
+        return self._ffn(L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, h) * g[:, None].astype(np.float32)
 
     def forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
         """Run ids [T] at positions pos.. through the network, filling the KV cache.
@@ -246,7 +281,12 @@ class Network:
             x += self._attention(il, L, h, pos)                             # [T, D]
             check_finite(x, il, "attention")
             h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)                         # [T, D]
-            x += self._moe(il, L, h, x, routes) if cfg.is_moe else self._dense_ffn(L, h)  # [T, D]
+            if not cfg.is_moe:
+                x += self._dense_ffn(L, h)                                  # [T, D]
+            else:
+                x += self._moe(il, L, h, x, routes)                         # [T, D]
+                if cfg.n_ff_shexp:
+                    x += self._shared_expert(L, h)                          # [T, D]
             check_finite(x, il, "feed-forward")
         if self.trace is not None and routes:
             self.trace.append(np.stack(routes, axis=1).astype(np.int16))    # [T, L, A]

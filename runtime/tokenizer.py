@@ -150,6 +150,7 @@ class Tokenizer:
         self._max_piece_len = max(len(p) for p in pieces)
         self._special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (CONTROL, UNKNOWN)}
         self._special_pattern: re.Pattern | None = None
+        self.eog_ids = frozenset((eos_id,))              # ids that end generation
 
     @classmethod
     def from_gguf_metadata(cls, md: dict, where: str = "GGUF") -> Tokenizer:
@@ -157,8 +158,7 @@ class Tokenizer:
         file in errors."""
         model = meta(md, _GGUF + "model", where, None)
         if model != "llama":
-            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}; only the SentencePiece "
-                             f"BPE tokenizer 'llama' is supported")
+            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}; expected 'llama' (SentencePiece BPE)")
         for key in ("tokens", "scores", "token_type", "bos_token_id", "eos_token_id", "unknown_token_id"):
             if _GGUF + key not in md:
                 raise ValueError(f"{where}: metadata lacks {_GGUF + key}, needed by the 'llama' tokenizer")
@@ -394,3 +394,17 @@ class StreamDecoder:
         self._pending.clear()
         self._text_seen |= bool(text)
         return text
+
+
+def load_tokenizer(md: dict, where: str = "GGUF"):
+    """The tokenizer tokenizer.ggml.model names: "llama" (SentencePiece BPE: Mistral, Mixtral) -> Tokenizer,
+    "gpt2" (byte-level BPE: Qwen, Llama 3, OLMo) -> runtime/bpe_tokenizer.BPETokenizer. Both have encode(text, bos,
+    special), decode, stream(), vocab_size, pieces, types, is_control, max_chars, bos_id, eos_id and eog_ids."""
+    model = meta(md, _GGUF + "model", where, None)
+    if model == "gpt2":
+        from lazymoe.runtime.bpe_tokenizer import BPETokenizer
+        return BPETokenizer.from_gguf_metadata(md, where)
+    if model == "llama":
+        return Tokenizer.from_gguf_metadata(md, where)
+    raise ValueError(f"{where}: tokenizer.ggml.model is {str(model)[:40]!r}; lazymoe reads 'llama' (SentencePiece "
+                     f"BPE) and 'gpt2' (byte-level BPE)")

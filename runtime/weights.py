@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lazymoe.format.config import EXPERT_MATRICES, ModelConfig, expert_tensors, is_expert_tensor
+from lazymoe.format.config import EXPERT_MATRICES, TIED_OUTPUT, ModelConfig, expert_tensors, is_expert_tensor
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.kernels.qtypes import QType
 from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
@@ -27,18 +27,31 @@ def norm_weight(g: GGUFFile, name: str) -> np.ndarray:
 
 
 class Layer:
-    """One block's resident weights: stored arrays and their types, by GGUF name."""
+    """One block's resident weights: stored arrays and their types, by GGUF name (a tensor's `.bias` is
+    attribute `_bias`); what the architecture lacks is None."""
 
-    def __init__(self, g: GGUFFile, i: int, moe: bool):
-        b = f"blk.{i}."
+    def __init__(self, g: GGUFFile, i: int, cfg: ModelConfig):
+        b, a = f"blk.{i}.", cfg.kind
+        vec = lambda n, on: norm_weight(g, b + n) if on else None   # noqa: E731
         self.attn_norm = norm_weight(g, b + "attn_norm.weight")     # [D]
-        self.attn_q = weight(g, b + "attn_q.weight")                # [D, D]  rows permuted for adjacent-pair RoPE
+        self.attn_q = weight(g, b + "attn_q.weight")                # [H*hd, D]  rows permuted unless rope_neox
         self.attn_k = weight(g, b + "attn_k.weight")                # [G*hd, D]  ditto
         self.attn_v = weight(g, b + "attn_v.weight")                # [G*hd, D]
-        self.attn_output = weight(g, b + "attn_output.weight")      # [D, D]
+        self.attn_q_bias = vec("attn_q.bias", a.qkv_bias)           # [H*hd] or None
+        self.attn_k_bias = vec("attn_k.bias", a.qkv_bias)           # [G*hd] or None
+        self.attn_v_bias = vec("attn_v.bias", a.qkv_bias)           # [G*hd] or None
+        self.attn_q_norm = vec("attn_q_norm.weight", a.qk_norm)     # [hd] (per head) or [H*hd] (whole) or None
+        self.attn_k_norm = vec("attn_k_norm.weight", a.qk_norm)     # [hd] or [G*hd] or None
+        self.attn_output = weight(g, b + "attn_output.weight")      # [D, H*hd]
         self.ffn_norm = norm_weight(g, b + "ffn_norm.weight")       # [D]
-        if moe:
+        if cfg.is_moe:
             self.ffn_gate_inp = weight(g, b + "ffn_gate_inp.weight")  # [E, D] router
+            shared = cfg.n_ff_shexp > 0
+            self.ffn_gate_inp_shexp = vec("ffn_gate_inp_shexp.weight", shared)   # [D] shared expert's gate, or None
+            if shared:
+                self.ffn_gate_shexp = weight(g, b + "ffn_gate_shexp.weight")     # [S, D]
+                self.ffn_up_shexp = weight(g, b + "ffn_up_shexp.weight")         # [S, D]
+                self.ffn_down_shexp = weight(g, b + "ffn_down_shexp.weight")     # [D, S]
         else:
             self.ffn_gate = weight(g, b + "ffn_gate.weight")        # [F, D]
             self.ffn_up = weight(g, b + "ffn_up.weight")            # [F, D]
@@ -80,6 +93,8 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
                     raise ValueError(f"{g.path}: tensor {t.name} has shape {t.shape}, expected {shape[1:]}")
                 g.qtype(t.name)
             continue
+        if name == TIED_OUTPUT and name not in g.tensors:          # tied to token_embd, checked as that
+            continue
         if name not in g.tensors:
             raise ValueError(f"{g.path}: tensor {name} is missing")
         got = g.tensors[name].shape
@@ -116,7 +131,7 @@ def expert_layout(g: GGUFFile, cfg: ModelConfig) -> tuple[list, list]:
 
 def resident_names(g: GGUFFile, cfg: ModelConfig) -> list[str]:
     """The tensors kept resident (all but the experts): views into the mapping, counted in the RAM plan."""
-    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n)]
+    return [n for n in cfg.tensor_shapes() if not is_expert_tensor(n) and (n != TIED_OUTPUT or n in g.tensors)]
 
 
 def slot_sizes(parts) -> list[tuple[int, int]]:
@@ -131,8 +146,8 @@ class Weights:
         check_tensors(g, cfg)
         self.token_embd = weight(g, "token_embd.weight")                # [V, D]
         self.output_norm = norm_weight(g, "output_norm.weight")         # [D]
-        self.output = weight(g, "output.weight")                        # [V, D]
-        self.layers = [Layer(g, i, cfg.is_moe) for i in range(cfg.n_layer)]
+        self.output = weight(g, TIED_OUTPUT) if TIED_OUTPUT in g.tensors else self.token_embd   # [V, D]
+        self.layers = [Layer(g, i, cfg) for i in range(cfg.n_layer)]
         self.expert_parts, self.expert_offsets = expert_layout(g, cfg)  # [L] parts, [L][E][3] offsets
         self.resident_names = resident_names(g, cfg)
         self.resident_bytes = sum(g.tensors[n].nbytes for n in self.resident_names)

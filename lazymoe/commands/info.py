@@ -17,7 +17,7 @@ def _info(args) -> int:
     from lazymoe.format.gguf_file import GGUFFile
     from lazymoe.format.metadata import meta
     from lazymoe.runtime.memory import PROCESS_ESTIMATE, min_budget, work_bytes
-    from lazymoe.runtime.tokenizer import Tokenizer
+    from lazymoe.runtime.tokenizer import load_tokenizer
     from lazymoe.runtime.weights import model_sizes
 
     if args.ctx <= 0:
@@ -28,11 +28,11 @@ def _info(args) -> int:
         total, active = cfg.params()
         types = sorted({t.type_name for t in f.tensors.values()})
         name = meta(f.metadata, "general.name", args.model, "")
-        Tokenizer.from_gguf_metadata(f.metadata, args.model)          # what `run` would refuse, refused here too
+        load_tokenizer(f.metadata, args.model)          # what `run` would refuse, refused here too
         meta(f.metadata, "tokenizer.chat_template", args.model, None)
     kv = cfg.kv_bytes(args.ctx)
     info = {
-        "file": args.model, "name": name, "architecture": "llama", "moe": cfg.is_moe, **cfg.__dict__,
+        "file": args.model, "name": name, "architecture": cfg.arch, "moe": cfg.is_moe, **cfg.__dict__,
         "head_dim": cfg.head_dim, "params_total": total, "params_active": active, "tensor_types": types,
         **sizes, "ctx": args.ctx, "kv_cache_bytes": kv, "work_bytes": work_bytes(cfg, args.ctx),
         "process_estimate_bytes": PROCESS_ESTIMATE,
@@ -45,11 +45,12 @@ def _info(args) -> int:
     mib = lambda b: f"{b / 2**20:,.1f} MiB"
     num = lambda n: f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
     print(f"{args.model}: {name}")
-    print(f"  architecture   llama ({'Mixture of Experts' if cfg.is_moe else 'dense'}), types {', '.join(types)}")
+    print(f"  architecture   {cfg.arch} ({'Mixture of Experts' if cfg.is_moe else 'dense'}), types {', '.join(types)}")
     print(f"  layers {cfg.n_layer}, hidden {cfg.n_embd}, FFN {cfg.n_ff}, heads {cfg.n_head} "
           f"(KV {cfg.n_head_kv}, dim {cfg.head_dim}), vocab {cfg.n_vocab}")
     if cfg.is_moe:
-        print(f"  experts        {cfg.n_expert}, {cfg.n_expert_used} used per token")
+        print(f"  experts        {cfg.n_expert}, {cfg.n_expert_used} used per token"
+              + (f", and a shared expert of FFN {cfg.n_ff_shexp}" if cfg.n_ff_shexp else ""))
     print(f"  context        {cfg.n_ctx_train} trained; RoPE theta {cfg.rope_theta:g}; RMSNorm eps {cfg.rms_eps:g}")
     print(f"  parameters     {num(total)} total, {num(active)} active per token")
     print(f"  resident part  {mib(sizes['resident_bytes'])} (embeddings, attention, norms, router, output)")

@@ -25,6 +25,10 @@ from lazymoe.serve.openai_api import ApiError, Request
 END = None                      # a Job's last event
 
 
+def _whole_text(s: str) -> bool:
+    return bool(s) and "\ufffd" not in s and not s[0].isspace()
+
+
 class Busy(Exception):
     """The queue is full."""
 
@@ -56,8 +60,9 @@ class Engine:
         self.running: Job | None = None
         tok = model.tokenizer
         self.controls = tuple(p for p, t in zip(tok.pieces, tok.types) if t == CONTROL and p)
-        self.anchor = next((i for i, (p, t) in enumerate(zip(tok.pieces, tok.types))   # a piece with text and
-                            if t == NORMAL and p and not p.startswith("\u2581")), None)  # no leading space
+        self.anchor = next((i for i, (p, t) in enumerate(zip(tok.pieces, tok.types))   # a piece with whole
+                            if t == NORMAL and p and not p.startswith("\u2581")            # characters of text,
+                            and _whole_text(tok.decode([i]))), None)                       # no leading space
         self.previous: tuple[str, list[int]] | None = None    # (prompt text + reply text, their ids)
         self.thread = threading.Thread(target=self._loop, name="lazymoe-model", daemon=True)
         self.thread.start()
