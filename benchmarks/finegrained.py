@@ -5,13 +5,17 @@ interleaved, on the same hidden states:
   * per-expert: the loop before grouping (cache.get, kernels.expert_ffn, unpin per expert: Network.grouped False);
   * grouped: one grouped kernel call per layer (cache.acquire, kernels/grouped.py, combine, release);
   * floor: the same bytes in one call, no routing or cache: expert_ffn on one expert A times as wide.
-The overhead per expert call is (path - floor) / A; its share of a token is that times A x L over the token's time
-(a whole decode step, measured too). The cache's bookkeeping alone (acquire/release and get/unpin on resident
-experts, want, the policy) is timed separately.
+The overhead per expert call is (path - router - floor) / A (the router's matvec and top-k are timed alone);
+its share of a token is that times A x L over the token's time (a whole decode step, measured too). The cache's
+bookkeeping alone (acquire/release and get/unpin on resident experts, want, the policy) is timed separately.
 
     python -m lazymoe.benchmarks.finegrained MODEL.gguf [--trials 7] [--json out.json]
 
 MODEL: e.g. `lazymoe synth --shape qwen3-30b-a3b --layers 4 -t q4_k_m -o q3-4L.gguf`.
+
+    python -m lazymoe.benchmarks.finegrained - --laptop qwen3-235b-a22b:10:24G
+
+prints the --ram that gives a 10-layer file the share of its experts that a 24G budget gives all 94 layers.
 """
 from __future__ import annotations
 
@@ -43,13 +47,55 @@ def wide_expert(parts, arena, at, A):
     return g, u, np.ascontiguousarray(d).view(p2.qt.dtype)
 
 
+def share_budget(shape: str, layers: int, laptop_ram: str, ctx: int = 1024, type_name: str = "q4_k_m") -> dict:
+    """The --ram that gives a `layers`-layer synth file of `shape` the share of its experts in the cache that a
+    `laptop_ram` budget gives the whole model (RESULTS.md's method for files the disk cannot hold whole)."""
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.synth import synth_source
+    from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
+    from lazymoe.runtime.memory import PROCESS_ESTIMATE, fixed_bytes, parse_size, split_slots
+
+    def plan(n: int):
+        src = synth_source(shape, layers=n, type_name=type_name)
+        cfg = src.config
+        by = {t.name: t for t in src.tensors}
+        parts = []
+        for i in range(n):
+            ts = [by[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down")]
+            parts.append(tuple(ExpertPart(t.stored, t.shape[1:], t.stored.nbytes(t.shape) // cfg.n_expert) for t in ts))
+        resident = sum((t.stored or qtype("f32")).nbytes(t.shape) for t in src.tensors if "_exps" not in t.name)
+        slots = [(slot_size(cp), len(ls)) for cp, ls in slot_classes(parts)]
+        fixed = fixed_bytes(cfg, resident, ctx, PROCESS_ESTIMATE)
+        return cfg, slots, fixed
+
+    full_cfg, full_slots, full_fixed = plan(synth_source(shape).config.n_layer)
+    room = parse_size(laptop_ram) - full_fixed
+    n_full = split_slots(full_slots, room, full_cfg.n_expert, full_cfg.n_expert_used)
+    share = sum(n_full) / (full_cfg.n_layer * full_cfg.n_expert)
+    cfg, slots, fixed = plan(layers)
+    want = round(share * layers * cfg.n_expert)
+    avg = sum(b * n for b, n in slots) / layers                      # bytes of one slot, averaged over layers
+    ram = fixed + int(want * avg) + (1 << 20)
+    got = sum(split_slots(slots, ram - fixed, cfg.n_expert, cfg.n_expert_used))
+    return {"shape": shape, "laptop_ram": laptop_ram, "full_slots": sum(n_full), "full_experts": full_cfg.n_layer * full_cfg.n_expert,
+            "share": share, "layers": layers, "ram_bytes": ram, "slots": got, "experts": layers * cfg.n_expert,
+            "full_fixed_bytes": full_fixed}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--trials", type=int, default=7, help="timed rounds (median reported)")
     ap.add_argument("--tokens", type=int, default=8, help="decode steps timed per round for the whole-token figure")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--laptop", default=None, metavar="SHAPE:LAYERS:RAM",
+                    help="only print the --ram giving a LAYERS-layer synth file of SHAPE the expert share that RAM gives "
+                         "the whole model (e.g. qwen3-235b-a22b:10:24G); MODEL is then ignored")
     args = ap.parse_args(argv)
+    if args.laptop:
+        shape, layers, ram = args.laptop.split(":")
+        print(json.dumps(share_budget(shape, int(layers), ram)))
+        return 0
 
     from lazymoe import kernels, load_model
     from lazymoe.benchmarks.machine import machine_info
@@ -84,6 +130,10 @@ def main(argv=None) -> int:
         g, u, d = wide_expert(p, cache.arena(il), at, A)
         floors.append((p, g, u, d))
 
+    def route():
+        for il in range(L):
+            net._route(net.w.layers[il], hs[il])
+
     def floor():
         for il, (p, g, u, d) in enumerate(floors):
             kernels.expert_ffn(p[0].qt, g, p[1].qt, u, p[2].qt, d, hs[il][0])
@@ -113,12 +163,13 @@ def main(argv=None) -> int:
 
     for f in (lambda: layers(True), lambda: layers(False), floor, lambda: token(True), lambda: token(False)):
         f()                                                             # compile, warm
-    res = {k: [] for k in ("grouped", "per_expert", "floor", "book_grouped", "book_per_expert", "token_grouped",
+    res = {k: [] for k in ("grouped", "per_expert", "floor", "route", "book_grouped", "book_per_expert", "token_grouped",
                            "token_per_expert")}
     for _ in range(args.trials):                                        # interleaved rounds
         res["grouped"].append(_median_us(lambda: layers(True), 3) / L)
         res["per_expert"].append(_median_us(lambda: layers(False), 3) / L)
         res["floor"].append(_median_us(floor, 3) / L)
+        res["route"].append(_median_us(route, 3) / L)
         res["book_grouped"].append(_median_us(book_grouped, 3) / L)
         res["book_per_expert"].append(_median_us(book_per_expert, 3) / L)
         res["token_grouped"].append(_median_us(lambda: token(True), 1) / args.tokens)
@@ -127,10 +178,11 @@ def main(argv=None) -> int:
     med = {k: float(np.median(v)) for k, v in res.items()}
     out = {"model": args.model, "layers": L, "experts": E, "used": A, "machine": machine_info(), "trials": args.trials,
            "us_per_layer": med,
-           "overhead_us_per_expert_call": {k: (med[k] - med["floor"]) / A for k in ("grouped", "per_expert")},
+           "overhead_us_per_expert_call": {k: (med[k] - med["route"] - med["floor"]) / A for k in ("grouped", "per_expert")},
            "bookkeeping_us_per_expert_call": {"grouped": med["book_grouped"] / A,
                                               "per_expert": med["book_per_expert"] / A},
-           "overhead_share_of_token": {k: (med[k] - med["floor"]) * L / med["token_" + k] for k in ("grouped", "per_expert")},
+           "overhead_share_of_token": {k: (med[k] - med["route"] - med["floor"]) * L / med["token_" + k]
+                                       for k in ("grouped", "per_expert")},
            "hit_rate": cache.counters()["hit_rate"]}
     print(f"{args.model}: {L} layers, {A} of {E} experts, median of {args.trials} interleaved rounds")
     print(f"{'':16}{'us/layer':>10}{'overhead us/expert':>20}{'bookkeeping us/expert':>23}{'token ms':>10}{'overhead share':>16}")
@@ -139,6 +191,7 @@ def main(argv=None) -> int:
               f"{out['bookkeeping_us_per_expert_call'][k]:23.1f}{med['token_' + k] / 1e3:10.1f}"
               f"{out['overhead_share_of_token'][k]:16.1%}")
     print(f"{'floor':16}{med['floor']:10.0f}   (the same bytes in one expert_ffn call)")
+    print(f"{'router':16}{med['route']:10.0f}   (in both paths' us/layer, not in their overhead)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
