@@ -30,7 +30,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from lazymoe.format.checks import whole_number
 from lazymoe.kernels.qtypes import QType
@@ -44,15 +44,11 @@ DEFAULT_READ = "auto"       # direct, unless most expert bytes are already in th
 WARM_SHARE = 0.5            # auto reads buffered from this share of expert pages in the page cache
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_pread = _libc.pread
-_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_longlong]
-_pread.restype = ctypes.c_ssize_t
-_preadv = _libc.preadv             # POSIX (glibc; macOS 11+): one request for ranges adjacent in the file
-_preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong]
-_preadv.restype = ctypes.c_ssize_t
-_memmove = _libc.memmove
-_memmove.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-_memmove.restype = ctypes.c_void_p
+# libc's reads as Numba external functions: resolved by name in this process (glibc; macOS 11+), so the reader
+# below is cached on disk like the kernels (through ctypes pointers it compiled anew in every process, ~2 s).
+_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
+_preadv = types.ExternalFunction("preadv", types.intp(types.int32, types.voidptr, types.int32, types.int64))
+_memmove = types.ExternalFunction("memmove", types.voidptr(types.voidptr, types.voidptr, types.uintp))
 _mincore = getattr(_libc, "mincore", None)
 
 
@@ -104,7 +100,7 @@ def page_cache_share(path: str, lo: int, hi: int) -> float:
         return 0.0
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
     """Read range i (sizes[i] bytes at file offset offs[i] to address addrs[i]) from done[i] on, GIL released.
     Returns 0 when all are read (a range ending at end of file may stop early once need[i] bytes are in),
@@ -112,7 +108,7 @@ def read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
     return read_linked(fd, addrs, sizes, need, offs, done, np.zeros(len(sizes), np.int8), flag, chunk)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def read_linked(fd, addrs, sizes, need, offs, done, link, flag, chunk):
     """read_ranges, where link[i] = 1 says range i starts where range i - 1 ends in the file, or inside its last
     aligned page (the same matrix of experts e - 1 and e of a merged tensor [E, rows, cols]): unstarted linked
@@ -166,7 +162,7 @@ def read_linked(fd, addrs, sizes, need, offs, done, link, flag, chunk):
 
 
 def compile_reader() -> None:
-    """Compile the reader (its ctypes call keeps it out of numba's cache) so the first expert read does not wait."""
+    """Compile (or load from numba's cache) the reader so the first expert read does not wait."""
     z = np.zeros(0, np.int64)
     read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
     read_linked(-1, z, z, z, z, z, np.zeros(0, np.int8), np.zeros(1, np.int32), CHUNK)
