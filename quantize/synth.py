@@ -24,6 +24,13 @@ SHAPES = {
                                 n_ctx_train=32768, rms_eps=1e-5, rope_theta=1e6, n_expert=8, n_expert_used=2),
     "mixtral-8x22b": ModelConfig(n_layer=56, n_embd=6144, n_ff=16384, n_head=48, n_head_kv=8, n_vocab=32768,
                                  n_ctx_train=65536, rms_eps=1e-5, rope_theta=1e6, n_expert=8, n_expert_used=2),
+    # Qwen3-MoE (Hugging Face config.json of Qwen/Qwen3-30B-A3B and Qwen3-235B-A22B): head_dim 128 != D / H
+    "qwen3-30b-a3b": ModelConfig(n_layer=48, n_embd=2048, n_ff=768, n_head=32, n_head_kv=4, n_vocab=151936,
+                                 n_ctx_train=40960, rms_eps=1e-6, rope_theta=1e6, n_expert=128, n_expert_used=8,
+                                 arch="qwen3moe", n_embd_head=128),
+    "qwen3-235b-a22b": ModelConfig(n_layer=94, n_embd=4096, n_ff=1536, n_head=64, n_head_kv=4, n_vocab=151936,
+                                   n_ctx_train=40960, rms_eps=1e-6, rope_theta=1e6, n_expert=128, n_expert_used=8,
+                                   arch="qwen3moe", n_embd_head=128),
 }
 
 WEIGHT_STD = 0.02        # the scale Mixtral's initialisation uses; keeps activations sane through RMSNorm

@@ -30,7 +30,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from lazymoe.format.checks import whole_number
 from lazymoe.kernels.qtypes import QType
@@ -38,16 +38,17 @@ from lazymoe.kernels.qtypes import QType
 IO_ALIGN = 4096             # O_DIRECT needs file offset, length and buffer aligned to the device block
 CHUNK = 32 << 20            # bytes per pread: cold O_DIRECT reads 8 MiB at ~1.0 GB/s, 32 MiB at ~2.2 GB/s here
 IDLE_S = 2.0                # the reader thread exits after this long without work (and restarts on demand)
-READ_BATCH = 1              # jobs the reader takes per GIL-free call (4 measured no faster: RESULTS.md)
 POLL_S = 0.001              # how often a caller waiting for a job inside that call checks its progress
 READ_MODES = ("auto", "direct", "buffered")
 DEFAULT_READ = "auto"       # direct, unless most expert bytes are already in the page cache (then buffered)
 WARM_SHARE = 0.5            # auto reads buffered from this share of expert pages in the page cache
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_pread = _libc.pread
-_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_longlong]
-_pread.restype = ctypes.c_ssize_t
+# libc's reads as Numba external functions: resolved by name in this process (glibc; macOS 11+), so the reader
+# below is cached on disk like the kernels (through ctypes pointers it compiled anew in every process, ~2 s).
+_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
+_preadv = types.ExternalFunction("preadv", types.intp(types.int32, types.voidptr, types.int32, types.int64))
+_memmove = types.ExternalFunction("memmove", types.voidptr(types.voidptr, types.voidptr, types.uintp))
 _mincore = getattr(_libc, "mincore", None)
 
 
@@ -99,29 +100,72 @@ def page_cache_share(path: str, lo: int, hi: int) -> float:
         return 0.0
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def read_ranges(fd, addrs, sizes, need, offs, done, flag, chunk):
     """Read range i (sizes[i] bytes at file offset offs[i] to address addrs[i]) from done[i] on, GIL released.
     Returns 0 when all are read (a range ending at end of file may stop early once need[i] bytes are in),
     1 if flag[0] was set (interrupted; done[] says where to resume), -1 on a read error or a short file."""
-    for i in range(len(sizes)):
+    return read_linked(fd, addrs, sizes, need, offs, done, np.zeros(len(sizes), np.int8), flag, chunk)
+
+
+@njit(nogil=True, cache=True)
+def read_linked(fd, addrs, sizes, need, offs, done, link, flag, chunk):
+    """read_ranges, where link[i] = 1 says range i starts where range i - 1 ends in the file, or inside its last
+    aligned page (the same matrix of experts e - 1 and e of a merged tensor [E, rows, cols]): unstarted linked
+    ranges, up to chunk bytes, are one preadv request scattered into their buffers, and the page two ranges share
+    is copied from the first buffer into the second (at most IO_ALIGN bytes)."""
+    n = len(sizes)
+    iov = np.empty((n, 2), np.int64)                  # struct iovec {void *base; size_t len}
+    merged_to = 0                                     # ranges below this were merged once (do not merge again)
+    i = 0
+    while i < n:
+        j = i + 1
+        if i >= merged_to and done[i] == 0:
+            total = sizes[i]
+            while j < n and link[j] != 0 and done[j] == 0 and total + offs[j] + sizes[j] - offs[j - 1] - sizes[j - 1] <= chunk:
+                total += offs[j] + sizes[j] - offs[j - 1] - sizes[j - 1]
+                j += 1
+        if j > i + 1:
+            if flag[0] != 0:
+                return 1
+            merged_to = j
+            end = offs[i]
+            for k in range(i, j):
+                skip = end - offs[k]                  # bytes of range k already in range k - 1's buffer
+                iov[k - i, 0] = addrs[k] + skip
+                iov[k - i, 1] = sizes[k] - skip
+                end = offs[k] + sizes[k]
+            r = _preadv(fd, iov.ctypes.data, j - i, offs[i])
+            if r < 0:
+                return -1
+            got = offs[i] + r                         # the file is read up to here
+            for k in range(i, j):
+                skip = 0 if k == i else offs[k - 1] + sizes[k - 1] - offs[k]
+                if skip > 0:
+                    if got < offs[k - 1] + sizes[k - 1]:
+                        break                         # the shared page is not in: range k starts from 0
+                    _memmove(addrs[k], addrs[k - 1] + offs[k] - offs[k - 1], skip)
+                done[k] = max(0, min(sizes[k], got - offs[k]))
+            continue                                  # short reads finish range by range below
         while done[i] < sizes[i]:
             if flag[0] != 0:
                 return 1
-            n = min(chunk, sizes[i] - done[i])
-            r = _pread(fd, addrs[i] + done[i], n, offs[i] + done[i])
+            m = min(chunk, sizes[i] - done[i])
+            r = _pread(fd, addrs[i] + done[i], m, offs[i] + done[i])
             if r <= 0:
                 if r == 0 and done[i] >= need[i]:
                     break
                 return -1
             done[i] += r
+        i += 1
     return 0
 
 
 def compile_reader() -> None:
-    """Compile the reader (its ctypes call keeps it out of numba's cache) so the first expert read does not wait."""
+    """Compile (or load from numba's cache) the reader so the first expert read does not wait."""
     z = np.zeros(0, np.int64)
     read_ranges(-1, z, z, z, z, z, np.zeros(1, np.int32), CHUNK)
+    read_linked(-1, z, z, z, z, z, np.zeros(0, np.int8), np.zeros(1, np.int32), CHUNK)
 
 
 @dataclass(frozen=True)
@@ -310,7 +354,7 @@ class _Pool:
 
 class _Job:
     """One expert being read into a slot."""
-    __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "cancelled")
+    __slots__ = ("key", "slot", "kind", "seq", "addrs", "sizes", "need", "offs", "done", "views", "at", "cancelled")
 
     def __init__(self, key, slot, kind, seq):
         self.key, self.slot, self.kind, self.seq = key, slot, kind, seq
@@ -334,6 +378,7 @@ class ExpertCache:
             raise ValueError(f"read mode {read!r} is not one of {', '.join(READ_MODES)}")
         self.path = path
         self.offsets = offsets
+        self.n_experts = sum(len(o) for o in offsets)     # of every layer
         by_layer = [tuple(parts)] * len(offsets) if parts and isinstance(parts[0], ExpertPart) else list(parts)
         self.parts = by_layer                             # [L] (gate, up, down) ExpertParts
         classes = slot_classes(by_layer)
@@ -360,6 +405,7 @@ class ExpertCache:
 
         self.slot_of: dict[tuple[int, int], int] = {}     # (layer, expert) -> slot, resident or being read
         self.views: dict = {}                             # resident key -> (gate, up, down) stored arrays
+        self.at: dict = {}                                # resident key -> byte offsets of those arrays in its pool
         self.loading: dict = {}                           # key -> _Job being read
         self.source: dict = {}                            # key -> "demand" | "spec" until its first use
         self.pinned: set = set()                          # keys the current layer uses: never evicted
@@ -372,6 +418,7 @@ class ExpertCache:
         self.seq = 0
         self.worker: threading.Thread | None = None
         self.hits = self.misses = self.evictions = self.bytes_read = 0
+        self.linked_reads = 0                             # ranges read in the request of the range before them
         self.prefetch_issued = self.prefetch_useful = self.prefetch_cancelled = self.prefetch_bytes = 0
         self.wait_s = 0.0                                 # time the caller spent waiting for reads
         self.read_s = 0.0                                 # time the reader spent inside its reads (disk busy)
@@ -446,6 +493,68 @@ class ExpertCache:
         self.wait_s += time.perf_counter() - t0
         return views
 
+    def acquire(self, layer: int, experts, wait_all: bool = False):
+        """Of a layer's experts (ints, none of them acquired before in this layer), those resident now, waiting until
+        at least one is (all, with wait_all): (indices into experts, their offsets [n, 3] in the layer's pool arena).
+        Issues demand reads for the others as slots allow; pins the ones it returns (release them with unpin).
+        One lock and one pass for the lot: the bookkeeping of get() without its per-call costs."""
+        keys = [(layer, e) for e in experts]
+        touch = self.pool_of[layer].policy.touch
+        t0 = time.perf_counter()
+        got, at, have = [], [], set()
+        with self.cv:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                timeout = None
+                for key in keys:
+                    if key in self.at:
+                        continue
+                    job = self.loading.get(key)
+                    if job is None:
+                        if key not in self.slot_of and self._issue(key, "demand"):
+                            self.pinned.add(key)
+                        continue
+                    if job in self.running:
+                        if (job.done >= job.need).all():  # read, though the reader has not returned yet
+                            self._finish(job)
+                            continue
+                        timeout = POLL_S
+                    self._promote(key)
+                    self.pinned.add(key)
+                for i, key in enumerate(keys):
+                    if i not in have and key in self.at:
+                        have.add(i)
+                        got.append(i)
+                        src = self.source.pop(key, None)
+                        if src == "demand":
+                            self.misses += 1
+                        else:
+                            self.hits += 1
+                            self.prefetch_useful += src == "spec"
+                        self.pinned.add(key)
+                        touch(key)
+                        at.append(self.at[key])
+                if got and (not wait_all or len(got) == len(keys)):
+                    break
+                self.cv.wait(timeout)
+        self.wait_s += time.perf_counter() - t0
+        return got, np.array(at, np.int64).reshape(-1, 3)
+
+    def holds_all(self) -> bool:
+        """Whether every expert of the model is resident (then guessing and reading ahead has nothing to do)."""
+        return len(self.at) == self.n_experts
+
+    def arena(self, layer: int) -> np.ndarray:
+        """The uint8 pool that the offsets acquire() returns for this layer point into."""
+        return self.pool_of[layer].pool
+
+    def release(self, layer: int, experts) -> None:
+        """unpin for several experts of a layer under one lock."""
+        with self.cv:
+            for e in experts:
+                self.pinned.discard((layer, e))
+
     def unpin(self, layer: int, expert: int | None = None) -> None:
         """The caller is done with an expert (None: with every expert)."""
         with self.cv:
@@ -465,7 +574,7 @@ class ExpertCache:
                 return False
             pool.policy.forget(old)
             slot = self.slot_of.pop(old)
-            del self.views[old]
+            del self.views[old], self.at[old]
             self.source.pop(old, None)
             self.evictions += 1
         job = _Job(key, slot, kind, self.seq)
@@ -488,7 +597,7 @@ class ExpertCache:
         pool = self.pool_of[layer]
         base = job.slot * pool.slot_bytes
         addr0 = pool.pool.ctypes.data + base
-        addrs, sizes, need, offs, views = [], [], [], [], []
+        addrs, sizes, need, offs, views, at = [], [], [], [], [], []
         for p, s, off in zip(pool.parts, pool.starts, self.offsets[layer][expert]):
             lo = off // IO_ALIGN * IO_ALIGN
             hi = -(-(off + p.nbytes) // IO_ALIGN) * IO_ALIGN
@@ -496,12 +605,14 @@ class ExpertCache:
             sizes.append(hi - lo)
             need.append(off + p.nbytes - lo)
             offs.append(lo)
-            raw = pool.pool[base + s + off - lo:base + s + off - lo + p.nbytes]
+            at.append(base + s + off - lo)
+            raw = pool.pool[at[-1]:at[-1] + p.nbytes]
             views.append(raw.view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape)))
         job.addrs, job.sizes = np.array(addrs, np.int64), np.array(sizes, np.int64)
         job.need, job.offs = np.array(need, np.int64), np.array(offs, np.int64)
         job.done = np.zeros(len(sizes), np.int64)
         job.views = tuple(views)
+        job.at = tuple(at)
 
     def _promote(self, key) -> None:
         job = self.loading.get(key)
@@ -521,6 +632,7 @@ class ExpertCache:
         self.queue.remove(job)
         del self.loading[job.key]
         self.views[job.key] = job.views
+        self.at[job.key] = job.at
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled = True
@@ -549,17 +661,23 @@ class ExpertCache:
                         return
                 if self.closing:
                     return
-                batch = sorted(self.queue, key=lambda j: (j.kind != "demand", j.seq))[:READ_BATCH]
+                batch = self._next_batch()
                 self.running = batch
                 self.flag[0] = 0
                 before = [int(j.done.sum()) for j in batch]
-                arrays = [np.concatenate([getattr(j, a) for j in batch]) for a in ("addrs", "sizes", "need", "offs", "done")]
+                # ranges part-major ([part, job]), so the same matrix of adjacent experts is adjacent in the call
+                arrays = [np.stack([getattr(j, a) for j in batch], axis=1) for a in ("addrs", "sizes", "need", "offs", "done")]
                 done = arrays[-1]
-                at = 0
-                for j in batch:                              # the jobs' progress becomes views of the shared array
-                    j.done, at = done[at:at + len(j.sizes)], at + len(j.sizes)
+                for k, j in enumerate(batch):                # the jobs' progress becomes views of the shared array
+                    j.done = done[:, k]
+                offs, sizes = arrays[3], arrays[1]
+                link = np.zeros(offs.shape, np.int8)         # [part, job]: starts where the previous job's range ends
+                end = offs[:, :-1] + sizes[:, :-1]
+                link[:, 1:] = (offs[:, 1:] <= end) & (offs[:, 1:] >= end - IO_ALIGN) & (done[:, 1:] == 0)
+                self.linked_reads += int(link.sum())
+                arrays = [a.reshape(-1) for a in arrays]
             t_read = time.perf_counter()
-            rc = read_ranges(self.fd, *arrays, self.flag, CHUNK)
+            rc = read_linked(self.fd, *arrays, link.reshape(-1), self.flag, CHUNK)
             t_read = time.perf_counter() - t_read
             with self.cv:
                 self.read_s += t_read
@@ -585,6 +703,24 @@ class ExpertCache:
                                                 f"{j.key[0]} could not be read")
                 self.cv.notify_all()
 
+    def _next_batch(self) -> list:
+        """The first job by priority (demand first, then oldest), with the queued jobs of its layer whose experts
+        are adjacent to it (e - 1, e + 1, ...) up to CHUNK bytes, in expert order: in a merged tensor their
+        matrices are adjacent in the file, so each matrix of the run is one read request (read_linked)."""
+        first = min(self.queue, key=lambda j: (j.kind != "demand", j.seq))
+        batch = [first]
+        if len(self.queue) > 1:
+            queued = {j.key: j for j in self.queue if not j.cancelled and not int(j.done.sum())}
+            total = int(first.sizes.sum())
+            layer, e = first.key
+            for step in (1, -1):
+                k = e + step
+                while (layer, k) in queued and total + int(queued[(layer, k)].sizes.sum()) <= CHUNK:
+                    batch.append(queued[(layer, k)])
+                    total += int(batch[-1].sizes.sum())
+                    k += step
+        return sorted(batch, key=lambda j: j.key[1])
+
     def counters(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
@@ -594,6 +730,7 @@ class ExpertCache:
                 "slot_classes": [[p.slot_bytes, len(p.layers), p.n_slots] for p in self.pools],
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_cancelled": self.prefetch_cancelled, "prefetch_bytes": self.prefetch_bytes,
+                "linked_reads": self.linked_reads,
                 "wait_s": self.wait_s, "read_s": self.read_s, "policy": getattr(self.policy, "name", type(self.policy).__name__),
                 "read": self.read, "warm_share": self.warm_share}
 

@@ -13,6 +13,7 @@ from gguf import quants
 from lazymoe import kernels
 from lazymoe.format.config import ModelConfig
 from lazymoe.kernels.attention import attend_one
+from lazymoe.kernels.grouped import combine, group_layout, grouped_ffn, sort_assignments
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache
 from lazymoe.runtime.memory import ATTN_CHUNK_FLOATS
 from lazymoe.runtime.state import RunState
@@ -66,7 +67,10 @@ def prefetch_depth(options: CacheOptions, n_slots: int, n_experts: int) -> int:
 class Network:
     """forward(ids, pos) fills the state's KV cache and returns logits. Counts prefetch recall (`predicted`:
     experts the routers chose where a guess was made one layer up, `predicted_right`: of those, guessed) and,
-    while `trace` is a list, appends each forward's routes to it ([T, L, A] int16 arrays)."""
+    while `trace` is a list, appends each forward's routes to it ([T, L, A] int16 arrays). `grouped` (default) runs
+    the experts of a layer that the cache holds as one kernel call (kernels/grouped.py); False: one call per expert."""
+
+    grouped = True
 
     def __init__(self, cfg: ModelConfig, weights: Weights, state: RunState, experts: ExpertCache | None,
                  options: CacheOptions, depth: int):
@@ -75,6 +79,8 @@ class Network:
         self.predicted = self.predicted_right = 0
         self.trace: list | None = None
         self._guess = None                   # experts guessed for the next layer, [A]
+        self.layouts = [group_layout(p[0].qt, p[1].qt, p[2].qt, p[0].shape[0], p[0].shape[1])
+                        for p in weights.expert_parts] if experts is not None else []
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         qt, w = self.w.token_embd
@@ -175,18 +181,49 @@ class Network:
         top, wt = self._route(L, h)                                         # [T, A], [T, A]
         routes.append(top)
         cache = self.experts
-        # Experts in increasing id, so each token's sum has one fixed order whatever the cache holds.
-        order = np.unique(top)                                              # [<=E]
-        cache.settle(il, order)
+        # Experts in increasing id (G of them), each owning the assignments gs[g]:gs[g+1] of tok [M] (weights w [M]):
+        # each token's sum has one fixed order whatever the cache holds.
+        experts, gs, tok, w = sort_assignments(top, wt)                     # [G], [G + 1], [M], [M]
+        cache.settle(il, experts)
         if self._guess is not None:                                         # recall of the guess made one layer up
-            self.predicted += len(order)
-            self.predicted_right += len(set(self._guess.tolist()) & set(order.tolist()))
+            self.predicted += len(experts)
+            self.predicted_right += len(set(self._guess.tolist()) & set(experts.tolist()))
             self._guess = None
         if self.options.overlap:
-            cache.want(il, order)                                           # read the rest while the first computes
-        if self.options.prefetch and T == 1:
+            cache.want(il, experts)                                         # read the rest while the first computes
+        if self.options.prefetch and T == 1 and not cache.holds_all():
             for nl in range(il + 1, min(self.cfg.n_layer, il + 1 + self.prefetch_depth)):
                 self._prefetch_next(nl, x)
+        if not self.grouped:
+            return self._moe_per_expert(il, h, top, wt, experts)
+        layout, parts, arena = self.layouts[il], self.w.expert_parts[il], cache.arena(il)
+        counts = np.diff(gs)                                                # [G] tokens per expert
+        Y = np.empty((len(tok), h.shape[1]), np.float32)                    # [M, D] each assignment's expert output
+        pending = np.arange(len(experts))                                   # groups not computed yet
+        while len(pending):
+            if self.options.overlap and len(pending) < len(experts):
+                cache.want(il, experts[pending])                            # slots freed by finished experts
+            got, at = cache.acquire(il, experts[pending].tolist())         # the resident ones, [n], [n, 3]
+            ready = pending[got]
+            small = counts[ready] <= layout.max_tokens                      # few tokens: the grouped kernel
+            if small.any():
+                g = ready[small]
+                rows = g if len(g) == len(tok) or T == 1 else np.concatenate([np.arange(gs[i], gs[i + 1]) for i in g])
+                sub = np.zeros(len(g) + 1, np.int64)
+                np.cumsum(counts[g], out=sub[1:])
+                Y[rows] = grouped_ffn(layout, arena, at[small], sub, h, tok[rows])
+            for i, o in zip(ready[~small], at[~small]):                     # many tokens: dequantize + sgemm
+                gate, up, down = (arena[a:a + p.nbytes].view(p.qt.dtype).reshape(p.qt.storage_shape(p.shape))
+                                  for a, p in zip(o, parts))
+                Y[gs[i]:gs[i + 1]] = kernels.expert_ffn_batch(parts[0].qt, gate, parts[1].qt, up, parts[2].qt, down,
+                                                              np.ascontiguousarray(h[tok[gs[i]:gs[i + 1]]]))
+            cache.release(il, experts[ready].tolist())
+            pending = np.delete(pending, got)
+        return combine(tok, w, Y, np.zeros_like(h))                         # [T, D]
+
+    def _moe_per_expert(self, il: int, h: np.ndarray, top: np.ndarray, wt: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """The routed experts one kernel call each (the path before grouping; kept for A/B measurements)."""
+        T, cache = h.shape[0], self.experts
         p = self.w.expert_parts[il]                                         # gate, up, down of this layer
         out = np.zeros_like(h)                                              # [T, D]
         for i, e in enumerate(order):

@@ -133,3 +133,24 @@ def test_llama_cpp_mixes(tmp_path, ft, extra):
         assert np.isfinite(np.array(m.scores[:3], dtype=np.float32)).all()
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("shape,D,F,hd,H,L", [("qwen3-30b-a3b", 2048, 768, 128, 32, 48),
+                                               ("qwen3-235b-a22b", 4096, 1536, 128, 64, 94)])
+def test_qwen3_shapes(shape, D, F, hd, H, L):
+    """The Qwen3-MoE shapes are qwen3moe with the Hugging Face configs' sizes (head_dim 128 != D / H, 128 experts,
+    8 used), in llama.cpp's Q4_K_M mix; written without building a file."""
+    from lazymoe.quantize.synth import synth_source
+    src = synth_source(shape, layers=1, type_name="q4_k_m")
+    cfg, md = src.config, src.metadata
+    assert (cfg.arch, cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.head_dim, cfg.n_expert, cfg.n_expert_used) == \
+        ("qwen3moe", 1, D, F, hd, 128, 8)
+    assert md["general.architecture"] == "qwen3moe" and md["qwen3moe.attention.key_length"] == hd
+    assert md["qwen3moe.expert_feed_forward_length"] == F and md["qwen3moe.attention.head_count"] == H
+    shapes = {p.name: p.shape for p in src.tensors}
+    assert shapes["blk.0.attn_q.weight"] == (H * hd, D) and shapes["blk.0.attn_k_norm.weight"] == (hd,)
+    assert shapes["blk.0.ffn_gate_exps.weight"] == (128, F, D) and shapes["token_embd.weight"] == (151936, D)
+    types = {p.name: p.stored.name for p in src.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "q4_k" and types["blk.0.ffn_down_exps.weight"] == "q6_k"
+    from lazymoe.quantize.synth import SHAPES
+    assert SHAPES[shape].n_layer == L
