@@ -30,12 +30,16 @@ from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import quantize_q8_k
+from tests.test_iq4_kernels import make_weights as iq4_weights
 from tests.test_kquant_kernels import make_weights as kquant_weights
 
 GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "q4_1": G.Q4_1, "q5_0": G.Q5_0, "q2_k": G.Q2_K, "q3_k": G.Q3_K,
-      "q4_k": G.Q4_K, "q5_k": G.Q5_K, "q6_k": G.Q6_K, "f16": G.F16, "bf16": G.BF16, "f32": G.F32}
+      "q4_k": G.Q4_K, "q5_k": G.Q5_K, "q6_k": G.Q6_K, "f16": G.F16, "bf16": G.BF16, "f32": G.F32,
+      "iq4_nl": G.IQ4_NL, "iq4_xs": G.IQ4_XS}
 TYPES = list(GG)
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+IQ4 = ["iq4_nl", "iq4_xs"]              # random bytes as the K-quants' (tests/test_iq4_kernels.make_weights)
+Q8K = KQ + ["iq4_xs"]                   # the types whose dots take Q8_K activations
 FLOATS = ("f16", "bf16", "f32")
 RNG = np.random.default_rng(1234)
 
@@ -48,9 +52,10 @@ def weights(name, shape, heavy=False):
     if name == "f16":
         w = W.astype(np.float16)
         return w, w.astype(np.float64)
-    if name in KQ:
+    if name in KQ + IQ4:
         rows = int(np.prod(shape[:-1]))
-        w = kquant_weights(name, rows, shape[-1], RNG, heavy).reshape(*shape[:-1], -1)
+        make = iq4_weights if name in IQ4 else kquant_weights
+        w = make(name, rows, shape[-1], RNG, heavy).reshape(*shape[:-1], -1)
     else:
         w = quants.quantize(W, GG[name])
     Wd = quants.dequantize(w.view(np.uint8), GG[name]).astype(np.float64)
@@ -59,7 +64,7 @@ def weights(name, shape, heavy=False):
 
 def q8_reference(x, name="q4_0"):
     """x [.., C] -> (x' dequantized from Q8 (Q8_K for K-quants) blocks as the kernels quantize it, block scales d)."""
-    if name in KQ:
+    if name in Q8K:
         X = np.atleast_2d(x).astype(np.float32)
         xq, xd = np.empty(X.shape, np.int8), np.empty((X.shape[0], X.shape[1] // 256), np.float32)
         for k in range(X.shape[0]):
@@ -216,7 +221,7 @@ FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0"
              ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1"), ("q4_1", "q5_0", "q5_1"), ("bf16", "f16", "q4_1")]
 # K-quant mixes need D and F in whole 256-blocks: Q4_K_M's (gate, up Q4_K, down Q6_K), schemes mixed in one expert
 K_FFN_TYPES = [("q4_k", "q4_k", "q6_k"), ("q4_k", "q8_0", "q5_k"), ("q2_k", "q3_k", "q4_k"), ("q5_k", "q5_k", "bf16"),
-               ("q6_k", "q4_0", "q2_k")]
+               ("q6_k", "q4_0", "q2_k"), ("iq4_xs", "iq4_xs", "iq4_nl"), ("iq4_nl", "q4_k", "iq4_xs")]
 FFN_CASES = ([(t, 128, 352) for t in FFN_TYPES] + [(t, 256, 1056) for t in FFN_TYPES]
              + [(t, 256, 768) for t in K_FFN_TYPES] + [(t, 512, 1024) for t in K_FFN_TYPES])
 
@@ -225,7 +230,7 @@ def ffn_bound(types, X):
     # x is quantized before W1/W3 and h before W2 (for block types): ~1/127 per block each,
     # twice, through two layers; observed worst case 1.3 % over 20 draws, so 0.04 leaves ~3x.
     # Q8_K's one scale per 256 is coarser: 1.2-2.4 % median, 5.3 % worst over 10 draws per K mix, so 0.1.
-    if any(t in KQ for t in types):
+    if any(t in Q8K for t in types):
         return 0.1
     return 0.04 if any(t.startswith("q") for t in types) else 1e-5
 
@@ -299,7 +304,7 @@ def test_bad_inputs():
         lambda: K.matvec("q4_0", w, np.ones(128, np.float32)[::2]),            # non-contiguous x
         lambda: K.matvec("q4_0", w.reshape(-1), x),                            # 1-D weights
         lambda: K.matvec("q4_0", w, x, out=np.empty(7, np.float32)),           # wrong out shape
-        lambda: K.matvec("iq4_xs", w, x),                                      # unknown type
+        lambda: K.matvec("iq3_s", w, x),                                       # unknown type
         lambda: K.matvec("q4_k", w, x),                                        # 36 bytes is not whole 144-byte blocks
         lambda: K.matvec("q4_k", np.zeros((8, 144), np.uint8), x),             # a q4_k row is 256 weights, x has 64
         lambda: K.matvec("bf16", np.ones((8, 64), np.float16), x),             # bf16 is stored as uint16 bits
