@@ -46,6 +46,26 @@ def test_a_refusal_caused_by_memory_counts_as_over_1gb():
     fuzz._refused(ValueError("plain"))
 
 
+def test_seed_files_cover_every_computed_type(tmp_path):
+    """The GGUF targets' seeds hold every type kernels.qtypes computes on, each "types" seed one type in every weight
+    matrix, and each seed runs ("ok") unmutated: mutations of it reach that type's kernels."""
+    from lazymoe.cli import main
+    from lazymoe.format.gguf_file import GGUFFile
+    from lazymoe.kernels.qtypes import QTYPES
+    seeds = fuzz.make_seeds(str(tmp_path))
+    seen = set()
+    for name, path in seeds.items():
+        if name.split("-")[0] not in fuzz.GGUF_TARGETS:
+            continue
+        with GGUFFile(path) as g:
+            types = {t.type_name for t in g.tensors.values()}
+        seen |= types
+        if name.startswith("types-"):
+            assert types == {name[6:].upper(), "F32"}, name
+            assert fuzz.run_gguf(path, main) == "ok", name
+    assert seen == {q.name.upper() for q in QTYPES.values()}
+
+
 _NEW_COMPILES = """
 import os, sys
 from numba.core.registry import CPUDispatcher

@@ -284,3 +284,11 @@ def test_expert_ffn_batch(types, tokens):
     if tokens == 1:
         y = K.expert_ffn(types[0], w1, types[1], w3, types[2], w2, X[0])
         np.testing.assert_array_equal(y, Y[0])
+
+
+def test_generic_forms_compile_for_arm64():
+    """The generic-IR dots carry no x86 intrinsic: LLVM's AArch64 backend compiles them (a form CI cannot run)."""
+    from lazymoe.benchmarks.arm64_asm import compile_arm64, counts
+    for t, cg in (("iq4_nl", iq4._nl_dot_codegen(False)), ("iq4_xs", iq4._xs_dot_codegen(False))):
+        c = counts(compile_arm64(cg))
+        assert c["smull"] + c["smlal"] + c["smlal2"] > 0, t        # the widening multiplies of the dot
