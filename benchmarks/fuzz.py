@@ -728,7 +728,7 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
              progress: bool = False, case_seeds=None) -> dict:
     """Run n cases (target chosen by WEIGHTS, case seeds seed.., reproducible; or exactly `case_seeds` on the
     first target) over `workers` processes.
-    Returns {"counts": {target: {outcome: n}}, "findings": [...], "seconds", "cases_per_s"}."""
+    Returns {"counts": {target: {outcome: n}}, "findings": [...], "seconds", "cases_per_s", "ms_per_case": {target: ms}}."""
     scratch = tempfile.mkdtemp(prefix="lazymoe-fuzz-seeds-")
     try:
         seeds = json.loads(subprocess.run(                  # in a child: this process stays small
@@ -741,13 +741,15 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
             if case_seeds is None else [(targets[0], s) for s in case_seeds]
         workers = min(workers, len(cases))
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in targets}
+        busy_s = dict.fromkeys(targets, 0.0)            # seconds the workers spent on each target's cases
         findings = []
         t0 = time.monotonic()
         done = 0
 
-        def record(case, outcome, detail=""):
+        def record(case, outcome, detail="", seconds=0.0):
             nonlocal done
             counts[case[0]][outcome] += 1
+            busy_s[case[0]] += seconds
             done += 1
             if outcome not in ("ok", "clean"):
                 findings.append({"target": case[0], "seed": case[1], "outcome": outcome, "detail": detail})
@@ -770,8 +772,9 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
             w.p.stdin.close()
             w.p.wait()
         el = time.monotonic() - t0
+        ms = {t: 1e3 * busy_s[t] / max(1, sum(counts[t].values())) for t in targets}
         return {"cases": n, "seed": seed, "workers": workers, "counts": counts, "findings": findings,
-                "seconds": el, "cases_per_s": n / el}
+                "seconds": el, "cases_per_s": n / el, "ms_per_case": ms}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -800,7 +803,7 @@ def _drive(procs: list, idle: list, todo: list, seeds: dict, nice: int, record) 
                 if r.get("ready"):
                     w.ready, w.started = True, now
                     continue
-                record(w.case, r["outcome"], r["detail"])
+                record(w.case, r["outcome"], r["detail"], r["seconds"])
                 w.case = None
                 idle.append(w)
                 answered = True
@@ -818,13 +821,14 @@ def _drive(procs: list, idle: list, todo: list, seeds: dict, nice: int, record) 
 
 def table(r: dict) -> str:
     """The campaign's counts as a Markdown table, one row per target and a total."""
-    rows = ["| target | cases | " + " | ".join(OUTCOMES) + " |", "|---|---:|" + "---:|" * len(OUTCOMES)]
+    rows = ["| target | cases | " + " | ".join(OUTCOMES) + " | ms/case |", "|---|---:|" + "---:|" * (len(OUTCOMES) + 1)]
     total = dict.fromkeys(OUTCOMES, 0)
     for t, c in r["counts"].items():
-        rows.append(f"| {t} | {sum(c.values()):,} | " + " | ".join(f"{c[o]:,}" for o in OUTCOMES) + " |")
+        rows.append(f"| {t} | {sum(c.values()):,} | " + " | ".join(f"{c[o]:,}" for o in OUTCOMES)
+                    + f" | {r['ms_per_case'][t]:.0f} |")
         for o in OUTCOMES:
             total[o] += c[o]
-    rows.append(f"| **all** | **{sum(total.values()):,}** | " + " | ".join(f"{total[o]:,}" for o in OUTCOMES) + " |")
+    rows.append(f"| **all** | **{sum(total.values()):,}** | " + " | ".join(f"{total[o]:,}" for o in OUTCOMES) + " | |")
     return "\n".join(rows)
 
 
