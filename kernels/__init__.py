@@ -51,6 +51,9 @@ def _numba_cache_dir() -> None:
         return
     if os.access(path, os.W_OK):
         os.environ["NUMBA_CACHE_DIR"] = path
+        import sys
+        if "numba" in sys.modules:      # numba read the environment at its import: a caller imported it first
+            sys.modules["numba"].config.CACHE_DIR = path
 
 
 _numba_cache_dir()

@@ -20,6 +20,9 @@ Each type has, in kquant.py's calling convention (w flat uint8, wo the row's byt
                                             widening multiplies (kquant._chunk_dot's generic form)
   dot_<t>_plain                             the plain-Numba twin (tests)
   dequant_<t>(w, wo, out, oo, nb)           nb blocks -> out[oo:] float32, gguf's float operations bit for bit
+  TILES[<t>] (AVX2)                         simd.tile_switch codegen: one row x 1..4 tokens, each block's lookup
+                                            once for them; 1.5-1.8x the row dots at 16-32 tokens (14336x4096,
+                                            2 threads, benchmarks/tiles_ab.py, RESULTS.md)
 
 Arithmetic: every integer sum is exact in int32 for any bytes: |kv| <= 127, |x| <= 128, so a pair of products fits
 i16 (32,512); IQ4_XS's super-block sum is at most 8 * 32 * 32 * 127 * 128 < 2^31. The x86 form gives x its weight's
@@ -60,7 +63,7 @@ from .kquant import (
     _shuf,
     _splat,
 )
-from .simd import HAVE_AVX2, f16_to_f32
+from .simd import HAVE_AVX2, f16_to_f32, tile_switch
 
 # llama.cpp's kvalues_iq4nl (ggml-common.h), also gguf.quants.IQ4_NL.kvalues
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -88,14 +91,28 @@ def _lookup(b, u, x86):
     return level[0]
 
 
-def _step(b, q16, x, s, x86):
-    """<8 x i32> partial sums of s * sum_l KVALUES[u_l] x_l over 32 weights: q16 <16 x i8> the packed indices
-    (low nibbles weights 0..15, high 16..31), x <32 x i8>, s <16 x i16> the scale in every lane."""
+def _weights(b, q16, x86):
+    """The 32 weights' values of one 32-block: q16 <16 x i8> the packed indices (low nibbles weights 0..15, high
+    16..31) -> KVALUES[u] <32 x i8>; on x86 also |kv| for vpmaddubsw, (kv, |kv|)."""
     kv = _lookup(b, _nibbles32(b, q16), x86)
+    if not x86:
+        return kv, None
+    psign = _fn(b, "llvm.x86.avx2.psign.b", _V(_I8, 32), [_V(_I8, 32)] * 2)
+    return kv, b.call(psign, [kv, kv])
+
+
+def _product(b, kv, x, s, x86):
+    """<8 x i32> partial sums of s * sum_l kv_l x_l: kv from _weights, x <32 x i8>, s <16 x i16> the scale in every
+    lane. x86: |kv| . (x with kv's sign); generic: widening multiplies, which sign-extend kv and x."""
     if x86:
         psign = _fn(b, "llvm.x86.avx2.psign.b", _V(_I8, 32), [_V(_I8, 32)] * 2)
-        return _chunk_dot(b, b.call(psign, [kv, kv]), b.call(psign, [x, kv]), s, True)
-    return _chunk_dot(b, kv, x, s, False)                           # sign-extends both: kv may be negative
+        return _chunk_dot(b, kv[1], b.call(psign, [x, kv[0]]), s, True)
+    return _chunk_dot(b, kv[0], x, s, False)
+
+
+def _step(b, q16, x, s, x86):
+    """<8 x i32> partial sums of s * sum_l KVALUES[u_l] x_l over the 32 weights whose indices are q16."""
+    return _product(b, _weights(b, q16, x86), x, s, x86)
 
 
 # ---- IQ4_NL -------------------------------------------------------------------------------------
@@ -218,6 +235,62 @@ def _xs_dequant_codegen():
     return codegen
 
 
+# ---- token tiles: one row x kk (1..4) tokens, each block's lookup once for the kk tokens ------------------
+
+def _tile_emit(kind, x86):
+    """emit(context, b, sig, args, kk) for simd.tile_switch: the row at byte wo times tokens k0 .. k0+kk-1.
+
+    args (w, wo, xq int8 [T, C], xd f32 [T, NB], xct (sums, not read), k0, kk); kk accumulators, the float
+    operations of the row dot per token (IQ4_XS's tile equals its dot bit for bit, IQ4_NL's to float rounding)."""
+    ts, bs = TYPE_SIZE[kind], BLOCK[kind]
+
+    def emit(context, b, sig, args, kk):
+        wa, wn = _shape0(context, b, sig.args[0], args[0])
+        xqa = context.make_array(sig.args[2])(context, b, args[2])
+        xda = context.make_array(sig.args[3])(context, b, args[3])
+        wo, k0 = args[1], args[5]
+        cols = cgutils.unpack_tuple(b, xqa.shape)[1]
+        nbx = cgutils.unpack_tuple(b, xda.shape)[1]
+        nb = _clamp(b, nbx, [(cols, bs), (b.sub(wn, wo), ts)])
+        nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
+        wp = b.gep(wa.data, [wo])
+        xps = [b.gep(xqa.data, [b.mul(b.add(k0, _c64(k)), cols)]) for k in range(kk)]
+        dps = [b.gep(xda.data, [b.mul(b.add(k0, _c64(k)), nbx)]) for k in range(kk)]
+        fma = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
+        zero = ir.Constant(_V(_F32, 8), None) if kind == "iq4_nl" else ir.Constant(_F32, 0.0)
+        acc = [cgutils.alloca_once_value(b, zero) for _ in range(kk)]
+        with cgutils.for_range(b, nb) as loop:
+            i = loop.index
+            p = b.gep(wp, [b.mul(i, _c64(ts))])
+            _prefetch(b, p)
+            d = _half(b, p, 0)
+            dx = [b.load(b.gep(dps[k], [i])) for k in range(kk)]
+            if kind == "iq4_nl":
+                kv = _weights(b, _load(b, p, 2, _V(_I8, 16)), x86)
+                for k in range(kk):
+                    x = _load(b, xps[k], b.mul(i, _c64(32)), _V(_I8, 32))
+                    s = _product(b, kv, x, _splat(_I16, 16, 1), x86)
+                    b.store(b.call(fma, [b.sitofp(s, _V(_F32, 8)), _bcast(b, b.fmul(d, dx[k]), 8), b.load(acc[k])]),
+                            acc[k])
+            else:
+                ls = _xs_scales(b, p)
+                sumi = [ir.Constant(_V(_I32, 8), None)] * kk
+                for c in range(8):                                      # chunk-major: one lookup for kk tokens
+                    kv = _weights(b, _load(b, p, 8 + 16 * c, _V(_I8, 16)), x86)
+                    sc = _shuf(b, ls, [c] * 16)
+                    for k in range(kk):
+                        x = _load(b, xps[k], b.add(b.mul(i, _c64(QK_K)), _c64(32 * c)), _V(_I8, 32))
+                        sumi[k] = b.add(sumi[k], _product(b, kv, x, sc, x86))
+                for k in range(kk):
+                    t = b.fmul(b.fmul(d, dx[k]), b.sitofp(_reduce_add(b, sumi[k]), _F32))
+                    b.store(b.fadd(b.load(acc[k]), t), acc[k])
+        if kind == "iq4_nl":
+            return [_hsum_f(b, b.load(a)) for a in acc]
+        return [b.load(a) for a in acc]
+
+    return emit
+
+
 # One @intrinsic per (type, form), bound to module-level names so cached njit callers find them.
 dot_iq4_nl_ir = _dot("dot_iq4_nl_ir", _nl_dot_codegen(False))
 dot_iq4_xs_ir = _dot("dot_iq4_xs_ir", _xs_dot_codegen(False))
@@ -298,3 +371,6 @@ def _registry_dequant(kind):
 
 
 REGISTRY = {t: (_registry_dot(t), _registry_dequant(t)) for t in _TYPES}
+# 1 row x 4 token tiles for int_matmul (AVX2 only, as simd.py's and kquant.py's: the portable build runs the dots
+# per (row, token)); the generic-IR form exists (x86=False) but is not registered.
+TILES = {t: tile_switch(_tile_emit(t, True)) if HAVE_AVX2 else None for t in _TYPES}

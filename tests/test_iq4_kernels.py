@@ -292,3 +292,31 @@ def test_generic_forms_compile_for_arm64():
     for t, cg in (("iq4_nl", iq4._nl_dot_codegen(False)), ("iq4_xs", iq4._xs_dot_codegen(False))):
         c = counts(compile_arm64(cg))
         assert c["smull"] + c["smlal"] + c["smlal2"] > 0, t        # the widening multiplies of the dot
+
+
+@pytest.mark.skipif(not HAVE_AVX2, reason="tiles are AVX2 only")
+@pytest.mark.parametrize("t", IQ)
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_tiles_against_dots(t):
+    """1 row x 4 token tiles (and the 1..3 edge) against one row dot per (row, token): IQ4_XS's bit for bit (the same
+    float operations per token), IQ4_NL's within the dot bound; hostile bytes give the dot's NaN or value."""
+    from lazymoe.kernels.int_matmul import int_matmul_parallel
+    k = K.KERNELS[t]
+    rng = np.random.default_rng(21)
+    for heavy, tokens in ((False, 7), (True, 6), (True, 1)):
+        w = make_weights(t, 37, 512, rng, heavy)
+        if heavy:                                                      # every fifth block's d non-finite or extreme
+            blocks = w.reshape(-1, SIZE[t][1])
+            blocks[::5, 0:2] = _f16([np.nan, np.inf, 65504.0, -0.0])[rng.integers(0, 4, len(blocks[::5]))]
+        X = rng.standard_t(3, (tokens, 512)).astype(np.float32)
+        qx = k.act.buffers(512, tokens)
+        k.act.quantize_rows(X, *qx)
+        tiled, dots = np.empty((tokens, 37), np.float32), np.empty((tokens, 37), np.float32)
+        int_matmul_parallel(k.code, True, w, X, *qx, tiled, 2)
+        int_matmul_parallel(k.code, False, w, X, *qx, dots, 2)
+        if t == "iq4_xs":
+            np.testing.assert_array_equal(tiled, dots)
+        else:
+            np.testing.assert_array_equal(np.isnan(tiled), np.isnan(dots))
+            ok = ~np.isnan(dots) & np.isfinite(dots)
+            np.testing.assert_allclose(tiled[ok], dots[ok], rtol=1e-5, atol=1e-5 * np.abs(dots[ok]).max())

@@ -160,7 +160,8 @@ def test_portable_dots_match_avx2(name):
     np.testing.assert_allclose(y, K.matvec(name, w, x), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                  "iq4_nl", "iq4_xs"])
 def test_tiles_match_dots(name):
     """The AVX2 tiles (1 row x 4 tokens and edges) against one block dot per (row, token)."""
     from lazymoe.kernels.int_matmul import int_matmul_parallel
@@ -347,3 +348,16 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
                           "print(numba.config.CACHE_DIR)"], env=env, capture_output=True, text=True, check=True)
     want = os.path.join(str(tmp_path), "lazymoe", "numba-" + sources_key(os.path.dirname(K.__file__)))
     assert out.stdout.split() == [want, want]
+
+
+def test_keyed_cache_when_numba_is_imported_first():
+    """A caller that imports numba before lazymoe.kernels (benchmarks/kernels.py did) still gets the cache keyed by
+    the kernels' sources: numba had read NUMBA_CACHE_DIR at its import, so the drivers cached beside their files and
+    kept code compiled before a registry row existed (IQ4 tiles came out NaN, 80x 'faster')."""
+    import subprocess
+    import sys
+    code = ("import numba, sys, lazymoe.kernels; m = sys.modules['lazymoe.kernels.matvec']; "
+            "print(m.dot_rows._cache._cache_path.startswith(numba.config.CACHE_DIR) and 'numba-' in numba.config.CACHE_DIR)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr[-2000:]
