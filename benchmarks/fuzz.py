@@ -4,7 +4,9 @@ load path in a bounded worker process, counted by outcome.
 Targets (seed files are made once per campaign in a scratch folder):
   demo      the shipped demo model (runtime.DEMO_MODEL)
   mixtral   a one-layer Mixtral-shaped synth file (8 experts, top-2, GQA 4:1, Q4_0, rows of 256)
-  kquant    the same shape in llama.cpp's Q4_K_M mix (the runtime refuses K-quants today: a clean outcome)
+  kquant    the same shape in llama.cpp's Q4_K_M mix
+  types     the same shape once per type the runtime computes on (TYPE_SEEDS), every weight matrix in that type;
+            a case picks one of them
   template  hostile Jinja chat templates, rendered and then tokenized
   hf        hostile Hugging Face folders (config.json, safetensors headers, tokenizer files) converted
 
@@ -45,9 +47,16 @@ import time
 import traceback
 
 OUTCOMES = ("ok", "clean", "traceback", "signal", "hang", "over_1gb")
-TARGETS = ("demo", "mixtral", "kquant", "template", "hf")
-WEIGHTS = {"demo": 4, "mixtral": 2, "kquant": 1, "template": 2, "hf": 1}   # share of cases per target
-CASE_SECONDS = 10        # per-case alarm in the worker; the parent kills at twice this
+TARGETS = ("demo", "mixtral", "kquant", "types", "template", "hf")
+WEIGHTS = {"demo": 4, "mixtral": 2, "kquant": 1, "types": 2, "template": 2, "hf": 1}   # share of cases per target
+# The "types" target's seed files: every block and float type of kernels.qtypes but Q4_0 (the mixtral seed) and F32
+# (the norms and router of every seed), one file each.
+TYPE_SEEDS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "bf16", "f16")
+GGUF_TARGETS = ("demo", "mixtral", "kquant", "types")
+CASE_SECONDS = 10        # per-case alarm in the worker; the parent kills at twice this (+5 s)
+# A fresh worker's warm-up (before it says it is ready): on a cold Numba cache it compiles every driver, 2-5 min
+# on a busy 2-core machine; the parent used to count it against the first case (5 false hangs in a row).
+WARM_UP_SECONDS = 900
 MEMORY_LIMIT = 1 << 30   # over the worker's baseline: peak RSS beyond it, or any MemoryError, is "over_1gb"
 ADDRESS_LIMIT = 2 << 30  # RLIMIT_AS over the baseline: the hard stop, so that a case cannot take the machine
 
@@ -200,10 +209,27 @@ def _same_type_boundary(rng, vt, raw):
     return raw
 
 
+# Offsets of the f16 scales (d, and a min where the type has one) in a block of each type the seeds hold
+# (ggml-common.h); F16 and BF16 are blocks of one element.
+SCALES_AT = {"F16": (0,), "BF16": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+             "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,),
+             "IQ4_XS": (0,)}
+BF16_SPECIAL = (0x7F80, 0xFF80, 0x7FC0, 0x7F7F, 0xFF7F, 0x0001, 0x0000, 0x3F80)   # inf, -inf, NaN, +-max, ...
+# Type ids a tensor is retyped to: every computed one, some the runtime refuses (IQ2_XXS 16, IQ3_S 21, I8 24,
+# TQ1_0 34, MXFP4 39) and ids past gguf's table.
+RETYPE = (0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 21, 23, 24, 30, 34, 39, 40, 2**31)
+
+
 def _block_layout(type_id: int):
-    """(block bytes, offsets of its f16 scales) for the block types the seeds hold."""
-    return {2: (18, (0,)), 8: (34, (0,)), 12: (144, (0, 2)), 14: (210, (208,)), 13: (176, (0, 2)),
-            11: (110, (108,)), 10: (84, (80, 82)), 1: (2, (0,))}.get(type_id)
+    """(weights per block, block bytes, offsets of its f16 scales) for the types the seeds hold, else None."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        g = GGMLQuantizationType(type_id)
+    except ValueError:
+        return None
+    if g.name not in SCALES_AT:
+        return None
+    return (*GGML_QUANT_SIZES[g], SCALES_AT[g.name])
 
 
 def mutate_gguf(seed_bytes: bytes, parts: Gguf, rng: random.Random) -> bytes:
@@ -250,7 +276,7 @@ def mutate_gguf(seed_bytes: bytes, parts: Gguf, rng: random.Random) -> bytes:
         elif what == 1:
             t[1] = t[1][::-1] if rng.random() < 0.5 else t[1] + [rng.choice((1, 2, 8))]
         elif what == 2:
-            t[2] = rng.choice((0, 1, 2, 3, 6, 8, 12, 14, 16, 24, 30, 39, 40, 2**31))
+            t[2] = rng.choice(RETYPE)
         elif what == 3:
             t[3] = rng.choice((t[3] + rng.choice((-64, -32, 32, 64)), 2**63, 2**64 - 32, 0)) % 2**64
         else:
@@ -279,7 +305,7 @@ def _mutate_data(p: Gguf, rng: random.Random) -> bytes:
     if gt == 0:
         nbytes = n * 4
     elif layout:
-        nbytes = n // (256 if layout[0] in (144, 210, 176, 110, 84) else 32) * layout[0]
+        nbytes = n // layout[0] * layout[1]
     else:
         return buf.tobytes()
     base = start + off
@@ -295,10 +321,10 @@ def _mutate_data(p: Gguf, rng: random.Random) -> bytes:
         i = rng.randrange(max(1, nbytes - 64))
         data[i:i + 64] = np.frombuffer(rng.randbytes(64), np.uint8)[:len(data[i:i + 64])]
     else:
-        bsize, scales = layout
+        _, bsize, scales = layout
         blocks = data.reshape(-1, bsize)
         rows = slice(None) if everywhere else rng.sample(range(len(blocks)), min(len(blocks), rng.choice((1, 4, 64))))
-        val = np.frombuffer(struct.pack("<H", rng.choice(F16_SPECIAL)), np.uint8)
+        val = np.frombuffer(struct.pack("<H", rng.choice(BF16_SPECIAL if gt == 30 else F16_SPECIAL)), np.uint8)
         for sc in scales[:1 if rng.random() < 0.7 else None]:
             blocks[rows, sc:sc + 2] = val
     return buf.tobytes()
@@ -456,16 +482,21 @@ def make_seeds(folder: str) -> dict[str, str]:
     from lazymoe.format.chat_templates import MIXTRAL_8X7B_TEMPLATE
     from lazymoe.kernels.qtypes import qtype
     from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.mixes import FTYPES, is_quantized
     from lazymoe.quantize.synth import synth_source
     from lazymoe.runtime import DEMO_MODEL
     seeds = {"demo": DEMO_MODEL}
-    for name, ty in (("mixtral", "q4_0"), ("kquant", "q4_k_m")):
+    cfg = mixtral_config()
+    matrices = [n for n, shp in cfg.tensor_shapes().items() if is_quantized(n, shp)]
+    files = [("mixtral", "q4_0", None), ("kquant", "q4_k_m", None)]
+    files += [(f"types-{t}", "f32", t) for t in TYPE_SEEDS]
+    for name, ty, every in files:
         path = os.path.join(folder, f"{name}.gguf")
         if not os.path.exists(path):
-            src = synth_source(mixtral_config(), type_name=ty, seed=1)
+            src = synth_source(cfg, type_name=ty, seed=1, types=dict.fromkeys(matrices, every) if every else None)
             src.metadata["tokenizer.chat_template"] = MIXTRAL_8X7B_TEMPLATE
-            write_gguf(src, path, qtype(ty) if ty == "q4_0" else qtype("f32"), force=True, progress=False,
-                       file_type=ty)
+            write_gguf(src, path, qtype(ty) if ty != "q4_k_m" else qtype("f32"), force=True, progress=False,
+                       file_type=every if every in FTYPES else ty)
         seeds[name] = path
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     hf = os.path.join(here, "tests", "fixtures", "tiny-mixtral")
@@ -571,7 +602,7 @@ class Worker:
         from lazymoe.format.gguf_file import GGUFFile
         from lazymoe.runtime.tokenizer import Tokenizer
         self.seeds, self.scratch, self.cli_main = seeds, scratch, cli_main
-        self.bytes = {k: open(v, "rb").read() for k, v in seeds.items() if k in ("demo", "mixtral", "kquant")}
+        self.bytes = {k: open(v, "rb").read() for k, v in seeds.items() if k.split("-")[0] in GGUF_TARGETS}
         self.parts = {k: Gguf(b) for k, b in self.bytes.items()}
         with GGUFFile(seeds["demo"]) as g:
             self.tok = Tokenizer.from_gguf_metadata(g.metadata)
@@ -585,9 +616,10 @@ class Worker:
             shutil.rmtree(d, ignore_errors=True)
             mutate_hf(self.seeds["hf"], d, rng)
             return run_hf(d, os.path.join(self.scratch, "hf.gguf"), self.cli_main)
+        seed_file = f"types-{rng.choice(TYPE_SEEDS)}" if target == "types" else target
         path = os.path.join(self.scratch, "case.gguf")
         with open(path, "wb") as f:
-            f.write(mutate_gguf(self.bytes[target], self.parts[target], rng))
+            f.write(mutate_gguf(self.bytes[seed_file], self.parts[seed_file], rng))
         return run_gguf(path, self.cli_main)
 
 
@@ -607,12 +639,19 @@ def _reset_peak() -> None:
         pass
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel once, outside any case's time and memory."""
+def warm_up(seeds: dict, scratch: str, cli_main) -> None:
+    """Compile (or load from numba's cache) every kernel once, outside any case's time and memory: the demo model's
+    generation and, when the hf target has a seed, `lazymoe quantize` (its quantizers; on a cold cache their compile
+    inside a case ran past the case's alarm)."""
     from lazymoe.runtime import DEMO_MODEL
     from lazymoe.runtime.model import load_model
     with load_model(DEMO_MODEL, progress=False) as m:
         list(m.generate("Hi", max_tokens=2))
+    if "hf" in seeds:
+        out = os.path.join(scratch, "warm-up.gguf")
+        _cli(cli_main, ["quantize", seeds["hf"], "-o", out, "-q", "--force"])
+        with contextlib.suppress(OSError):
+            os.unlink(out)
 
 
 WORKER = ("import sys; from lazymoe.cli import main; from lazymoe.benchmarks.fuzz import worker_main; "
@@ -624,7 +663,7 @@ def worker_main(seeds_json: str, cli_main) -> None:
     seeds = json.loads(seeds_json)
     scratch = tempfile.mkdtemp(prefix="lazymoe-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        warm_up()
+        warm_up(seeds, scratch, cli_main)
         w = Worker(seeds, scratch, cli_main)
         base_as = resource.getrlimit(resource.RLIMIT_AS)
         with open("/proc/self/status") as f:
@@ -634,6 +673,8 @@ def worker_main(seeds_json: str, cli_main) -> None:
         signal.signal(signal.SIGALRM, _alarm)
         out = sys.stdout
         sys.stdout = sys.stderr
+        out.write(json.dumps({"ready": True}) + "\n")     # the parent starts the first case's clock here
+        out.flush()
         for line in sys.stdin:
             c = json.loads(line)
             t0 = time.perf_counter()
@@ -668,6 +709,7 @@ class _Proc:
         self.case = None
         self.started = 0.0
         self.buf = b""
+        self.ready = False          # warmed up (its first line): until then the case's clock allows WARM_UP_SECONDS
 
     def send(self, case) -> None:
         self.case, self.started = case, time.monotonic()
@@ -686,26 +728,28 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
              progress: bool = False, case_seeds=None) -> dict:
     """Run n cases (target chosen by WEIGHTS, case seeds seed.., reproducible; or exactly `case_seeds` on the
     first target) over `workers` processes.
-    Returns {"counts": {target: {outcome: n}}, "findings": [...], "seconds", "cases_per_s"}."""
+    Returns {"counts": {target: {outcome: n}}, "findings": [...], "seconds", "cases_per_s", "ms_per_case": {target: ms}}."""
     scratch = tempfile.mkdtemp(prefix="lazymoe-fuzz-seeds-")
     try:
         seeds = json.loads(subprocess.run(                  # in a child: this process stays small
             [sys.executable, "-c", "import json, sys; from lazymoe.benchmarks.fuzz import make_seeds; "
              "print(json.dumps(make_seeds(sys.argv[1])))", scratch],
             capture_output=True, text=True, check=True).stdout)
-        targets = [t for t in targets if t in seeds or t == "template"]
+        targets = [t for t in targets if t in seeds or t == "template" or t == "types" and "types-f16" in seeds]
         pick = random.Random(seed)
         cases = [(pick.choices(targets, [WEIGHTS[t] for t in targets])[0], seed * 1_000_003 + i) for i in range(n)] \
             if case_seeds is None else [(targets[0], s) for s in case_seeds]
         workers = min(workers, len(cases))
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in targets}
+        busy_s = dict.fromkeys(targets, 0.0)            # seconds the workers spent on each target's cases
         findings = []
         t0 = time.monotonic()
         done = 0
 
-        def record(case, outcome, detail=""):
+        def record(case, outcome, detail="", seconds=0.0):
             nonlocal done
             counts[case[0]][outcome] += 1
+            busy_s[case[0]] += seconds
             done += 1
             if outcome not in ("ok", "clean"):
                 findings.append({"target": case[0], "seed": case[1], "outcome": outcome, "detail": detail})
@@ -728,8 +772,9 @@ def campaign(n: int, seed: int = 0, workers: int = 2, targets=TARGETS, nice: int
             w.p.stdin.close()
             w.p.wait()
         el = time.monotonic() - t0
+        ms = {t: 1e3 * busy_s[t] / max(1, sum(counts[t].values())) for t in targets}
         return {"cases": n, "seed": seed, "workers": workers, "counts": counts, "findings": findings,
-                "seconds": el, "cases_per_s": n / el}
+                "seconds": el, "cases_per_s": n / el, "ms_per_case": ms}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -751,14 +796,20 @@ def _drive(procs: list, idle: list, todo: list, seeds: dict, nice: int, record) 
                 chunk = os.read(w.p.stdout.fileno(), 65536)
                 w.buf += chunk
                 died = not chunk
-            if b"\n" in w.buf:
+            answered = False
+            while b"\n" in w.buf and not answered:
                 line, w.buf = w.buf.split(b"\n", 1)
                 r = json.loads(line)
-                record(w.case, r["outcome"], r["detail"])
+                if r.get("ready"):
+                    w.ready, w.started = True, now
+                    continue
+                record(w.case, r["outcome"], r["detail"], r["seconds"])
                 w.case = None
                 idle.append(w)
+                answered = True
+            if answered:
                 continue
-            late = now - w.started > 2 * CASE_SECONDS + 30     # +30 s: a fresh worker's warm-up
+            late = now - w.started > 2 * CASE_SECONDS + (5 if w.ready else WARM_UP_SECONDS)
             if died or late:
                 rc = w.p.poll()
                 outcome = "hang" if late and rc is None else "signal" if rc is not None and rc < 0 else "traceback"
@@ -770,13 +821,14 @@ def _drive(procs: list, idle: list, todo: list, seeds: dict, nice: int, record) 
 
 def table(r: dict) -> str:
     """The campaign's counts as a Markdown table, one row per target and a total."""
-    rows = ["| target | cases | " + " | ".join(OUTCOMES) + " |", "|---|---:|" + "---:|" * len(OUTCOMES)]
+    rows = ["| target | cases | " + " | ".join(OUTCOMES) + " | ms/case |", "|---|---:|" + "---:|" * (len(OUTCOMES) + 1)]
     total = dict.fromkeys(OUTCOMES, 0)
     for t, c in r["counts"].items():
-        rows.append(f"| {t} | {sum(c.values()):,} | " + " | ".join(f"{c[o]:,}" for o in OUTCOMES) + " |")
+        rows.append(f"| {t} | {sum(c.values()):,} | " + " | ".join(f"{c[o]:,}" for o in OUTCOMES)
+                    + f" | {r['ms_per_case'][t]:.0f} |")
         for o in OUTCOMES:
             total[o] += c[o]
-    rows.append(f"| **all** | **{sum(total.values()):,}** | " + " | ".join(f"{total[o]:,}" for o in OUTCOMES) + " |")
+    rows.append(f"| **all** | **{sum(total.values()):,}** | " + " | ".join(f"{total[o]:,}" for o in OUTCOMES) + " | |")
     return "\n".join(rows)
 
 

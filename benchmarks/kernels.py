@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 SHAPES = [(14336, 4096), (4096, 14336)]                 # Mixtral-8x7B w1/w3 and w2: [rows, cols]
-TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "bf16"]
+TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "bf16"]
 
 
 def _cpu_model() -> str:

@@ -6,7 +6,7 @@ expert_ffn(qt1, w1, qt3, w3, qt2, w2, x)  y [D]    = W2 (silu(W1 x) * (W3 x))
 expert_ffn_batch(..., X)                  Y [T, D], the same for T tokens
 
 Weights are the stored arrays (uint8 [R, row_bytes] for the block types: q4_0, q4_1, q5_0,
-q5_1, q8_0, q2_k..q6_k; float16 / float32 / bf16 as uint16 bits [R, C] otherwise), in any mix of
+q5_1, q8_0, q2_k..q6_k, iq4_nl, iq4_xs; float16 / float32 / bf16 as uint16 bits [R, C] otherwise), in any mix of
 types across an expert's matrices; bad inputs raise ValueError.
 """
 import os
@@ -51,6 +51,9 @@ def _numba_cache_dir() -> None:
         return
     if os.access(path, os.W_OK):
         os.environ["NUMBA_CACHE_DIR"] = path
+        import sys
+        if "numba" in sys.modules:      # numba read the environment at its import: a caller imported it first
+            sys.modules["numba"].config.CACHE_DIR = path
 
 
 _numba_cache_dir()

@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import arm64, kquant, simd
+from . import arm64, iq4, kquant, simd
 from .activations import FLOAT, Q8, Q8_K, ActScheme
 
 
@@ -67,6 +67,10 @@ KERNELS: dict[str, TypeKernels] = {
     "q4_k": _kq(G.Q4_K, Q8_K, "q4_k"),
     "q5_k": _kq(G.Q5_K, Q8_K, "q5_k"),
     "q6_k": _kq(G.Q6_K, Q8_K, "q6_k"),
+    "iq4_nl": TypeKernels(int(G.IQ4_NL), Q8, *iq4.REGISTRY["iq4_nl"], iq4.TILES["iq4_nl"],
+                            neon=iq4.NEON_DOTS["iq4_nl"]),
+    "iq4_xs": TypeKernels(int(G.IQ4_XS), Q8_K, *iq4.REGISTRY["iq4_xs"], iq4.TILES["iq4_xs"],
+                            neon=iq4.NEON_DOTS["iq4_xs"]),
 }
 
 

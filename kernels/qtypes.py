@@ -70,6 +70,8 @@ QTYPES: dict[str, QType] = {
         _qt("q4_k", GGMLQuantizationType.Q4_K, np.uint8),
         _qt("q5_k", GGMLQuantizationType.Q5_K, np.uint8),
         _qt("q6_k", GGMLQuantizationType.Q6_K, np.uint8),
+        _qt("iq4_nl", GGMLQuantizationType.IQ4_NL, np.uint8),
+        _qt("iq4_xs", GGMLQuantizationType.IQ4_XS, np.uint8),
     )
 }
 

@@ -13,8 +13,9 @@ architecture: Mixtral, Mistral, Llama), without an importance matrix and without
   first n/8;
 - attn_output: 8-expert models take Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M; others Q3_K for Q2_K,
   Q4_K for Q3_K_M, Q5_K for Q3_K_L;
-- a row that is not a whole number of the chosen type's blocks falls back (Q2_K/Q3_K: IQ4_NL, Q4_K: Q5_0,
-  Q5_K: Q5_1, Q6_K: Q8_0), and to F16 when that does not divide either.
+- a row that is not a whole number of the chosen type's blocks falls back (Q2_K/Q3_K: Q4_0, IQ4_XS: IQ4_NL, Q4_K:
+  Q5_0, Q5_K: Q5_1, Q6_K: Q8_0: what the pinned llama-cpp-python's quantizer writes on rows of 160, where the
+  llama.cpp sources read name IQ4_NL for Q2_K/Q3_K too), and to F16 when that does not divide either.
 Left out: Falcon's and the 70B Llama's special cases, the IQ and TQ ftypes, and the imatrix-only rule for
 Q4_0/Q5_0's first ffn_down layers.
 """
@@ -47,7 +48,7 @@ FTYPES = {
     "q6_k": (LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
 }
 
-_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 

@@ -77,7 +77,7 @@ def stored_type(name: str) -> QType:
 # Byte offsets of the f16 scale d and (where the type has one) the f16 min in a block (ggml-common.h). Random
 # blocks get d = +-1 and min 0 first; the weight std that gives is measured once per type and d rescaled.
 SCALE_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108, None),
-                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None), "IQ4_NL": (0, None)}
+                "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None), "IQ4_NL": (0, None), "IQ4_XS": (0, None)}
 _CODE_STD: dict[str, float] = {}
 
 
@@ -100,7 +100,9 @@ def _random_blocks(qt: QType, nb: int, rng: np.random.Generator) -> np.ndarray:
 def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Stored rows of type qt with values of standard deviation ~WEIGHT_STD."""
     if not qt.is_block:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD).astype(qt.dtype)
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * WEIGHT_STD
+        # BF16 is stored as its uint16 bits: a cast to uint16 would make every weight 0
+        return quants.quantize(w, qt.ggml).view(np.uint16) if qt.ggml == GGMLQuantizationType.BF16 else w.astype(qt.dtype)
     if qt.ggml.name in SCALE_FIELDS:
         return _random_blocks(qt, rows * cols // qt.block_size, rng).reshape(rows, cols // qt.block_size * qt.type_size)
     if qt.name not in ("q4_0", "q8_0"):                 # other block types: gguf-py's reference quantizer

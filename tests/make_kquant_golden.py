@@ -12,7 +12,7 @@ file's tensors, and `tensor_names` with `tensor_types` (what llama.cpp chose per
 tests/test_kquants.py re-creates each file and compares llama.cpp's and lazymoe's logits
 with these.
 
-    python -m tests.make_kquant_golden        (from the repository root)
+    python -m tests.make_kquant_golden [NAME ...]     (from the repository root; default: every FTYPES name)
 
 Regenerate when llama.cpp's quantizer (the pinned llama-cpp-python) or lazymoe's F32
 conversion changes the bytes.
@@ -42,9 +42,13 @@ FTYPES: dict[str, tuple[str, bool]] = {
     "q4_k_s": ("Q4_K_S", False), "q4_k_m": ("Q4_K_M", False), "q5_k_s": ("Q5_K_S", False), "q5_k_m": ("Q5_K_M", False),
     "q6_k": ("Q6_K", False), "q4_0": ("Q4_0", False), "q4_1": ("Q4_1", False), "q5_0": ("Q5_0", False),
     "q5_1": ("Q5_1", False), "q8_0": ("Q8_0", False), "q4_0-pure": ("Q4_0", True),
+    "iq4_nl": ("IQ4_NL", False), "iq4_xs": ("IQ4_XS", False),
 }
 
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+# llama.cpp's IQ4 ftypes (no importance matrix needed) keep its K-quant rules for the rest: Q6_K output head, Q5_K
+# attn_output in 8-expert models, Q8_0 attn_k/attn_v
+IQ4_TYPES = {"IQ4_NL", "IQ4_XS"}
 
 
 def golden_path(name: str) -> str:
@@ -86,6 +90,8 @@ def expected_types(name: str) -> tuple[str, set[str]]:
         return base, {base, "F32"}
     if base in K_TYPES:
         return base, K_TYPES | {"Q8_0", "F32"}
+    if base in IQ4_TYPES:
+        return base, {base, "Q5_K", "Q6_K", "Q8_0", "F32"}
     return base, {base, "Q8_0", "Q6_K", "F32"}
 
 
@@ -93,7 +99,7 @@ def check_types(name: str, types: dict[str, str]) -> None:
     """ValueError unless llama.cpp chose the ftype's types: its own type on the expert gate/up matrices
     (the bulk of the weights), nothing outside expected_types, Q8_0 only on attn_k/attn_v (its rule for
     8-expert models) and Q6_K in a Q4_0..Q5_1 file only on the output head. On rows that are not a
-    multiple of 256 llama.cpp falls back (Q2_K/Q3_K to IQ4_NL, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0),
+    multiple of 256 llama.cpp falls back (Q2_K/Q3_K to Q4_0, IQ4_XS to IQ4_NL, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0),
     which these rules catch."""
     base, allowed = expected_types(name)
     for n, t in types.items():
@@ -103,6 +109,8 @@ def check_types(name: str, types: dict[str, str]) -> None:
             raise ValueError(f"{name}: tensor {n} is Q8_0: did llama.cpp fall back?")
         if t == "Q6_K" and base not in K_TYPES and n != "output.weight":
             raise ValueError(f"{name}: tensor {n} is Q6_K in a {base} file")
+        if t == "Q5_K" and base in IQ4_TYPES and not n.endswith("attn_output.weight"):
+            raise ValueError(f"{name}: tensor {n} is Q5_K in a {base} file")
         if n.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")) and t != base:
             raise ValueError(f"{name}: tensor {n} is {t}, expected the ftype's own {base}")
 
@@ -136,12 +144,17 @@ def reference(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, logits, margins.astype(np.float32)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    names = (sys.argv[1:] if argv is None else argv) or list(FTYPES)
+    unknown = [n for n in names if n not in FTYPES]
+    if unknown:
+        print(f"make_kquant_golden: unknown file type {unknown[0]!r}; expected one of {', '.join(FTYPES)}", file=sys.stderr)
+        return 2
     os.makedirs(GOLDEN, exist_ok=True)
     print("| file | " + " | ".join(ROLES) + " |")
     with tempfile.TemporaryDirectory() as tmp:
         src = source_gguf(os.path.join(tmp, "f32.gguf"))
-        for name in FTYPES:
+        for name in names:
             path = llama_quantize(src, os.path.join(tmp, f"{name}.gguf"), name)
             types = tensor_types(path)
             check_types(name, types)

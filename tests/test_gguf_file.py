@@ -93,7 +93,7 @@ def test_missing_file_and_unsupported_type(tmp_path):
     with pytest.raises(GGUFError, match="cannot open"):
         GGUFFile(tmp_path / "nope.gguf")
     p = tmp_path / "k.gguf"
-    p.write_bytes(gguf([kv("general.architecture", STR, s("llama"))], [tensor_info("w", [256, 1], gtype=23)], b"\0" * 136))
-    f = GGUFFile(p)                                           # IQ4_XS: readable, listed ...
-    with pytest.raises(GGUFError, match="IQ4_XS is not supported"):
+    p.write_bytes(gguf([kv("general.architecture", STR, s("llama"))], [tensor_info("w", [256, 1], gtype=21)], b"\0" * 110))
+    f = GGUFFile(p)                                           # IQ3_S: readable, listed ...
+    with pytest.raises(GGUFError, match="IQ3_S is not supported"):
         f.tensor("w")                                         # ... but not computed on

@@ -31,12 +31,16 @@ from lazymoe.kernels.activations import Q8_K, quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
 from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import quantize_q8_k
+from tests.test_iq4_kernels import make_weights as iq4_weights
 from tests.test_kquant_kernels import make_weights as kquant_weights
 
 GG = {"q4_0": G.Q4_0, "q8_0": G.Q8_0, "q5_1": G.Q5_1, "q4_1": G.Q4_1, "q5_0": G.Q5_0, "q2_k": G.Q2_K, "q3_k": G.Q3_K,
-      "q4_k": G.Q4_K, "q5_k": G.Q5_K, "q6_k": G.Q6_K, "f16": G.F16, "bf16": G.BF16, "f32": G.F32}
+      "q4_k": G.Q4_K, "q5_k": G.Q5_K, "q6_k": G.Q6_K, "f16": G.F16, "bf16": G.BF16, "f32": G.F32,
+      "iq4_nl": G.IQ4_NL, "iq4_xs": G.IQ4_XS}
 TYPES = list(GG)
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+IQ4 = ["iq4_nl", "iq4_xs"]              # random bytes as the K-quants' (tests/test_iq4_kernels.make_weights)
+Q8K = KQ + ["iq4_xs"]                   # the types whose dots take Q8_K activations
 FLOATS = ("f16", "bf16", "f32")
 RNG = np.random.default_rng(1234)
 
@@ -49,9 +53,10 @@ def weights(name, shape, heavy=False):
     if name == "f16":
         w = W.astype(np.float16)
         return w, w.astype(np.float64)
-    if name in KQ:
+    if name in KQ + IQ4:
         rows = int(np.prod(shape[:-1]))
-        w = kquant_weights(name, rows, shape[-1], RNG, heavy).reshape(*shape[:-1], -1)
+        make = iq4_weights if name in IQ4 else kquant_weights
+        w = make(name, rows, shape[-1], RNG, heavy).reshape(*shape[:-1], -1)
     else:
         w = quants.quantize(W, GG[name])
     Wd = quants.dequantize(w.view(np.uint8), GG[name]).astype(np.float64)
@@ -60,7 +65,7 @@ def weights(name, shape, heavy=False):
 
 def q8_reference(x, name="q4_0"):
     """x [.., C] -> (x' dequantized from Q8 (Q8_K for K-quants) blocks as the kernels quantize it, block scales d)."""
-    if name in KQ:
+    if name in Q8K:
         X = np.atleast_2d(x).astype(np.float32)
         xq, xd = np.empty(X.shape, np.int8), np.empty((X.shape[0], X.shape[1] // 256), np.float32)
         for k in range(X.shape[0]):
@@ -186,6 +191,8 @@ def test_arm64_dots(name):
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                  "iq4_nl", "iq4_xs"])
 def test_tiles_match_dots(name):
     """The tiles (AVX2; arm64's K-quant tiles), 1 row x 4 tokens and edges, against one block dot per (row, token)."""
     from lazymoe.kernels.int_matmul import int_matmul_parallel
@@ -246,7 +253,7 @@ FFN_TYPES = [("q4_0", "q4_0", "q4_0"), ("q8_0", "q8_0", "q4_0"), ("q4_0", "q8_0"
              ("f16", "f16", "f32"), ("q5_1", "q5_1", "q5_1"), ("q4_1", "q5_0", "q5_1"), ("bf16", "f16", "q4_1")]
 # K-quant mixes need D and F in whole 256-blocks: Q4_K_M's (gate, up Q4_K, down Q6_K), schemes mixed in one expert
 K_FFN_TYPES = [("q4_k", "q4_k", "q6_k"), ("q4_k", "q8_0", "q5_k"), ("q2_k", "q3_k", "q4_k"), ("q5_k", "q5_k", "bf16"),
-               ("q6_k", "q4_0", "q2_k")]
+               ("q6_k", "q4_0", "q2_k"), ("iq4_xs", "iq4_xs", "iq4_nl"), ("iq4_nl", "q4_k", "iq4_xs")]
 FFN_CASES = ([(t, 128, 352) for t in FFN_TYPES] + [(t, 256, 1056) for t in FFN_TYPES]
              + [(t, 256, 768) for t in K_FFN_TYPES] + [(t, 512, 1024) for t in K_FFN_TYPES])
 
@@ -255,7 +262,7 @@ def ffn_bound(types, X):
     # x is quantized before W1/W3 and h before W2 (for block types): ~1/127 per block each,
     # twice, through two layers; observed worst case 1.3 % over 20 draws, so 0.04 leaves ~3x.
     # Q8_K's one scale per 256 is coarser: 1.2-2.4 % median, 5.3 % worst over 10 draws per K mix, so 0.1.
-    if any(t in KQ for t in types):
+    if any(t in Q8K for t in types):
         return 0.1
     return 0.04 if any(t.startswith("q") for t in types) else 1e-5
 
@@ -329,7 +336,7 @@ def test_bad_inputs():
         lambda: K.matvec("q4_0", w, np.ones(128, np.float32)[::2]),            # non-contiguous x
         lambda: K.matvec("q4_0", w.reshape(-1), x),                            # 1-D weights
         lambda: K.matvec("q4_0", w, x, out=np.empty(7, np.float32)),           # wrong out shape
-        lambda: K.matvec("iq4_xs", w, x),                                      # unknown type
+        lambda: K.matvec("iq3_s", w, x),                                       # unknown type
         lambda: K.matvec("q4_k", w, x),                                        # 36 bytes is not whole 144-byte blocks
         lambda: K.matvec("q4_k", np.zeros((8, 144), np.uint8), x),             # a q4_k row is 256 weights, x has 64
         lambda: K.matvec("bf16", np.ones((8, 64), np.float16), x),             # bf16 is stored as uint16 bits
@@ -372,3 +379,16 @@ def test_numba_cache_dir_follows_the_sources(tmp_path):
                           "print(numba.config.CACHE_DIR)"], env=env, capture_output=True, text=True, check=True)
     want = os.path.join(str(tmp_path), "lazymoe", "numba-" + sources_key(os.path.dirname(K.__file__)))
     assert out.stdout.split() == [want, want]
+
+
+def test_keyed_cache_when_numba_is_imported_first():
+    """A caller that imports numba before lazymoe.kernels (benchmarks/kernels.py did) still gets the cache keyed by
+    the kernels' sources: numba had read NUMBA_CACHE_DIR at its import, so the drivers cached beside their files and
+    kept code compiled before a registry row existed (IQ4 tiles came out NaN, 80x 'faster')."""
+    import subprocess
+    import sys
+    code = ("import numba, sys, lazymoe.kernels; m = sys.modules['lazymoe.kernels.matvec']; "
+            "print(m.dot_rows._cache._cache_path.startswith(numba.config.CACHE_DIR) and 'numba-' in numba.config.CACHE_DIR)")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr[-2000:]

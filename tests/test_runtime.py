@@ -201,7 +201,7 @@ def test_not_gguf_and_truncated(tmp_path, tiny):
     (dict(arch="gpt2"), "architecture 'gpt2' is not supported"),
     (dict(drop=("blk.1.attn_v.weight",)), "blk.1.attn_v.weight is missing"),
     (dict(shapes={"blk.0.ffn_up_exps.weight": (4, 64, 64)}), r"ffn_up_exps.weight has shape \(4, 64, 64\), expected \(4, 96, 64\)"),
-    (dict(types={"blk.0.attn_q.weight": "iq4_nl"}), "IQ4_NL is not supported"),
+    (dict(types={"blk.0.attn_q.weight": "mxfp4"}), "MXFP4 is not supported"),
 ])
 def test_bad_files(tmp_path, kw, msg):
     p = synth_gguf(tmp_path / "bad.gguf", **kw)

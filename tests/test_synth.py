@@ -12,6 +12,7 @@ import pytest
 
 from lazymoe.cli import main
 from lazymoe.format.gguf_file import GGUFFile
+from lazymoe.kernels.qtypes import QTYPES
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,18 @@ def test_qwen3_shapes(shape, D, F, hd, H, L):
     assert types["blk.0.ffn_gate_exps.weight"] == "q4_k" and types["blk.0.ffn_down_exps.weight"] == "q6_k"
     from lazymoe.quantize.synth import SHAPES
     assert SHAPES[shape].n_layer == L
+
+
+@pytest.mark.parametrize("name", sorted(QTYPES))
+def test_random_rows_of_every_type_have_the_weight_std(name):
+    """Every type the runtime computes on (the fuzzer's seed files use each for every matrix) gets weights of std
+    ~WEIGHT_STD and mean ~0, as gguf dequantizes them: BF16's were all 0 (a cast of the floats to its uint16 bits)
+    and IQ4_XS had no random blocks."""
+    from gguf.quants import dequantize
+
+    from lazymoe.quantize.synth import WEIGHT_STD, _random_rows
+    qt = QTYPES[name]
+    w = _random_rows(qt, 64, 512, np.random.default_rng(0))
+    assert w.dtype == qt.dtype and w.shape == qt.storage_shape((64, 512))
+    wd = w.astype(np.float64) if name in ("f32", "f16") else dequantize(w.view(np.uint8), qt.ggml).astype(np.float64)
+    assert abs(wd.std() / WEIGHT_STD - 1) < 0.1 and abs(wd.mean()) < 0.1 * WEIGHT_STD
