@@ -20,24 +20,29 @@ from numba import njit, prange
 from .blocks import row_dot, row_tile
 from .matvec import split
 
+TILE_BLOCK_ROWS = 16
+
 
 @njit(cache=True)
 def _token_rows(code, tiles, flat, rb, X, xq, xd, xc, xct, Y, r0, r1):
     T = Y.shape[0]
-    for r in range(r0, r1):
-        o = r * rb
+    for a in range(r0, r1, TILE_BLOCK_ROWS):       # a block of rows stays in L2 while 4 tokens' xq stay in L1
+        e = min(r1, a + TILE_BLOCK_ROWS)
         k = 0
         while tiles and k + 4 <= T:      # kk = 4 a constant: LLVM folds the tile's switch on kk
-            t = row_tile(code, flat, o, xq, xd, xct, k, 4)
-            Y[k, r], Y[k + 1, r], Y[k + 2, r], Y[k + 3, r] = t
+            for r in range(a, e):
+                t = row_tile(code, flat, r * rb, xq, xd, xc, xct, k, 4)
+                Y[k, r], Y[k + 1, r], Y[k + 2, r], Y[k + 3, r] = t
             k += 4
         if tiles and k < T:
-            t = row_tile(code, flat, o, xq, xd, xct, k, T - k)
-            for j in range(T - k):
-                Y[k + j, r] = t[j]
+            for r in range(a, e):
+                t = row_tile(code, flat, r * rb, xq, xd, xc, xct, k, T - k)
+                for j in range(T - k):
+                    Y[k + j, r] = t[j]
             k = T
-        for j in range(k, T):
-            Y[j, r] = row_dot(code, flat, o, X[j], xq[j], xd[j], xc[j])
+        for r in range(a, e):
+            for j in range(k, T):
+                Y[j, r] = row_dot(code, flat, r * rb, X[j], xq[j], xd[j], xc[j])
 
 
 @njit(parallel=True, cache=True)

@@ -311,12 +311,14 @@ def _k_dot_codegen(kind, x86):
 def _k_tile_emit(kind, x86):
     """emit(context, b, sig, args, kk) for simd.tile_switch: the row at byte wo times tokens k0 .. k0+kk-1.
 
-    args (w, wo, xq int8 [T, C], xd f32 [T, C/256], xct f32 [C/16, >= k0 + 4] (the Q8_K sums of 16,
-    transposed: tokens contiguous), k0, kk). Each super-block is unpacked once for kk tokens (its nibbles,
-    the 6-bit scales and their per-chunk broadcasts), with one <8 x i32> integer sum and one <8 x f32>
-    accumulator per token; the min (or Q6_K/Q3_K offset) term takes the kk tokens' sums at once as 4 lanes:
-    sum_j mn_j bs_j in float32 is exact (|bs| <= 16 * 128, mn < 64, 16 terms < 2^24). Against the dot the
-    float sums differ in grouping only (8 lanes per token, as simd.py's tiles).
+    args (w, wo, xq int8 [T, C], xd f32 [T, C/256], xc f32 [T, C/16] (the Q8_K sums of 16), xct (unused),
+    k0, kk). Each super-block is unpacked once for kk tokens (its nibbles, the 6-bit scales and their per-chunk
+    broadcasts), with one <8 x i32> integer sum and one <8 x f32> accumulator per token. The min (or Q6_K/Q3_K
+    offset) term of a token is two <8 x f32> products of its 16 sums with the 16 mins (exact: |bs| <= 16 * 128,
+    mn < 64 or |sc| <= 128, two terms a lane < 2^24), scaled into the same accumulator: 4 vector operations a
+    token where the transposed sums' 16 broadcast FMAs per 4 tokens took as long as the integer sums (Q4_K,
+    64 tokens, in cache, one thread: ~25 against ~45 G MACs/s without them). Against the dot the float sums
+    differ in grouping only (8 lanes per token, as simd.py's tiles).
     """
     ts, unpack = TYPE_SIZE[kind], _K_UNPACK[kind]
 
@@ -325,19 +327,19 @@ def _k_tile_emit(kind, x86):
         xqa = context.make_array(sig.args[2])(context, b, args[2])
         xda = context.make_array(sig.args[3])(context, b, args[3])
         xca = context.make_array(sig.args[4])(context, b, args[4])
-        wo, k0 = args[1], args[5]
+        wo, k0 = args[1], args[6]
         cols = cgutils.unpack_tuple(b, xqa.shape)[1]
         nbx = cgutils.unpack_tuple(b, xda.shape)[1]
-        ns, tp = cgutils.unpack_tuple(b, xca.shape)
+        ns = cgutils.unpack_tuple(b, xca.shape)[1]
         nb = _clamp(b, nbx, [(cols, QK_K), (ns, QK_K // 16), (b.sub(wn, wo), ts)])
         nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
         wp = b.gep(wa.data, [wo])
         xps = [b.gep(xqa.data, [b.mul(b.add(k0, _c64(k)), cols)]) for k in range(kk)]
         dps = [b.gep(xda.data, [b.mul(b.add(k0, _c64(k)), nbx)]) for k in range(kk)]
+        cps = [b.gep(xca.data, [b.mul(b.add(k0, _c64(k)), ns)]) for k in range(kk)]
         fma8 = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
-        fma4 = _fn(b, "llvm.fma.v4f32", _V(_F32, 4), [_V(_F32, 4)] * 3)
         acc = [cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None)) for _ in range(kk)]
-        macc = cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 4), None))    # min / offset terms, 4 tokens
+        lo, hi = list(range(8)), list(range(8, 16))
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
             p = b.gep(wp, [b.mul(i, _c64(ts))])
@@ -351,28 +353,23 @@ def _k_tile_emit(kind, x86):
                 for k in range(kk):
                     x = _load(b, xps[k], b.add(xb, _c64(32 * c)), _V(_I8, 32))
                     sumi[k] = b.add(sumi[k], _chunk_dot(b, chunks[c], x, s, x86))
-            for k in range(kk):
-                sd = _bcast(b, b.fmul(d, dx[k]), 8)
-                b.store(b.call(fma8, [b.sitofp(sumi[k], _V(_F32, 8)), sd, b.load(acc[k])]), acc[k])
             m16 = b.sitofp(mn if mn is not None else sc, _V(_F32, 16))
-            cs = ir.Constant(_V(_F32, 4), None)
-            row = b.add(b.mul(b.mul(i, _c64(16)), tp), k0)
-            for j in range(16):                                     # cs[k] = sum_j m_j bs_j of token k0 + k
-                bs = _load(b, xca.data, b.add(row, b.mul(_c64(j), tp)), _V(_F32, 4))
-                cs = b.call(fma4, [_bcast(b, b.extract_element(m16, ir.Constant(_I32, j)), 4), bs, cs])
-            dx4 = ir.Constant(_V(_F32, 4), None)
-            for k in range(kk):
-                dx4 = b.insert_element(dx4, dx[k], ir.Constant(_I32, k))
+            mlo, mhi = _shuf(b, m16, lo), _shuf(b, m16, hi)
             f = dmin if mn is not None else b.fmul(d, ir.Constant(_F32, float(off)))
-            b.store(b.call(fma4, [b.fmul(_bcast(b, f, 4), dx4), cs, b.load(macc)]), macc)
-        mv = b.load(macc)
-        return [b.fsub(_hsum_f(b, b.load(acc[k])), b.extract_element(mv, ir.Constant(_I32, k))) for k in range(kk)]
+            for k in range(kk):
+                a = b.call(fma8, [b.sitofp(sumi[k], _V(_F32, 8)), _bcast(b, b.fmul(d, dx[k]), 8), b.load(acc[k])])
+                bo = b.mul(i, _c64(16))
+                cm = b.call(fma8, [mhi, _load(b, cps[k], b.add(bo, _c64(8)), _V(_F32, 8)),
+                                   b.fmul(mlo, _load(b, cps[k], bo, _V(_F32, 8)))])       # exact whole numbers
+                a = b.call(fma8, [_bcast(b, b.fneg(b.fmul(f, dx[k])), 8), cm, a])
+                b.store(a, acc[k])
+        return [_hsum_f(b, b.load(acc[k])) for k in range(kk)]
 
     return emit
 
 
 def _k_tile_codegen(kind, x86):
-    """Codegen (w, wo, xq, xd, xct, k0, kk) -> 4 f32: the row times tokens k0 .. k0+kk-1, kk in 1..4."""
+    """Codegen (w, wo, xq, xd, xc, xct, k0, kk) -> 4 f32: the row times tokens k0 .. k0+kk-1, kk in 1..4."""
     return tile_switch(_k_tile_emit(kind, x86))
 
 
