@@ -347,12 +347,14 @@ def _k_tile_emit(kind, x86):
             d, dmin, chunks, sc, mn, off = unpack(b, p)
             xb = b.mul(i, _c64(QK_K))
             dx = [b.load(b.gep(dps[k], [i])) for k in range(kk)]
-            sumi = [ir.Constant(_V(_I32, 8), None)] * kk
+            # two integer sums a token (even, odd chunks): 8 independent chains hide the multiply-add latency
+            sumi = [[ir.Constant(_V(_I32, 8), None)] * 2 for _ in range(kk)]
             for c in range(8):                                      # chunk-major: one chunk and scale live
                 s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
                 for k in range(kk):
                     x = _load(b, xps[k], b.add(xb, _c64(32 * c)), _V(_I8, 32))
-                    sumi[k] = b.add(sumi[k], _chunk_dot(b, chunks[c], x, s, x86))
+                    sumi[k][c & 1] = b.add(sumi[k][c & 1], _chunk_dot(b, chunks[c], x, s, x86))
+            sumi = [b.add(e, o) for e, o in sumi]
             m16 = b.sitofp(mn if mn is not None else sc, _V(_F32, 16))
             mlo, mhi = _shuf(b, m16, lo), _shuf(b, m16, hi)
             f = dmin if mn is not None else b.fmul(d, ir.Constant(_F32, float(off)))
