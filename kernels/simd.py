@@ -37,6 +37,10 @@ from numba.extending import intrinsic
 
 # Numba's cache does not see this flag: kernels/__init__.py keys the cache directory by it too.
 HAVE_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",") and not os.environ.get("LAZYMOE_NO_AVX2")
+# 512-bit integer forms (kquant.py's K-quant sums) where AVX-512BW is there; LAZYMOE_NO_AVX512=1 forces the 256-bit
+# AVX2 forms (the tests run them so on any x86 machine), LAZYMOE_NO_AVX2 the portable ones.
+HAVE_AVX512 = (HAVE_AVX2 and "+avx512bw" in llvm.get_host_cpu_features().flatten().split(",")
+               and not os.environ.get("LAZYMOE_NO_AVX512"))
 
 # Bytes ahead of the current block that a dot asks the cache for. Q4_0 matvec, 14336 x 4096, side by side:
 # 1 thread 9.2 -> 10.1-10.4 GB/s, 2 threads 16.1-17.7 -> 17.9-20.3 GB/s at 2048-2304 (3072-8192 no better).
