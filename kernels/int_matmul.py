@@ -5,7 +5,7 @@ for a type without tiles) this
 beats dequantize + sgemm (dequant_matmul.py), which is memory-bound on few tokens. The tokens come
 quantized per the type's activation scheme: xq int8 [T, C], xd [T, NB], xc [T, NB * sums].
 
-A type whose registry row has a tile (AVX2 only) runs tiles of 1 row x 4 tokens (blocks.row_tile):
+A type whose registry row has a tile (AVX2 only) runs tiles of 1 row x 4 tokens (blocks.row_tile), over blocks of rows:
 each block unpacked once per 4 tokens, 4 independent accumulators. Against one block dot per (row,
 token) a 2 x 4 tile measured 1.4-2.2x at 2 tokens and 1.9-3.6x at 4-64 tokens; 1 x 4 is 1.3-1.5x faster
 again (see simd.py; this machine, 2026-11-27). The K-quants' tiles (kquant.py) unpack each 256-weight
@@ -20,6 +20,9 @@ from numba import njit, prange
 from .blocks import row_dot, row_tile
 from .matvec import split
 
+# Rows per block of the tile loop: a block's weight rows stay in L2 while each 4 tokens' activations stream
+# through it (row by row, all T tokens' xq were re-read from L2 for every row). Full-size Mixtral matrices from
+# DRAM, 2 threads, 32-64 tokens: 1.07-1.29x the row-by-row order (RESULTS.md, K-quant token tiles).
 TILE_BLOCK_ROWS = 16
 
 
