@@ -235,7 +235,7 @@ ARM64_TRIPLE = "arm64-apple-darwin"
 
 def arm64_module(codegen, tile: bool = False) -> str:
     """LLVM IR of `float row_dot(w, wo, x, xq, xd, xc)` around one registry codegen (tile: `4 floats
-    row_tile(w, wo, xq, xd, xct, k0, kk)`), arrays by value as Numba passes them (built with Numba's CPU
+    row_tile(w, wo, xq, xd, xc, xct, k0, kk)`), arrays by value as Numba passes them (built with Numba's CPU
     context, no compilation: the target is chosen afterwards)."""
     from llvmlite import ir
     from numba import types
@@ -245,7 +245,8 @@ def arm64_module(codegen, tile: bool = False) -> str:
     arr = lambda dt, nd=1: types.Array(dt, nd, "C")                      # noqa: E731
     if tile:
         sig = typing.signature(types.UniTuple(types.float32, 4), arr(types.uint8), types.int64, arr(types.int8, 2),
-                               arr(types.float32, 2), arr(types.float32, 2), types.int64, types.int64)
+                               arr(types.float32, 2), arr(types.float32, 2), arr(types.float32, 2), types.int64,
+                               types.int64)
     else:
         sig = typing.signature(types.float32, arr(types.uint8), types.int64, arr(types.float32), arr(types.int8),
                                arr(types.float32), arr(types.float32))

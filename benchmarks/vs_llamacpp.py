@@ -16,11 +16,10 @@ logits). llama.cpp decodes all G tokens; lazymoe stops early only at EOS (report
 
 Same work: after the last layer's attention, llama.cpp keeps only the rows it must output
 (`ggml_get_rows(cur, inp_out_ids)` in its llama graph), so with one output (the default) the last
-layer's FFN (router and experts) runs for the last prompt token only: on an L-layer file it does
-about (L-1)/L of lazymoe's expert work on the prompt (3/4 on a 4-layer file).
-The worker therefore times a second prompt pass that outputs logits for every token (every
-layer for every token, like lazymoe, plus the output head for every token, which lazymoe does
-not do). The same-work llama.cpp prompt rate lies between the two; both ratios are printed.
+layer's FFN (router and experts) runs for the last prompt token only; lazymoe does the same
+(runtime/network.py), so the default prompt rates compare the same work. The worker also times a
+second prompt pass that outputs logits for every token (every layer's FFN for every token, plus the
+output head for every token): a rate for the work lazymoe does with all logits.
 
 --mem-limit puts each run in a fresh cgroup with that memory limit (v1 memory.limit_in_bytes or
 v2 memory.max), which counts the page cache: the fair test of "fits in N GB". The page cache

@@ -42,9 +42,11 @@ def _numba_cache_dir() -> None:
     if "NUMBA_CACHE_DIR" in os.environ:
         return
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    # LAZYMOE_NO_AVX2 (simd.py) and LAZYMOE_NO_NEON (arm64.py) change the code that the same sources compile to
-    portable = "-portable" if os.environ.get("LAZYMOE_NO_AVX2") or os.environ.get("LAZYMOE_NO_NEON") else ""
-    path = os.path.join(base, "lazymoe", "numba-" + sources_key(os.path.dirname(os.path.abspath(__file__))) + portable)
+    # LAZYMOE_NO_AVX2, LAZYMOE_NO_AVX512 (simd.py) and LAZYMOE_NO_NEON (arm64.py) change the code that the same
+    # sources compile to
+    forms = ("-portable" if os.environ.get("LAZYMOE_NO_AVX2") or os.environ.get("LAZYMOE_NO_NEON") else "") + \
+        ("-avx2" if os.environ.get("LAZYMOE_NO_AVX512") else "")
+    path = os.path.join(base, "lazymoe", "numba-" + sources_key(os.path.dirname(os.path.abspath(__file__))) + forms)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:

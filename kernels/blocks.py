@@ -108,9 +108,10 @@ def rows_dot(typingctx, code, w, rb, x, xq, xd, xc, y, r0, r1):
 
 
 @intrinsic
-def row_tile(typingctx, code, w, wo, xq, xd, xct, k0, kk):
-    """The row at byte wo times tokens k0 .. k0+kk-1, kk in 1..4, as 4 floats (types with a tile)."""
-    return types.UniTuple(types.float32, 4)(code, w, wo, xq, xd, xct, k0, kk), _TILES
+def row_tile(typingctx, code, w, wo, xq, xd, xc, xct, k0, kk):
+    """The row at byte wo times tokens k0 .. k0+kk-1, kk in 1..4, as 4 floats (types with a tile); xc [T, ...]
+    the activations' block sums, xct the same transposed (each tile reads the layout it is fastest on)."""
+    return types.UniTuple(types.float32, 4)(code, w, wo, xq, xd, xc, xct, k0, kk), _TILES
 
 
 @intrinsic

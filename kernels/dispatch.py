@@ -22,6 +22,7 @@ from .dequant_matmul import tiled_matmul
 from .int_matmul import int_matmul_parallel
 from .matvec import dot_rows, matvec_parallel
 from .qtypes import QType, qtype
+from .simd import HAVE_AVX512
 
 __all__ = ["INT_DOTS_MAX_TOKENS", "INT_MATMUL_MAX_TOKENS", "KERNELS", "KTILE_MAX_TOKENS", "PARALLEL_MIN_WEIGHTS",
            "TypeKernels", "matmul", "matvec"]
@@ -40,11 +41,11 @@ def threads_for(n_weights: int) -> int:
 # Mixtral w1 and w2 shapes, OpenBLAS thread timeout 2^4, 2026-11-27): 1.6-2.4x at 32 tokens, 1.04-1.08x
 # at 64, 0.85-0.87x at 128.
 INT_MATMUL_MAX_TOKENS = 64
-# The K-quants' tiles (kquant.py, Q8_K activations) stop at 32 tokens: Q4_K, Q6_K tiles against dequantize +
-# sgemm, 2 threads, one run (2026-12-01, machine shared, load ~4): 14336 x 4096 1.6-3.3x at 16 tokens, 0.8-1.6x
-# at 32, 1.0-1.1x at 64, 0.56-0.71x at 128; 4096 x 14336 1.6-2.5x at 16, 1.4-1.9x at 32, 0.8-1.0x at 64, ~0.5x
-# at 128; with them up to 64 the Q4_K_M prompt (256 tokens, ~64 per expert) measured no faster end to end.
-KTILE_MAX_TOKENS = 32
+# The K-quants' tiles (kquant.py, Q8_K activations; blocks of rows, the mins as 8-lane products) against
+# dequantize + sgemm, 2 threads, side by side (2026-12-01, Xeon guest shared, load 7-15), 14336 x 4096 and
+# 4096 x 14336: 256-bit sums (AVX2) 2.1-3.7x at 32 tokens, 1.4-1.9x at 64, 0.8-1.0x at 96-128; 512-bit sums
+# (HAVE_AVX512) 2.5-3.9x at 64, 1.6-2.7x at 128, 1.1-2.0x at 256 (N_BATCH, the most a forward passes).
+KTILE_MAX_TOKENS = 256 if HAVE_AVX512 else 64
 # Types without tiles (every type on the portable build) run one row dot per (row, token):
 # against dequantize + sgemm, 14336 x 4096, 2 threads, side by side (2026-12-01): Q4_K, Q6_K, Q2_K 1.7-1.8x
 # at 16 tokens, 1.10-1.13x at 32, 0.62-0.66x at 64; Q5_0 on its dots 0.91x at 32 (its tiles: 1.2-1.3x at 64).

@@ -251,7 +251,7 @@ def _xs_dequant_codegen():
 def _tile_emit(kind, x86):
     """emit(context, b, sig, args, kk) for simd.tile_switch: the row at byte wo times tokens k0 .. k0+kk-1.
 
-    args (w, wo, xq int8 [T, C], xd f32 [T, NB], xct (sums, not read), k0, kk); kk accumulators, the float
+    args (w, wo, xq int8 [T, C], xd f32 [T, NB], xc and xct (sums, not read), k0, kk); kk accumulators, the float
     operations of the row dot per token (IQ4_XS's tile equals its dot bit for bit, IQ4_NL's to float rounding)."""
     ts, bs = TYPE_SIZE[kind], BLOCK[kind]
 
@@ -259,7 +259,7 @@ def _tile_emit(kind, x86):
         wa, wn = _shape0(context, b, sig.args[0], args[0])
         xqa = context.make_array(sig.args[2])(context, b, args[2])
         xda = context.make_array(sig.args[3])(context, b, args[3])
-        wo, k0 = args[1], args[5]
+        wo, k0 = args[1], args[6]
         cols = cgutils.unpack_tuple(b, xqa.shape)[1]
         nbx = cgutils.unpack_tuple(b, xda.shape)[1]
         nb = _clamp(b, nbx, [(cols, bs), (b.sub(wn, wo), ts)])

@@ -28,9 +28,10 @@ differs between the forms, so those agree to float rounding only.
 
 Fast form, one codegen per scheme: generic LLVM vector IR (loads, shuffles, zext/sext, mul, add,
 llvm.vector.reduce.add, llvm.fma) except the 32-weight step `_chunk_dot`, which is either
-vpmaddubsw + vpmaddwd (`dot_<t>_x86`, used where HAVE_AVX2) or arm64.py's dot16 pairs (`dot_<t>_ir`,
-everywhere else: NEON sdot with the dot-product extension, smull on plain NEON; Q4_1 and Q5_0 take
-arm64.dot32_codegen whole). Neither saturates: weights are < 64 after masking.
+vpmaddubsw + vpmaddwd (`dot_<t>_x86`, used where HAVE_AVX2; the K-quants' `dot_<t>_x86w` and tiles take two
+chunks a step in 512-bit registers where HAVE_AVX512) or arm64.py's dot16 pairs (`dot_<t>_ir`, everywhere else:
+NEON sdot with the dot-product extension, smull on plain NEON; Q4_1 and Q5_0 take arm64.dot32_codegen whole).
+Neither saturates: weights are < 64 after masking.
 
 Safety: a kernel reads block b of a row only at wo + b * type_size + fixed positions inside the block,
 and the block count is clamped once per call to what w, xq, xd and xc (or out) hold, so any bytes at all
@@ -46,7 +47,7 @@ from numba.core import cgutils, typing
 from numba.extending import intrinsic
 
 from . import arm64
-from .simd import HAVE_AVX2, PREFETCH_AHEAD, tile_switch
+from .simd import HAVE_AVX2, HAVE_AVX512, PREFETCH_AHEAD, tile_switch
 
 QK_K = 256
 
@@ -143,6 +144,36 @@ def _chunk_dot(b, u, x, s, x86):
     if x86:
         return _maddwd(b, _maddubs(b, u, x), s)
     return arm64.chunk_dot(b, u, x, s)
+
+
+def _super_sums(b, chunks, sc, xps, xb, x86, wide):
+    """Per activation row pointer in xps: <8 x i32> partial sums of sum_c sc u.x over a super-block's 8 chunks
+    (u the weights' chunks, the activations at element xb of each row, sc <16 x i16> one scale per 16 weights).
+
+    Two sums a row (even, odd steps), so that 2 x len(xps) independent multiply-add chains hide their latency.
+    wide (x86 with AVX-512BW): two chunks a step as 512-bit vpmaddubsw + vpmaddwd, half the instructions of the
+    256-bit form (Q4_K tile, 64 tokens, one thread in cache: 1.5-3.6x, 2026-12-01); the integer sums are exact in
+    every form, so they agree bit for bit.
+    """
+    zero = ir.Constant(_V(_I32, 16 if wide else 8), None)
+    sums = [[zero, zero] for _ in xps]
+    if wide:
+        mub = _fn(b, "llvm.x86.avx512.pmaddubs.w.512", _V(_I16, 32), [_V(_I8, 64)] * 2)
+        mwd = _fn(b, "llvm.x86.avx512.pmaddw.d.512", _V(_I32, 16), [_V(_I16, 32)] * 2)
+        for c in range(0, 8, 2):
+            s = _shuf(b, sc, [2 * c + j // 8 for j in range(32)])
+            u = b.shuffle_vector(chunks[c], chunks[c + 1], _cv(_I32, list(range(64))))
+            for k, xp in enumerate(xps):
+                x = _load(b, xp, b.add(xb, _c64(32 * c)), _V(_I8, 64))
+                sums[k][c // 2 % 2] = b.add(sums[k][c // 2 % 2], b.call(mwd, [b.call(mub, [u, x]), s]))
+        halves = [b.add(e, o) for e, o in sums]
+        return [b.add(_shuf(b, v, list(range(8))), _shuf(b, v, list(range(8, 16)))) for v in halves]
+    for c in range(8):                                      # chunk-major: one chunk and scale live
+        s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
+        for k, xp in enumerate(xps):
+            x = _load(b, xp, b.add(xb, _c64(32 * c)), _V(_I8, 32))
+            sums[k][c % 2] = b.add(sums[k][c % 2], _chunk_dot(b, chunks[c], x, s, x86))
+    return [b.add(e, o) for e, o in sums]
 
 
 def _nibbles32(b, q16):
@@ -260,7 +291,7 @@ def _prefetch(b, p):
     b.call(pf, [b.gep(p, [_c64(PREFETCH_AHEAD)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _k_dot_codegen(kind, x86):
+def _k_dot_codegen(kind, x86, wide=False):
     """sum over super-blocks of f32(d d_x) * sum_c sc u.x  -  (f32(dmin d_x) * sum mn bsum  or  off sc bsum)."""
     ts, unpack = TYPE_SIZE[kind], _K_UNPACK[kind]
 
@@ -280,12 +311,7 @@ def _k_dot_codegen(kind, x86):
             p = b.gep(wp, [b.mul(i, _c64(ts))])
             _prefetch(b, p)
             d, dmin, chunks, sc, mn, off = unpack(b, p)
-            xb = b.mul(i, _c64(QK_K))
-            sumi = ir.Constant(_V(_I32, 8), None)
-            for c in range(8):
-                x = _load(b, xqa.data, b.add(xb, _c64(32 * c)), _V(_I8, 32))
-                s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
-                sumi = b.add(sumi, _chunk_dot(b, chunks[c], x, s, x86))
+            sumi = _super_sums(b, chunks, sc, [xqa.data], b.mul(i, _c64(QK_K)), x86, wide)[0]
             isum = _reduce_add(b, sumi)                           # |isum| <= 63 * 128 * 128 * 256 < 2^31
             if f32_sums:                                          # whole numbers, |s| <= 16 * 128: exact
                 bs = b.fptosi(_load(b, bsa.data, b.mul(i, _c64(16)), _V(_F32, 16)), _V(_I32, 16))
@@ -303,15 +329,17 @@ def _k_dot_codegen(kind, x86):
     return codegen
 
 
-def _k_tile_emit(kind, x86):
+def _k_tile_emit(kind, x86, wide=False):
     """emit(context, b, sig, args, kk) for simd.tile_switch: the row at byte wo times tokens k0 .. k0+kk-1.
 
-    args (w, wo, xq int8 [T, C], xd f32 [T, C/256], xct f32 [C/16, >= k0 + 4] (the Q8_K sums of 16,
-    transposed: tokens contiguous), k0, kk). Each super-block is unpacked once for kk tokens (its nibbles,
-    the 6-bit scales and their per-chunk broadcasts), with one <8 x i32> integer sum and one <8 x f32>
-    accumulator per token; the min (or Q6_K/Q3_K offset) term takes the kk tokens' sums at once as 4 lanes:
-    sum_j mn_j bs_j in float32 is exact (|bs| <= 16 * 128, mn < 64, 16 terms < 2^24). Against the dot the
-    float sums differ in grouping only (8 lanes per token, as simd.py's tiles).
+    args (w, wo, xq int8 [T, C], xd f32 [T, C/256], xc f32 [T, C/16] (the Q8_K sums of 16), xct (unused),
+    k0, kk). Each super-block is unpacked once for kk tokens (its nibbles, the 6-bit scales and their per-chunk
+    broadcasts), with one <8 x i32> integer sum and one <8 x f32> accumulator per token. The min (or Q6_K/Q3_K
+    offset) term of a token is two <8 x f32> products of its 16 sums with the 16 mins (exact: |bs| <= 16 * 128,
+    mn < 64 or |sc| <= 128, two terms a lane < 2^24), scaled into the same accumulator: 4 vector operations a
+    token where the transposed sums' 16 broadcast FMAs per 4 tokens took as long as the integer sums (Q4_K,
+    64 tokens, in cache, one thread: ~25 against ~45 G MACs/s without them). Against the dot the float sums
+    differ in grouping only (8 lanes per token, as simd.py's tiles).
     """
     ts, unpack = TYPE_SIZE[kind], _K_UNPACK[kind]
 
@@ -320,19 +348,19 @@ def _k_tile_emit(kind, x86):
         xqa = context.make_array(sig.args[2])(context, b, args[2])
         xda = context.make_array(sig.args[3])(context, b, args[3])
         xca = context.make_array(sig.args[4])(context, b, args[4])
-        wo, k0 = args[1], args[5]
+        wo, k0 = args[1], args[6]
         cols = cgutils.unpack_tuple(b, xqa.shape)[1]
         nbx = cgutils.unpack_tuple(b, xda.shape)[1]
-        ns, tp = cgutils.unpack_tuple(b, xca.shape)
+        ns = cgutils.unpack_tuple(b, xca.shape)[1]
         nb = _clamp(b, nbx, [(cols, QK_K), (ns, QK_K // 16), (b.sub(wn, wo), ts)])
         nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
         wp = b.gep(wa.data, [wo])
         xps = [b.gep(xqa.data, [b.mul(b.add(k0, _c64(k)), cols)]) for k in range(kk)]
         dps = [b.gep(xda.data, [b.mul(b.add(k0, _c64(k)), nbx)]) for k in range(kk)]
+        cps = [b.gep(xca.data, [b.mul(b.add(k0, _c64(k)), ns)]) for k in range(kk)]
         fma8 = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
-        fma4 = _fn(b, "llvm.fma.v4f32", _V(_F32, 4), [_V(_F32, 4)] * 3)
         acc = [cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None)) for _ in range(kk)]
-        macc = cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 4), None))    # min / offset terms, 4 tokens
+        lo, hi = list(range(8)), list(range(8, 16))
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
             p = b.gep(wp, [b.mul(i, _c64(ts))])
@@ -340,35 +368,25 @@ def _k_tile_emit(kind, x86):
             d, dmin, chunks, sc, mn, off = unpack(b, p)
             xb = b.mul(i, _c64(QK_K))
             dx = [b.load(b.gep(dps[k], [i])) for k in range(kk)]
-            sumi = [ir.Constant(_V(_I32, 8), None)] * kk
-            for c in range(8):                                      # chunk-major: one chunk and scale live
-                s = _shuf(b, sc, [2 * c] * 8 + [2 * c + 1] * 8)
-                for k in range(kk):
-                    x = _load(b, xps[k], b.add(xb, _c64(32 * c)), _V(_I8, 32))
-                    sumi[k] = b.add(sumi[k], _chunk_dot(b, chunks[c], x, s, x86))
-            for k in range(kk):
-                sd = _bcast(b, b.fmul(d, dx[k]), 8)
-                b.store(b.call(fma8, [b.sitofp(sumi[k], _V(_F32, 8)), sd, b.load(acc[k])]), acc[k])
+            sumi = _super_sums(b, chunks, sc, xps, xb, x86, wide)
             m16 = b.sitofp(mn if mn is not None else sc, _V(_F32, 16))
-            cs = ir.Constant(_V(_F32, 4), None)
-            row = b.add(b.mul(b.mul(i, _c64(16)), tp), k0)
-            for j in range(16):                                     # cs[k] = sum_j m_j bs_j of token k0 + k
-                bs = _load(b, xca.data, b.add(row, b.mul(_c64(j), tp)), _V(_F32, 4))
-                cs = b.call(fma4, [_bcast(b, b.extract_element(m16, ir.Constant(_I32, j)), 4), bs, cs])
-            dx4 = ir.Constant(_V(_F32, 4), None)
-            for k in range(kk):
-                dx4 = b.insert_element(dx4, dx[k], ir.Constant(_I32, k))
+            mlo, mhi = _shuf(b, m16, lo), _shuf(b, m16, hi)
             f = dmin if mn is not None else b.fmul(d, ir.Constant(_F32, float(off)))
-            b.store(b.call(fma4, [b.fmul(_bcast(b, f, 4), dx4), cs, b.load(macc)]), macc)
-        mv = b.load(macc)
-        return [b.fsub(_hsum_f(b, b.load(acc[k])), b.extract_element(mv, ir.Constant(_I32, k))) for k in range(kk)]
+            for k in range(kk):
+                a = b.call(fma8, [b.sitofp(sumi[k], _V(_F32, 8)), _bcast(b, b.fmul(d, dx[k]), 8), b.load(acc[k])])
+                bo = b.mul(i, _c64(16))
+                cm = b.call(fma8, [mhi, _load(b, cps[k], b.add(bo, _c64(8)), _V(_F32, 8)),
+                                   b.fmul(mlo, _load(b, cps[k], bo, _V(_F32, 8)))])       # exact whole numbers
+                a = b.call(fma8, [_bcast(b, b.fneg(b.fmul(f, dx[k])), 8), cm, a])
+                b.store(a, acc[k])
+        return [_hsum_f(b, b.load(acc[k])) for k in range(kk)]
 
     return emit
 
 
-def _k_tile_codegen(kind, x86):
-    """Codegen (w, wo, xq, xd, xct, k0, kk) -> 4 f32: the row times tokens k0 .. k0+kk-1, kk in 1..4."""
-    return tile_switch(_k_tile_emit(kind, x86))
+def _k_tile_codegen(kind, x86, wide=False):
+    """Codegen (w, wo, xq, xd, xc, xct, k0, kk) -> 4 f32: the row times tokens k0 .. k0+kk-1, kk in 1..4."""
+    return tile_switch(_k_tile_emit(kind, x86, wide))
 
 
 def _k_dequant_codegen(kind):
@@ -509,6 +527,13 @@ dot_q6_k_x86 = _dot("dot_q6_k_x86", _k_dot_codegen("q6_k", True))
 dot_q4_1_x86 = _dot("dot_q4_1_x86", _dot32_codegen("q4_1", True))
 dot_q5_0_x86 = _dot("dot_q5_0_x86", _dot32_codegen("q5_0", True))
 
+# 512-bit sums (AVX-512BW only: the fast form where HAVE_AVX512)
+dot_q2_k_x86w = _dot("dot_q2_k_x86w", _k_dot_codegen("q2_k", True, True))
+dot_q3_k_x86w = _dot("dot_q3_k_x86w", _k_dot_codegen("q3_k", True, True))
+dot_q4_k_x86w = _dot("dot_q4_k_x86w", _k_dot_codegen("q4_k", True, True))
+dot_q5_k_x86w = _dot("dot_q5_k_x86w", _k_dot_codegen("q5_k", True, True))
+dot_q6_k_x86w = _dot("dot_q6_k_x86w", _k_dot_codegen("q6_k", True, True))
+
 dequant_q2_k = _dequant("dequant_q2_k", _k_dequant_codegen("q2_k"))
 dequant_q3_k = _dequant("dequant_q3_k", _k_dequant_codegen("q3_k"))
 dequant_q4_k = _dequant("dequant_q4_k", _k_dequant_codegen("q4_k"))
@@ -612,7 +637,11 @@ def quantize_q8_k(x, xq, xd, xbs):
 
 # ---- the dots drivers call ---------------------------------------------------------------
 
-if HAVE_AVX2:
+if HAVE_AVX512:
+    dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k = dot_q2_k_x86w, dot_q3_k_x86w, dot_q4_k_x86w, dot_q5_k_x86w
+    dot_q6_k = dot_q6_k_x86w
+    dot_q4_1, dot_q5_0 = dot_q4_1_x86, dot_q5_0_x86
+elif HAVE_AVX2:
     dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k, dot_q6_k = dot_q2_k_x86, dot_q3_k_x86, dot_q4_k_x86, dot_q5_k_x86, dot_q6_k_x86
     dot_q4_1, dot_q5_0 = dot_q4_1_x86, dot_q5_0_x86
 else:
@@ -624,8 +653,9 @@ dot_bf16 = dot_bf16_ir
 # ---- the registry's codegens (blocks.py KERNELS rows), in simd.py's argument lists ------------------
 
 def _registry_dot(kind, x86=HAVE_AVX2):
-    """Codegen (w, wo, x, xq, xd, xc) -> f32: the x86 form where HAVE_AVX2, else the generic one; x is not read."""
-    cg = (_k_dot_codegen if kind in _K_UNPACK else _dot32_codegen)(kind, x86)
+    """Codegen (w, wo, x, xq, xd, xc) -> f32: the x86 form where HAVE_AVX2 (HAVE_AVX512: the K-quants' 512-bit
+    sums), else the generic one; x is not read."""
+    cg = _k_dot_codegen(kind, x86, x86 and HAVE_AVX512) if kind in _K_UNPACK else _dot32_codegen(kind, x86)
 
     def codegen(context, b, sig, args):
         inner = typing.signature(sig.return_type, sig.args[0], sig.args[1], *sig.args[3:6])
@@ -647,4 +677,5 @@ NEON = {t: _registry_dot(t, False) for t in _TYPES}        # the arm64 dots (the
 # 1 row x 4 token tiles for int_matmul: the x86 form where HAVE_AVX2, the generic one (arm64.chunk_dot: sdot)
 # on an arm64 host; none on the portable build (the dots run per (row, token)). NEON_TILES: the arm64 ones.
 NEON_TILES = {t: _k_tile_codegen(t, False) for t in _K_UNPACK}
-TILES = {t: _k_tile_codegen(t, True) if HAVE_AVX2 else NEON_TILES[t] if arm64.ARM64 else None for t in _K_UNPACK}
+TILES = {t: _k_tile_codegen(t, True, HAVE_AVX512) if HAVE_AVX2 else NEON_TILES[t] if arm64.ARM64 else None
+         for t in _K_UNPACK}

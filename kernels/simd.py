@@ -14,7 +14,7 @@ between a driver and the IR takes references (Numba's refcounting on every row o
 switch function cost 50 ns per row, more than a 256-weight Q4_0 dot). Argument lists, the same
 for every type of a kernel:
   dot      (w, wo, x, xq, xd, xc) -> f32      the row at byte wo of flat uint8 w, times x
-  tile     (w, wo, xq, xd, xct, k0, kk) -> 4 f32   the row times tokens k0 .. k0+kk-1, kk <= 4
+  tile     (w, wo, xq, xd, xc, xct, k0, kk) -> 4 f32   the row times tokens k0 .. k0+kk-1, kk <= 4
   dequant  (w, wo, out, oo, cols) -> none     out[oo : oo + cols] = the row as float32
 Activations come pre-quantized (activations.Q8, `activations.quantize_q8`): xq int8 [cols],
 xd f32 [cols/32] scales, xc f32 [cols/32] = xd * sum(xq of block), from which Q4_0's -8 offset
@@ -37,6 +37,10 @@ from numba.extending import intrinsic
 
 # Numba's cache does not see this flag: kernels/__init__.py keys the cache directory by it too.
 HAVE_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",") and not os.environ.get("LAZYMOE_NO_AVX2")
+# 512-bit integer forms (kquant.py's K-quant sums) where AVX-512BW is there; LAZYMOE_NO_AVX512=1 forces the 256-bit
+# AVX2 forms (the tests run them so on any x86 machine), LAZYMOE_NO_AVX2 the portable ones.
+HAVE_AVX512 = (HAVE_AVX2 and "+avx512bw" in llvm.get_host_cpu_features().flatten().split(",")
+               and not os.environ.get("LAZYMOE_NO_AVX512"))
 
 # Bytes ahead of the current block that a dot asks the cache for. Q4_0 matvec, 14336 x 4096, side by side:
 # 1 thread 9.2 -> 10.1-10.4 GB/s, 2 threads 16.1-17.7 -> 17.9-20.3 GB/s at 2048-2304 (3072-8192 no better).
@@ -231,8 +235,8 @@ def _emit_tile(context, builder, sig, args, kind, kk):
     wa = _data(context, builder, sig.args[0], args[0])
     xqa = _data(context, builder, sig.args[2], args[2])
     xda = _data(context, builder, sig.args[3], args[3])
-    xca = _data(context, builder, sig.args[4], args[4])
-    wo, k0 = args[1], args[5]
+    xca = _data(context, builder, sig.args[5], args[5])      # xct: the block sums transposed
+    wo, k0 = args[1], args[6]
     cols = cgutils.unpack_tuple(builder, xqa.shape)[1]
     nb = cgutils.unpack_tuple(builder, xda.shape)[1]
     tp = cgutils.unpack_tuple(builder, xca.shape)[1]
@@ -291,21 +295,21 @@ def _tile_codegen(kind):
     from kk on are 0): one body per kk behind a switch on kk.
 
     xq int8 [T, C], xd f32 [T, NB], xct f32 [NB, >= k0 + 4]: the activations' block sums, transposed
-    (tokens contiguous).
+    (tokens contiguous); xc (the sums untransposed) is not read.
     """
     return tile_switch(lambda context, builder, sig, args, kk: _emit_tile(context, builder, sig, args, kind, kk))
 
 
 def tile_switch(emit):
-    """Tile codegen from emit(context, builder, sig, args, kk) -> kk floats: a switch on kk (args[6]) to one
+    """Tile codegen from emit(context, builder, sig, args, kk) -> kk floats: a switch on kk (args[7]) to one
     body per kk in 1..4, the result padded with zeros to 4 floats (kquant.py's K-quant tiles use it too)."""
     def codegen(context, builder, sig, args):
         res = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(4)]
         done = builder.append_basic_block("tile.done")
-        sw = builder.switch(args[6], done)
+        sw = builder.switch(args[7], done)
         for kk in range(1, 5):
             bb = builder.append_basic_block(f"tile.x{kk}")
-            sw.add_case(ir.Constant(args[6].type, kk), bb)
+            sw.add_case(ir.Constant(args[7].type, kk), bb)
             builder.position_at_end(bb)
             for r, v in zip(res, emit(context, builder, sig, args, kk)):
                 builder.store(v, r)

@@ -276,10 +276,15 @@ class Network:
         self._guess = None
         if self.experts is not None:
             self.experts.unpin(0)                                           # nothing in use between forwards
+        last = cfg.n_layer - 1
         for il, L in enumerate(self.w.layers):
             h = rmsnorm(x, L.attn_norm, cfg.rms_eps)                        # [T, D]
             x += self._attention(il, L, h, pos)                             # [T, D]
             check_finite(x, il, "attention")
+            if il == last and not all_logits and self.trace is None:
+                # only the last token's output is read: the last layer's FFN runs for it alone (llama.cpp's
+                # inp_out_ids), a quarter less expert work on a 4-layer prompt (the trace wants every route)
+                x = x[-1:]                                                  # [1, D]
             h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)                         # [T, D]
             if not cfg.is_moe:
                 x += self._dense_ffn(L, h)                                  # [T, D]

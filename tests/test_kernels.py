@@ -29,7 +29,7 @@ from lazymoe import kernels as K
 from lazymoe.kernels import arm64, simd
 from lazymoe.kernels.activations import Q8_K, quantize_q8
 from lazymoe.kernels.dequant_matmul import TILE_ROWS
-from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, int_path
+from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import quantize_q8_k
 from tests.test_iq4_kernels import make_weights as iq4_weights
 from tests.test_kquant_kernels import make_weights as kquant_weights
@@ -118,7 +118,7 @@ def test_matvec(name, rows, cols, heavy):
 
 
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 13, 34, INT_MATMUL_MAX_TOKENS + 6])   # tile edges: 4 tokens a tile
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 13, 34, INT_MATMUL_MAX_TOKENS + 6, KTILE_MAX_TOKENS + 3])   # tile edges: 4 tokens a tile
 def test_matmul(name, tokens):
     w, Wd = weights(name, (203, 512), heavy=True)
     X = RNG.standard_normal((tokens, 512)).astype(np.float32)
@@ -134,7 +134,7 @@ def test_matmul(name, tokens):
 def test_matmul_several_tiles(name):
     cols = max(64, block_of(name))
     w, Wd = weights(name, (TILE_ROWS + 77, cols))
-    X = RNG.standard_normal((INT_MATMUL_MAX_TOKENS + 1, cols)).astype(np.float32)
+    X = RNG.standard_normal((max(INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS) + 1, cols)).astype(np.float32)
     assert rel(K.matmul(name, w, X), X.astype(np.float64) @ Wd.T) <= 1e-5
 
 
@@ -190,7 +190,6 @@ def test_arm64_dots(name):
         assert one[0] == ref[0]
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("name", ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
                                   "iq4_nl", "iq4_xs"])
 def test_tiles_match_dots(name):
@@ -225,6 +224,29 @@ def test_portable_build(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.skipif(not simd.HAVE_AVX512, reason="without AVX-512 this run is the AVX2 build already")
+def test_avx2_build(tmp_path):
+    """LAZYMOE_NO_AVX512=1 builds what an AVX2-only CPU runs (the 256-bit K-quant sums, tiles up to 64 tokens):
+    the product tests of this file and the K-quant dot tests pass on it too, in a fresh process and cache."""
+    import subprocess
+    import sys
+    env = os.environ | {"LAZYMOE_NO_AVX512": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          os.path.join(here, "test_kquant_kernels.py"),
+                          "-k", "matvec or matmul or ffn or tiles or x86 or dot_against or hostile_bytes"],
+                         env=env, cwd=os.path.dirname(here), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_avx512_flag_follows_env():
+    """HAVE_AVX512 never without AVX2, and off under LAZYMOE_NO_AVX512 (what test_avx2_build relies on)."""
+    assert simd.HAVE_AVX2 or not simd.HAVE_AVX512
+    if os.environ.get("LAZYMOE_NO_AVX512"):
+        assert not simd.HAVE_AVX512 and KTILE_MAX_TOKENS == 64
 
 
 @pytest.mark.skipif(simd.HAVE_AVX2, reason="checks the build without AVX2")

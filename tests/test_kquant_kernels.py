@@ -79,12 +79,14 @@ def _q5_1_dequant(w, wo, out, oo, nb):
 IMPLS = {t: {"ir": getattr(K, f"dot_{t}_ir"), "x86": getattr(K, f"dot_{t}_x86"), "plain": getattr(P, f"dot_{t}_plain")}
          for t in KQ + B32 if t != "q5_1"}
 IMPLS["q5_1"] = {"ir": arm64.dot_q5_1, "plain": simd.dot_q5_1_portable} | ({"x86": _q5_1_registry} if simd.HAVE_AVX2 else {})
+for _t in KQ:                                          # the 512-bit sums (AVX-512BW only)
+    IMPLS[_t]["x86w"] = getattr(K, f"dot_{_t}_x86w")
 ROWS = {t: {f: _rows(d) for f, d in v.items()} for t, v in IMPLS.items()}
 ONE = {t: {f: _one(d) for f, d in v.items()} for t, v in IMPLS.items()}
 DEQ = {t: _deq(getattr(K, f"dequant_{t}")) for t in KQ + B32 if t != "q5_1"}
 DEQ["q5_1"] = _q5_1_dequant
 DEQ["bf16"] = K.dequant_bf16
-FORMS = ["ir", "x86", "plain"] if K.HAVE_AVX2 else ["ir", "plain"]
+FORMS = (["ir", "x86", "plain"] if K.HAVE_AVX2 else ["ir", "plain"]) + (["x86w"] if simd.HAVE_AVX512 else [])
 # simd.py's dots read what their drivers validated (dispatch.check_weight): no clamp of their own
 CLAMPED = [t for t in KQ + B32 if t != "q5_1"]
 SIZE = {t: GGML_QUANT_SIZES[GG[t]] for t in KQ + B32}     # (weights, bytes) per block

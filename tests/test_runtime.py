@@ -117,6 +117,24 @@ def test_logits_identical_across_budgets(tiny, monkeypatch):
     assert ga == gb and la.token_ids == lb.token_ids
 
 
+def test_last_layer_ffn_for_the_output_token_only(tiny, monkeypatch):
+    """Without all logits the last layer's FFN runs for the last token only (llama.cpp's inp_out_ids): the
+    logits are the all-logits pass's last row, and the other layers still see every token."""
+    import lazymoe.runtime.network
+    monkeypatch.setattr(lazymoe.runtime.network, "kernels", ReferenceKernels)
+    model = load_model(tiny, ctx=64, progress=False)
+    ids = list(range(1, 40))
+    full = model.logits(ids)[-1]
+    model.rewind(0)
+    seen = []
+    moe = model.net._moe
+    monkeypatch.setattr(model.net, "_moe", lambda il, L, h, x, routes: seen.append((il, len(h))) or moe(il, L, h, x, routes))
+    last = model.eval(ids)
+    n = model.cfg.n_layer
+    assert seen == [(il, len(ids)) for il in range(n - 1)] + [(n - 1, 1)]
+    np.testing.assert_allclose(last, full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
 def test_plan_and_refusal(tiny):
     m = load_model(tiny, ram_budget="4G", ctx=64, progress=False)
     p = m.plan
