@@ -26,6 +26,36 @@ import time
 import numpy as np
 
 
+def llama_cpp_quantize(x: np.ndarray, name: str, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """llama.cpp's quantizer on x [R, C] float32 -> uint8 [R, row_bytes]: `ggml_quantize_chunk` from llama-cpp-python's
+    libggml, the function `llama_model_quantize` runs on each chunk of rows (with the tensor's imatrix entry as
+    importance), split over `threads` threads as it does. Needs the `llama` extra."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gguf
+    from llama_cpp import _ggml
+
+    fn = _ggml.libggml.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    t = gguf.GGMLQuantizationType[name.upper()]
+    bs, ts = gguf.GGML_QUANT_SIZES[t]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    R, C = x.shape
+    out = np.zeros((R, C // bs * ts), np.uint8)
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    n = max(1, min(R, threads or os.cpu_count() or 1))
+    step = (R + n - 1) // n
+
+    def part(r0: int) -> None:        # ctypes releases the GIL: the parts run in parallel
+        r1 = min(R, r0 + step)
+        fn(int(t), x[r0:r1].ctypes.data, out[r0:r1].ctypes.data, 0, r1 - r0, C, None if imp is None else imp.ctypes.data)
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(part, range(0, R, step)))
+    return out
+
+
 def bench_error(rows: int = 512, cols: int = 4096, seed: int = 0) -> list[dict]:
     import gguf
 
