@@ -80,7 +80,7 @@ def _f16(x):
 
 
 @njit(cache=True)
-def _f16_finite(x: float) -> float:
+def f16_finite(x: float) -> float:
     """Our scales: the nearest f16 value, clamped to f16's finite range (a huge block keeps a finite scale)."""
     return f16_round(min(F16_MAX, max(-F16_MAX, x)))
 
@@ -845,13 +845,13 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     for k in range(nd_):
         t = D_STEP * (k if has_min else k // 2)
         if has_min:
-            dk = _f16_finite(amax / (shi - t))
+            dk = f16_finite(amax / (shi - t))
         else:
-            dk = _f16_finite(asg / (slo + t)) if k % 2 == 0 else _f16_finite(asg / (shi - t))
+            dk = f16_finite(asg / (slo + t)) if k % 2 == 0 else f16_finite(asg / (shi - t))
         if dk == 0.0:
             continue
         for km in range(ndm_):
-            dmk = _f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (_f16_finite(bmax / shi) if has_min else 0.0)
+            dmk = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
             q = 0.0
             for j in range(nsub):
                 dA = dk * min(shi, max(slo, int(np.rint(a[j] / dk)))) - a[j]
@@ -923,8 +923,8 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
             ndm = bdm
         else:
             break
-        nd = _f16_finite(nd)
-        ndm = _f16_finite(ndm) if has_min else 0.0
+        nd = f16_finite(nd)
+        ndm = f16_finite(ndm) if has_min else 0.0
         if nd == 0.0 or ndm < 0.0 or not (math.isfinite(nd) and math.isfinite(ndm)):
             break
         e = 0.0
@@ -998,10 +998,10 @@ def _ours_q32(kind, x, w, dd, sc, mn, L):
                 D = sw * svv - sv * sv
                 if D <= 0.0:
                     break
-                nd = _f16_finite((sw * sxv - sx * sv) / D)
-                nm = _f16_finite((svv * sx - sv * sxv) / D)
+                nd = f16_finite((sw * sxv - sx * sv) / D)
+                nm = f16_finite((svv * sx - sv * sxv) / D)
             else:
-                nd = _f16_finite(sxv / svv)
+                nd = f16_finite(sxv / svv)
                 nm = 0.0
             if nd == 0.0:
                 break
@@ -1172,3 +1172,18 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
                     mn[:] = mn2
                     L[:] = L2
             _pack(kind, dd, sc, mn, L, out[r, b * tb:(b + 1) * tb])
+
+
+def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
+    """x [R, C] float32 (C a multiple of the block) -> uint8 [R, C/bs*type_size] of type `name` (a KIND key).
+
+    importance [C] float32 or None. search=False gives llama.cpp's quantizer's bytes (quantize_qN_K with
+    the importance as quant_weights), bit for bit; True, per block the better of those and ours.
+    """
+    kind = KIND[name]
+    bs, tb = int(LAYOUT[kind, 7]), int(LAYOUT[kind, 8])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)
+    imp = np.ones(x.shape[1], np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    quantize_rows(kind, x, imp, importance is not None, search, NGRID, out)
+    return out
