@@ -29,11 +29,11 @@ QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)
 NGRID = 11                 # candidate scales per sub-block in our search (see RESULTS.md, Quantizer)
 T_LO, T_HI = -1.0, 1.5     # their range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
-N_OFF = 3                  # offsets of the lowest value tried per scale (types with mins)
+N_OFF = 4                  # offsets of the lowest value tried per scale (types with mins)
 NIT = 2                    # rounds of codes then least squares from each of the N_KEEP best starts
 N_KEEP = 3
 N_D, D_STEP = 9, 0.25      # super-block scale candidates: the largest sub-block scale maps to 63, 62.75, ...
-N_FULL = 2                 # of the (d, dmin) pairs ranked by the quadratic model, how many are evaluated
+N_FULL = 3                 # of the (d, dmin) pairs ranked by the quadratic model, how many are evaluated
 N_REFINE = 2               # rounds of integer-scale neighbours and least-squares (d, dmin)
 # The search only ranks candidates: reductions may be reordered (vectorised); no assumption of finite values.
 FAST = {"reassoc", "contract"}
@@ -797,7 +797,7 @@ def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
 def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
     Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours.
-    Scratch: wf float64 [5·nsub + 3·N_KEEP], wi int64 [2·nsub + 2·bs]."""
+    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL], wi int64 [2·nsub + 2·bs]."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     nl = L.shape[0]
@@ -839,9 +839,10 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         hvv[j], hv[j], hw[j] = s_vv, s_v, s_w
     nd_ = N_D if has_min else 2 * N_D
     ndm_ = N_D if (has_min and bmax > 0.0) else 1
-    c_d = np.empty(N_FULL)
-    c_dm = np.empty(N_FULL)
-    c_e = np.full(N_FULL, math.inf)
+    c_d = wf[5 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP + N_FULL]
+    c_dm = wf[5 * nsub + 3 * N_KEEP + N_FULL:5 * nsub + 3 * N_KEEP + 2 * N_FULL]
+    c_e = wf[5 * nsub + 3 * N_KEEP + 2 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL]
+    c_e[:] = math.inf
     for k in range(nd_):
         t = D_STEP * (k if has_min else k // 2)
         if has_min:
@@ -1142,7 +1143,7 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         mn2 = np.empty(nsub, np.int64)
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
-        wf = np.empty(5 * nsub + 3 * N_KEEP)
+        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL)
         wi = np.empty(2 * nsub + 2 * bs, np.int64)
         xr = x[r]
         sigma2 = f32(0.0)
