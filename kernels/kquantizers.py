@@ -797,7 +797,7 @@ def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
 def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
     Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours.
-    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL], wi int64 [2·nsub + 2·bs]."""
+    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL + N_D], wi int64 [2·nsub + 2·bs]."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     nl = L.shape[0]
@@ -843,6 +843,9 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     c_dm = wf[5 * nsub + 3 * N_KEEP + N_FULL:5 * nsub + 3 * N_KEEP + 2 * N_FULL]
     c_e = wf[5 * nsub + 3 * N_KEEP + 2 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL]
     c_e[:] = math.inf
+    c_dmk = wf[5 * nsub + 3 * N_KEEP + 3 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D]
+    for km in range(ndm_):
+        c_dmk[km] = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
     for k in range(nd_):
         t = D_STEP * (k if has_min else k // 2)
         if has_min:
@@ -852,7 +855,7 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         if dk == 0.0:
             continue
         for km in range(ndm_):
-            dmk = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
+            dmk = c_dmk[km]
             q = 0.0
             for j in range(nsub):
                 dA = dk * min(shi, max(slo, int(np.rint(a[j] / dk)))) - a[j]
@@ -943,9 +946,10 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     L[:] = tL
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _ours_q32(kind, x, w, dd, sc, mn, L):
-    """Our 32-weight block: a ladder of candidate scales (and mins), each refit by least squares, f16-rounded."""
+    """Our 32-weight block: a ladder of candidate scales (and mins), each refit by least squares twice and
+    ranked unrounded; the winner's d and m rounded to f16, with the best codes for those."""
     qmax, qoff, has_min = LAYOUT[kind, 2], LAYOUT[kind, 3], LAYOUT[kind, 6]
     Lt = np.empty(32, np.int64)
     lo = 0.0
@@ -995,14 +999,14 @@ def _ours_q32(kind, x, w, dd, sc, mn, L):
                 sxv += wi * xi * v
             if svv <= 0.0:
                 break
-            if has_min:
+            if has_min:                               # ranked unrounded; the winner is rounded to f16 below
                 D = sw * svv - sv * sv
                 if D <= 0.0:
                     break
-                nd = f16_finite((sw * sxv - sx * sv) / D)
-                nm = f16_finite((svv * sx - sv * sxv) / D)
+                nd = (sw * sxv - sx * sv) / D
+                nm = (svv * sx - sv * sxv) / D
             else:
-                nd = f16_finite(sxv / svv)
+                nd = sxv / svv
                 nm = 0.0
             if nd == 0.0:
                 break
@@ -1016,6 +1020,8 @@ def _ours_q32(kind, x, w, dd, sc, mn, L):
             ca, cm = nd, nm
     if best_e == math.inf:
         return
+    bd = f16_finite(bd)
+    bm = f16_finite(bm)
     _codes(x, w, 0, 32, qmax, qoff, bd, -bm, L)        # the best codes for the f16 values kept
     dd[0] = f32(bd)
     dd[1] = f32(bm)
@@ -1143,7 +1149,7 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         mn2 = np.empty(nsub, np.int64)
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
-        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL)
+        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D)
         wi = np.empty(2 * nsub + 2 * bs, np.int64)
         xr = x[r]
         sigma2 = f32(0.0)
