@@ -65,7 +65,9 @@ def prefetch_depth(options: CacheOptions, n_slots: int, n_experts: int) -> int:
 class Network:
     """forward(ids, pos) fills the state's KV cache and returns logits. Counts prefetch recall (`predicted`:
     experts the routers chose where a guess was made one layer up, `predicted_right`: of those, guessed) and,
-    while `trace` is a list, appends each forward's routes to it ([T, L, A] int16 arrays)."""
+    while `trace` is a list, appends each forward's routes to it ([T, L, A] int16 arrays). While `observer` is
+    set, it is shown each weight matrix's input (`lazymoe imatrix`): observer.inputs(il, names, X [T, cols]) and,
+    for an FFN (expert e, or None when dense), observer.ffn(il, e, X [t, D], gate, up)."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, state: RunState, experts: ExpertCache | None,
                  options: CacheOptions, depth: int):
@@ -73,6 +75,7 @@ class Network:
         self.prefetch_depth = depth          # layers ahead whose experts a decode step guesses
         self.predicted = self.predicted_right = 0
         self.trace: list | None = None
+        self.observer = None
         self._guess = None                   # experts guessed for the next layer, [A]
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -97,6 +100,8 @@ class Network:
         cfg = self.cfg
         T, H, G, hd = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         R, N = H // G, pos + h.shape[0]
+        if self.observer is not None:
+            self.observer.inputs(il, ("attn_q", "attn_k", "attn_v"), h)
         q = lin(L.attn_q, h).reshape(T, H, hd)                              # [T, H, hd]
         k = lin(L.attn_k, h).reshape(T, G, hd)                              # [T, G, hd]
         v = lin(L.attn_v, h).reshape(T, G, hd)                              # [T, G, hd]
@@ -113,6 +118,8 @@ class Network:
                 attend_one(q[0], self.state.k_cache[il], self.state.v_cache[il], N, scale, out1)
             except ArithmeticError:                                         # finite q.k that overflowed
                 raise non_finite(il, "attention") from None
+            if self.observer is not None:
+                self.observer.inputs(il, ("attn_output",), out1.reshape(1, H * hd))
             return lin(L.attn_output, out1.reshape(1, H * hd))              # [1, D]
         # query t (position pos+t) sees keys 0..pos+t
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
@@ -132,6 +139,8 @@ class Network:
             s /= s.sum(axis=-1, keepdims=True)
             out[g0:g1] = (s @ self.state.v_cache[il, g0:g1, :N]).reshape(g1 - g0, R, T, hd)
         out = out.transpose(2, 0, 1, 3)                                     # [T, G, R, hd] = [T, H, hd]
+        if self.observer is not None:
+            self.observer.inputs(il, ("attn_output",), np.ascontiguousarray(out).reshape(T, H * hd))
         return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))  # [T, D]
 
     def _route(self, L: Layer, h: np.ndarray):
@@ -149,6 +158,8 @@ class Network:
         T = h.shape[0]
         top, wt = self._route(L, h)                                         # [T, A], [T, A]
         routes.append(top)
+        if self.observer is not None:
+            self.observer.inputs(il, ("ffn_gate_inp",), h)
         cache = self.experts
         # Experts in increasing id, so each token's sum has one fixed order whatever the cache holds.
         order = np.unique(top)                                              # [<=E]
@@ -168,6 +179,8 @@ class Network:
             if self.options.overlap and i:
                 cache.want(il, order[i:])                                   # slots freed by finished experts
             gate, up, down = cache.get(il, int(e))
+            if self.observer is not None:
+                self.observer.ffn(il, int(e), h[(top == e).any(axis=1)], (p[0].qt, gate), (p[1].qt, up))
             if T == 1:
                 a = int(np.nonzero(top[0] == e)[0][0])
                 out[0] += wt[0, a] * kernels.expert_ffn(p[0].qt, gate, p[1].qt, up, p[2].qt, down, h[0])  # [D]
@@ -190,6 +203,8 @@ class Network:
 
     def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
         (q1, w1), (q3, w3), (q2, w2) = L.ffn_gate, L.ffn_up, L.ffn_down
+        if self.observer is not None:
+            self.observer.ffn(next(i for i, x in enumerate(self.w.layers) if x is L), None, h, L.ffn_gate, L.ffn_up)
         if h.shape[0] == 1:
             return kernels.expert_ffn(q1, w1, q3, w3, q2, w2, h[0]).reshape(1, -1)   # [1, D]
         return kernels.expert_ffn_batch(q1, w1, q3, w3, q2, w2, np.ascontiguousarray(h))  # [T, D]
