@@ -1,13 +1,14 @@
-"""Float32 rows -> stored GGUF bytes, for the types of kernels.qtypes that lazymoe writes (WRITES).
+"""Float32 rows -> stored GGUF bytes, for the types of kernels.qtypes that lazymoe writes.
 
-Q4_0 (32 weights in 18 bytes: f16 d, 16 bytes of nibbles, byte j = q[j] | q[j+16] << 4,
-x = (q - 8)·d) picks each block's scale to minimise squared error: it tries a ladder
-of scales around llama.cpp's max/-8, refits each by least squares, and keeps the best,
-always counting llama.cpp's own choice (reproduced bit for bit) among the candidates,
-so no block is ever worse than `gguf.quants.quantize` makes it.
-Q8_0 is llama.cpp's reference quantizer itself (round(x/d), d = amax/127): at 8 bits a
-search buys almost nothing. Q5_1 (32 weights in 24 bytes: f16 d, f16 m, u32 of fifth bits,
-nibbles as Q4_0; x = q·d + m) is llama.cpp's reference quantizer too (d = (max - min)/31, m = min).
+Q4_0 without an importance vector (32 weights in 18 bytes: f16 d, 16 bytes of nibbles,
+byte j = q[j] | q[j+16] << 4, x = (q - 8)·d) picks each block's scale to minimise squared
+error: it tries a ladder of scales around llama.cpp's max/-8, refits each by least squares,
+and keeps the best, always counting llama.cpp's own choice (reproduced bit for bit) among
+the candidates, so no block is ever worse than `gguf.quants.quantize` makes it.
+The K-quants (Q2_K..Q6_K), Q4_1, Q5_0, Q5_1, and Q4_0 with an importance vector, are
+kernels.kquantizers': per block the better of llama.cpp's quantizer (ported bit for bit)
+and our search. Q8_0 is llama.cpp's reference quantizer itself (round(x/d), d = amax/127;
+llama.cpp ignores the importance there too): at 8 bits a search buys almost nothing.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from gguf import quants as gq
 from numba import njit, prange
 
+from lazymoe.kernels import kquantizers as kq
 from lazymoe.kernels.qtypes import QType, qtype
 
 QK = 32
@@ -28,14 +30,7 @@ NNEG = 13
 NLADDER = NNEG + 4
 
 
-@njit(cache=True)
-def _f16_round(x: float) -> float:
-    """The float16 value nearest to x (round half to even), as a float."""
-    ax = abs(x)
-    if ax < 6.103515625e-05:                     # subnormal f16: quantum 2^-24
-        return round(x * 16777216.0) / 16777216.0
-    m, e = math.frexp(x)                         # x = m·2^e, 0.5 <= |m| < 1: 11 significant bits
-    return math.ldexp(round(m * 2048.0) / 2048.0, e)
+_f16_round = kq.f16_round
 
 
 @njit(cache=True, fastmath=True)
@@ -132,41 +127,64 @@ def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
     return gq.quantize(np.ascontiguousarray(rows, dtype=np.float32), GGMLQuantizationType.Q8_0)
 
 
-def _quantize_q5_1(rows: np.ndarray) -> np.ndarray:
-    from gguf import GGMLQuantizationType
-    return gq.quantize(np.ascontiguousarray(rows, dtype=np.float32), GGMLQuantizationType.Q5_1)
+def _quantize_block(name: str):
+    """rows float32 [R, C], importance float32 [C] or None -> uint8 [R, C/bs*type_size], by kernels.kquantizers."""
+    kind = kq.KIND[name]
+
+    def run(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        bs, tb = int(kq.LAYOUT[kind, 7]), int(kq.LAYOUT[kind, 8])
+        out = np.empty((rows.shape[0], rows.shape[1] // bs * tb), np.uint8)
+        imp = np.ones(rows.shape[1], np.float32) if importance is None else importance
+        kq.quantize_rows(kind, rows, imp, importance is not None, True, kq.NGRID, out)
+        return out
+    return run
 
 
-# Types lazymoe writes (`lazymoe quantize -t`, synth's uniform files). The others in qtypes it reads only:
-# gguf 0.19 has no K-quant quantizer (llama.cpp's llama_model_quantize writes them).
+# Types `lazymoe quantize -t` and synth's uniform files write in every weight matrix.
 _QUANTIZE = {
-    "f32": lambda r: np.ascontiguousarray(r, dtype=np.float32),
-    "f16": lambda r: np.asarray(r, dtype=np.float32).astype(np.float16),
-    "q8_0": _quantize_q8_0,
-    "q4_0": _quantize_q4_0,
-    "q5_1": _quantize_q5_1,
+    "f32": lambda r, imp: np.ascontiguousarray(r, dtype=np.float32),
+    "f16": lambda r, imp: np.asarray(r, dtype=np.float32).astype(np.float16),
+    "q8_0": lambda r, imp: _quantize_q8_0(r),
+    "q4_0": lambda r, imp: _quantize_q4_0(r) if imp is None else _quantize_block("q4_0")(r, imp),
+    "q5_1": _quantize_block("q5_1"),
 }
 WRITES = tuple(_QUANTIZE)
+# Types quantize() writes: the above, the K-quants and the other 32-weight types (llama.cpp's mixes use them).
+_QUANTIZE.update({name: _quantize_block(name) for name in ("q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")})
+QUANTIZES = tuple(_QUANTIZE)
 
 
-def quantize(x: np.ndarray, qt: QType | str) -> np.ndarray:
+def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = None) -> np.ndarray:
     """Float array (..., cols) -> stored array of type qt, shape qt.storage_shape(x.shape).
 
-    Works through ROWS_PER_CHUNK rows at a time, so temporaries stay small whatever the
-    size of x. ValueError if cols is not a whole number of blocks.
+    importance [cols] float32 (llama.cpp's imatrix entry for this tensor: mean squared activation per
+    column) weights each column's squared error; None weighs all alike. Works through ROWS_PER_CHUNK
+    rows at a time, so temporaries stay small whatever the size of x. ValueError if cols is not a whole
+    number of blocks, if the importance has another length or is negative or not finite, or if x holds
+    NaN or Inf (llama.cpp's quantizer writes garbage scales for those).
     """
     qt = qtype(qt) if isinstance(qt, str) else qt
     shape = tuple(x.shape)
     out = np.empty(qt.storage_shape(shape), dtype=qt.dtype)   # checks cols for block types
+    fn = _QUANTIZE.get(qt.name)
+    if fn is None:
+        raise ValueError(f"lazymoe cannot write {qt.name} (it computes on it); types it writes: {', '.join(_QUANTIZE)}")
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape[0] != shape[-1]:
+            raise ValueError(f"the importance vector has {importance.shape[0]} entries; expected one per column ({shape[-1]})")
+        if not (np.isfinite(importance).all() and (importance >= 0).all()):
+            raise ValueError("the importance vector must hold finite, non-negative values")
     if x.size == 0:
         return out
     src = x.reshape(-1, shape[-1])
     dst = out.reshape(src.shape[0], -1)
-    fn = _QUANTIZE.get(qt.name)
-    if fn is None:
-        raise ValueError(f"lazymoe cannot write {qt.name} (it computes on it); types it writes: {', '.join(_QUANTIZE)}")
     for r in range(0, src.shape[0], ROWS_PER_CHUNK):
-        dst[r:r + ROWS_PER_CHUNK] = fn(src[r:r + ROWS_PER_CHUNK])
+        rows = np.ascontiguousarray(src[r:r + ROWS_PER_CHUNK], dtype=np.float32)
+        if qt.is_block and not np.isfinite(rows).all():
+            bad = r + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+            raise ValueError(f"row {bad} holds NaN or Inf; {qt.name} blocks need finite weights")
+        dst[r:r + ROWS_PER_CHUNK] = fn(rows, importance)
     return out
 
 

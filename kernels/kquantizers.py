@@ -1,0 +1,1112 @@
+"""Block quantizers for the K-quants (Q2_K..Q6_K) and the 32-weight Q4_0, Q4_1, Q5_0, Q5_1, optionally
+weighted by an importance vector (llama.cpp's imatrix: one float per column).
+
+Every block is quantized twice:
+  1. by a port of llama.cpp's own quantizer (ggml-quants.c: quantize_row_qN_K_ref without importance,
+     quantize_row_qN_K_impl with it), float32 operation for operation, so its bytes are llama.cpp's
+     (tests/test_quantizers.py holds them against `ggml_quantize_chunk`, the function `llama_model_quantize` runs);
+  2. by our search, started from the port's per-sub-block fits: refit each sub-block's scale and min to the
+     squared error (weighted by the importance), search the super-block's f16 scales jointly with the
+     integer sub-block scales, then refit the f16 scales by least squares,
+and the block keeps whichever of the two dequantizes closer to x (the error of the f16 and integer values
+as stored). So no block, and no tensor, is ever worse than llama.cpp's quantizer makes it.
+
+The error counted is sum_i w_i (x_i - x̂_i)², w = importance[column] (1 without one): without an imatrix
+that is plain squared error, which llama.cpp approximates with its own weights (x², |x|, av|x| + |x|).
+
+One representation serves all types: per super-block an f16 scale d, an f16 min scale dm, integer
+sub-block scales sc[j] and mins mn[j], codes L[i] in 0..2^bits-1, and x̂ = d·sc[j]·(L[i] - QOFF) - dm·mn[j].
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+f32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = f32(1e-15)
+NGRID = 11                 # candidate scales per sub-block in our search (see RESULTS.md, Quantizer)
+F16_MAX = 65504.0
+
+# Per type: (sub-blocks per block, sub-block length, largest code, code offset, smallest and largest
+# sub-block scale, whether it has mins). Kind ids index the rows.
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 = range(9)
+KIND = {"q2_k": Q2_K, "q3_k": Q3_K, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K,
+        "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
+#                 nsub sublen qmax qoff  slo  shi has_min  block bytes
+LAYOUT = np.array([[16, 16, 3, 0, 0, 15, 1, 256, 84],       # q2_k
+                   [16, 16, 7, 4, -32, 31, 0, 256, 110],    # q3_k
+                   [8, 32, 15, 0, 0, 63, 1, 256, 144],      # q4_k
+                   [8, 32, 31, 0, 0, 63, 1, 256, 176],      # q5_k
+                   [16, 16, 63, 32, -128, 127, 0, 256, 210],  # q6_k
+                   [1, 32, 15, 8, 1, 1, 0, 32, 18],         # q4_0: sc = 1, d carries the scale
+                   [1, 32, 15, 0, 1, 1, 1, 32, 20],         # q4_1: mn = -1, dm = -m (x̂ = d·L + m)
+                   [1, 32, 31, 16, 1, 1, 0, 32, 22],        # q5_0
+                   [1, 32, 31, 0, 1, 1, 1, 32, 24]],        # q5_1
+                  dtype=np.int64)
+
+
+# ---------------------------------------------------------------- scalar helpers (llama.cpp's arithmetic)
+
+@njit(cache=True)
+def f16_round(x: float) -> float:
+    """The float16 value nearest to x (round half to even), as a float; inf beyond f16's range (as F16C)."""
+    ax = abs(x)
+    if ax != ax:
+        return x
+    if ax >= 65520.0:
+        return math.inf if x > 0 else -math.inf
+    if ax < 6.103515625e-05:                     # subnormal f16: quantum 2^-24
+        return round(x * 16777216.0) / 16777216.0
+    m, e = math.frexp(x)                         # x = m·2^e, 0.5 <= |m| < 1: 11 significant bits
+    return math.ldexp(round(m * 2048.0) / 2048.0, e)
+
+
+@njit(cache=True)
+def _f16(x):
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x)) for a float32 x, as float32."""
+    return f32(f16_round(float(x)))
+
+
+@njit(cache=True)
+def _f16_finite(x: float) -> float:
+    """Our scales: the nearest f16 value, clamped to f16's finite range (a huge block keeps a finite scale)."""
+    return f16_round(min(F16_MAX, max(-F16_MAX, x)))
+
+
+@njit(cache=True)
+def f16_bits(v: float) -> int:
+    """The IEEE half bits of v, which must be an f16 value (f16_round's output), inf or nan."""
+    s = 0x8000 if (v < 0 or (v == 0 and math.copysign(1.0, v) < 0)) else 0
+    a = abs(v)
+    if a != a:
+        return 0x7e00
+    if a == math.inf:
+        return s | 0x7c00
+    if a == 0:
+        return s
+    if a < 6.103515625e-05:
+        return s | int(round(a * 16777216.0))
+    m, e = math.frexp(a)                          # a = m·2^e, mantissa 2m - 1 in 10 bits
+    return s | ((e + 14) << 10) | int(round((m * 2.0 - 1.0) * 1024.0))
+
+
+@njit(cache=True)
+def _ni(v) -> int:
+    """nearest_int: round half to even of a float32 (|v| < 2^22 in llama.cpp's use)."""
+    return int(np.rint(v))
+
+
+# ---------------------------------------------------------------- ports of llama.cpp's helpers (float32)
+
+@njit(cache=True)
+def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
+    """make_qx_quants: symmetric codes L = nmax + clamp(l, -nmax, nmax-1); returns the scale."""
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / mx
+    if rmse_type == 0:
+        for i in range(n):
+            l = _ni(iscale * x[i])
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+        return f32(1.0) / iscale
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
+        L[i] = l + nmax
+        w = qw[i] if has_qw else x[i] * x[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
+    best = scale * sumlx
+    for s in range(-9, 10):
+        if s == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(s)) / mx
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            fl = f32(max(-nmax, min(nmax - 1, _ni(iscale * x[i]))))
+            w = qw[i] if has_qw else x[i] * x[i]
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def _make_q3_quants(n, nmax, x, L):
+    """make_q3_quants with do_rmse (x²-weighted, greedy code changes): codes l + nmax; returns the scale."""
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / mx
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
+        L[i] = l
+        w = x[i] * x[i]
+        sumlx += w * x[i] * f32(l)
+        suml2 += w * f32(l) * f32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            slx = sumlx - w * x[i] * f32(L[i])
+            if slx > 0:
+                sl2 = suml2 - w * f32(L[i]) * f32(L[i])
+                new_l = max(-nmax, min(nmax - 1, _ni(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    slx += w * x[i] * f32(new_l)
+                    sl2 += w * f32(new_l) * f32(new_l)
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+@njit(cache=True)
+def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
+    """make_qkx2_quants (v3 False) / make_qkx3_quants (v3 True): codes 0..nmax; returns (scale, -min)."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > 0:
+        mn = f32(0.0)
+    if (mx <= mn) if v3 else (mx == mn):
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0), -mn
+    iscale = f32(nmax) / (mx - mn)
+    scale = f32(1.0) / iscale
+    best_error = f32(0.0)
+    for i in range(n):
+        l = _ni(iscale * (x[i] - mn))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * f32(L[i]) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    for s in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(s) + f32(nmax)) / (mx - mn)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            if v3:
+                v = iscale * (x[i] - mn)
+                l = _ni(min(v, f32(nmax))) if v > 0 else 0
+            else:
+                l = max(0, min(nmax, _ni(iscale * (x[i] - mn))))
+            Laux[i] = l
+            w = weights[i]
+            fl = f32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur += weights[i] * diff
+            if cur < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(cache=True)
+def _make_qp_quants(n, nmax, x, L, qw):
+    """make_qp_quants: non-negative codes for the sub-block scales (or mins) x [n]; returns their scale."""
+    mx = f32(0.0)
+    for i in range(n):
+        mx = max(mx, x[i])
+    if mx < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(nmax) / mx
+    for i in range(n):
+        L[i] = _ni(iscale * x[i])
+    scale = f32(1.0) / iscale
+    best_mse = f32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * f32(L[i])
+        best_mse += qw[i] * diff * diff
+    for s in range(-4, 5):
+        if s == 0:
+            continue
+        iscale_is = (f32(0.1) * f32(s) + f32(nmax)) / mx
+        scale_is = f32(1.0) / iscale_is
+        mse = f32(0.0)
+        for i in range(n):
+            l = min(nmax, _ni(iscale_is * x[i]))
+            diff = x[i] - scale_is * f32(l)
+            mse += qw[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = min(nmax, _ni(iscale * x[i]))
+        L[i] = l
+        sumlx += qw[i] * x[i] * f32(l)
+        suml2 += qw[i] * f32(l) * f32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = qw[i]
+            slx = sumlx - w * x[i] * f32(L[i])
+            sl2 = suml2 - w * f32(L[i]) * f32(L[i])
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, _ni(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx += w * x[i] * f32(new_l)
+                    sl2 += w * f32(new_l) * f32(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+# ---------------------------------------------------------------- ports of llama.cpp's block quantizers
+# Each fills (d, dm) [2] f32 (f16 values), sc, mn [nsub] int64, L [bs] int64 codes, and the float
+# sub-block fits fa, fb [nsub] f32 (x ≈ fa·l - fb) our search starts from. x [bs] f32, qw [bs] f32.
+
+@njit(cache=True)
+def _requant_min(x, sublen, nsub, qmax, dd, sc, mn, L):
+    """llama.cpp's final pass for min types: L = clamp(round((x + dm·mn)/(d·sc))) where d·sc != 0."""
+    for j in range(nsub):
+        d = dd[0] * f32(sc[j])
+        if d == 0:
+            continue
+        m = dd[1] * f32(mn[j])
+        for ii in range(sublen):
+            i = sublen * j + ii
+            L[i] = max(0, min(qmax, _ni((x[i] + m) / d)))
+
+
+@njit(cache=True)
+def _requant_sym(x, sublen, nsub, qoff, dd, sc, L):
+    """llama.cpp's final pass for Q3_K/Q6_K: L = clamp(round(x/(d·sc)), -qoff, qoff-1) + qoff."""
+    for j in range(nsub):
+        d = dd[0] * f32(sc[j])
+        if d == 0:
+            continue
+        for ii in range(sublen):
+            i = sublen * j + ii
+            L[i] = max(-qoff, min(qoff - 1, _ni(x[i] / d))) + qoff
+
+
+@njit(cache=True)
+def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
+    Laux = np.empty(16, np.int64)
+    wt = np.empty(16, f32)
+    if not has_qw:                                   # quantize_row_q2_K_ref
+        max_scale = f32(0.0)
+        max_min = f32(0.0)
+        for j in range(16):
+            for l in range(16):
+                wt[l] = abs(x[16 * j + l])
+            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
+                             f32(-0.5), f32(0.1), 15, True, False)
+            fa[j] = s
+            fb[j] = m
+            max_scale = max(max_scale, s)
+            max_min = max(max_min, m)
+        if max_scale > 0:
+            iscale = f32(15.0) / max_scale
+            for j in range(16):
+                sc[j] = _ni(iscale * fa[j])
+            dd[0] = _f16(max_scale / f32(15.0))
+        else:
+            sc[:] = 0
+            dd[0] = f32(0.0)
+        if max_min > 0:
+            iscale = f32(15.0) / max_min
+            for j in range(16):
+                mn[j] = _ni(iscale * fb[j])
+            dd[1] = _f16(max_min / f32(15.0))
+        else:
+            mn[:] = 0
+            dd[1] = f32(0.0)
+    else:                                            # quantize_row_q2_K_impl
+        sw = np.zeros(16, f32)
+        sumx2 = f32(0.0)
+        for j in range(256):
+            sumx2 += x[j] * x[j]
+        sigma2 = sumx2 / f32(256.0)
+        for j in range(16):
+            for l in range(16):
+                wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
+            for l in range(16):
+                sw[j] += wt[l]
+            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
+                             f32(-0.9), f32(0.05), 36, False, True)
+            fa[j] = s
+            fb[j] = m
+        Ls = np.empty(16, np.int64)
+        Lm = np.empty(16, np.int64)
+        dm_ = _make_qp_quants(16, 15, fa, Ls, sw)
+        mm_ = _make_qp_quants(16, 15, fb, Lm, sw)
+        dd[0] = _f16(dm_)
+        dd[1] = _f16(mm_)
+        for j in range(16):
+            sc[j] = Ls[j] & 15
+            mn[j] = (Lm[j] << 4 & 0xFF) >> 4
+    _requant_min(x, 16, 16, 3, dd, sc, mn, L)
+
+
+@njit(cache=True)
+def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
+    mn[:] = 0
+    dd[1] = f32(0.0)
+    if not has_qw:                                   # quantize_row_q3_K_ref
+        max_scale = f32(0.0)
+        amax = f32(0.0)
+        for j in range(16):
+            s = _make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            fa[j] = s
+            if abs(s) > amax:
+                amax = abs(s)
+                max_scale = s
+        if max_scale != 0:
+            iscale = f32(-32.0) / max_scale
+            for j in range(16):
+                sc[j] = max(-32, min(31, _ni(iscale * fa[j])))
+            dd[0] = _f16(f32(1.0) / iscale)
+        else:
+            sc[:] = -32
+            dd[0] = f32(0.0)
+    else:                                            # quantize_row_q3_K_impl
+        wt = np.empty(16, f32)
+        sw = np.empty(16, f32)
+        Ls = np.empty(16, np.int64)
+        sumx2 = f32(0.0)
+        for j in range(256):
+            sumx2 += x[j] * x[j]
+        sigma2 = f32(2.0) * sumx2 / f32(256.0)
+        for j in range(16):
+            for l in range(16):
+                wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
+            sumw = f32(0.0)
+            for l in range(16):
+                sumw += wt[l]
+            sw[j] = sumw
+            fa[j] = _make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, wt, True)
+        d_block = _make_qx_quants(16, 32, fa, Ls, 1, sw, True)
+        for j in range(16):
+            sc[j] = (Ls[j] & 63) - 32
+        dd[0] = _f16(d_block)
+    for j in range(16):
+        fb[j] = f32(0.0)
+    _requant_sym(x, 16, 16, 4, dd, sc, L)
+
+
+@njit(cache=True)
+def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
+    """Q4_K (nmax 15) and Q5_K (nmax 31), ref and impl."""
+    Laux = np.empty(32, np.int64)
+    wt = np.empty(32, f32)
+    if not has_qw:
+        max_scale = f32(0.0)
+        max_min = f32(0.0)
+        for j in range(8):
+            sum_x2 = f32(0.0)
+            for l in range(32):
+                sum_x2 += x[32 * j + l] * x[32 * j + l]
+            av_x = f32(math.sqrt(sum_x2 / f32(32.0)))
+            for l in range(32):
+                wt[l] = av_x + abs(x[32 * j + l])
+            if nmax == 15:
+                s, m = _make_qkx(32, 15, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
+                                 f32(-1.0), f32(0.1), 20, False, False)
+            else:
+                s, m = _make_qkx(32, 31, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
+                                 f32(-0.5), f32(0.1), 15, False, False)
+            fa[j] = s
+            fb[j] = m
+            max_scale = max(max_scale, s)
+            max_min = max(max_min, m)
+        inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
+        inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
+        for j in range(8):
+            sc[j] = min(63, _ni(inv_scale * fa[j]) & 0xFF)
+            mn[j] = min(63, _ni(inv_min * fb[j]) & 0xFF)
+        dd[0] = _f16(max_scale / f32(63.0))
+        dd[1] = _f16(max_min / f32(63.0))
+    else:
+        sw = np.empty(8, f32)
+        Ls = np.empty(8, np.int64)
+        Lm = np.empty(8, np.int64)
+        sum_x2 = f32(0.0)
+        for l in range(256):
+            sum_x2 += x[l] * x[l]
+        sigma2 = f32(2.0) * sum_x2 / f32(256.0)
+        for j in range(8):
+            for l in range(32):
+                wt[l] = qw[32 * j + l] * f32(math.sqrt(sigma2 + x[32 * j + l] * x[32 * j + l]))
+            sumw = f32(0.0)
+            for l in range(32):
+                sumw += wt[l]
+            sw[j] = sumw
+            s, m = _make_qkx(32, nmax, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
+                             f32(-0.9), f32(0.05), 36, False, True)
+            fa[j] = s
+            fb[j] = m
+        d_block = _make_qp_quants(8, 63, fa, Ls, sw)
+        m_block = _make_qp_quants(8, 63, fb, Lm, sw)
+        for j in range(8):
+            sc[j] = min(63, Ls[j] & 0xFF)
+            mn[j] = min(63, Lm[j] & 0xFF)
+        dd[0] = _f16(d_block)
+        dd[1] = _f16(m_block)
+    _requant_min(x, 32, 8, nmax, dd, sc, mn, L)
+
+
+@njit(cache=True)
+def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
+    mn[:] = 0
+    dd[1] = f32(0.0)
+    max_scale = f32(0.0)
+    max_abs = f32(0.0)
+    for j in range(16):
+        s = _make_qx_quants(16, 32, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1,
+                            qw[16 * j:16 * j + 16], has_qw)
+        fa[j] = s
+        fb[j] = f32(0.0)
+        if abs(s) > max_abs:
+            max_abs = abs(s)
+            max_scale = s
+    if max_abs < GROUP_MAX_EPS:                     # llama.cpp zeroes the block: codes 0, scales 0
+        dd[0] = f32(0.0)
+        sc[:] = 0
+        L[:] = 0
+        return
+    iscale = f32(-128.0) / max_scale
+    dd[0] = _f16(f32(1.0) / iscale)
+    for j in range(16):
+        sc[j] = min(127, _ni(iscale * fa[j]))
+    _requant_sym(x, 16, 16, 32, dd, sc, L)
+
+
+@njit(cache=True)
+def _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb):
+    """Q4_0, Q4_1, Q5_0, Q5_1: quantize_row_qN_ref without importance, quantize_row_qN_impl with it."""
+    sc[0] = 1
+    if kind == Q4_0 or kind == Q5_0:
+        half = 8 if kind == Q4_0 else 16
+        mn[0] = 0
+        dd[1] = f32(0.0)
+        if has_qw:
+            wt = np.empty(32, f32)
+            for j in range(32):
+                wt[j] = qw[j] * f32(math.sqrt(sigma2 + x[j] * x[j]))
+            d = _make_qx_quants(32, half, x, L, 1, wt, True)
+            dd[0] = _f16(d)
+            fa[0] = d
+        else:
+            amax = f32(0.0)
+            mx = f32(0.0)
+            for j in range(32):
+                if amax < abs(x[j]):
+                    amax = abs(x[j])
+                    mx = x[j]
+            d = mx / f32(-half)
+            idv = f32(1.0) / d if d != 0 else f32(0.0)
+            dd[0] = _f16(d)
+            fa[0] = d
+            for j in range(32):
+                L[j] = min(2 * half - 1, _trunc8(x[j] * idv + f32(half + 0.5)))
+        fb[0] = f32(0.0)
+        return
+    nmax = 15 if kind == Q4_1 else 31
+    mn[0] = -1
+    if has_qw:
+        wt = np.empty(32, f32)
+        Laux = np.empty(32, np.int64)
+        for j in range(32):
+            wt[j] = qw[j] * f32(math.sqrt(sigma2 + x[j] * x[j]))
+        d, m = _make_qkx(32, nmax, x, wt, L, Laux, f32(-0.9), f32(0.05), 36, False, True)
+        dd[0] = _f16(d)
+        dd[1] = _f16(-m)                             # stored m = min (<= 0); x̂ = d·L + m = d·L - dm·(-1)
+        fa[0] = d
+        fb[0] = m
+        return
+    lo = f32(3.4028234663852886e38)
+    hi = f32(-3.4028234663852886e38)
+    for j in range(32):
+        lo = min(lo, x[j])
+        hi = max(hi, x[j])
+    d = (hi - lo) / f32(nmax)
+    idv = f32(1.0) / d if d != 0 else f32(0.0)
+    dd[0] = _f16(d)
+    dd[1] = _f16(lo)
+    fa[0] = d
+    fb[0] = -lo
+    for j in range(32):
+        v = (x[j] - lo) * idv + f32(0.5)
+        L[j] = min(nmax, _trunc8(v)) if kind == Q4_1 else int(v) & 0xFF
+
+
+@njit(cache=True)
+def _trunc8(v) -> int:
+    """(int8_t)(float v) as llama.cpp's x86 build computes it: truncate toward zero, wrap into int8."""
+    t = int(v)
+    return ((t + 128) & 0xFF) - 128
+
+
+@njit(cache=True)
+def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb):
+    """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation."""
+    if kind == Q2_K:
+        _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+    elif kind == Q3_K:
+        _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+    elif kind == Q4_K:
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 15)
+    elif kind == Q5_K:
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31)
+    elif kind == Q6_K:
+        _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+    else:
+        _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb)
+
+
+# ---------------------------------------------------------------- errors of a representation
+
+@njit(cache=True)
+def block_error(kind, x, w, dd, sc, mn, L):
+    """sum w (x - x̂)² of the block as stored: x̂ dequantized in float32 as gguf.quants does (float64 sum)."""
+    nsub, sublen, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 3]
+    e = 0.0
+    for j in range(nsub):
+        dl = dd[0] * f32(sc[j])
+        ml = dd[1] * f32(mn[j])
+        for ii in range(sublen):
+            i = sublen * j + ii
+            y = dl * f32(L[i] - qoff) - ml
+            r = float(x[i]) - float(y)
+            e += w[i] * r * r
+    return e if e == e else math.inf
+
+
+@njit(cache=True)
+def _codes(x, w, o, n, qmax, qoff, dl, m, L):
+    """Best codes for x[o:o+n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), into L; error."""
+    e = 0.0
+    if dl == 0.0:
+        for i in range(o, o + n):
+            L[i] = qoff
+            r = x[i] + m
+            e += w[i] * r * r
+        return e
+    inv = 1.0 / dl
+    for i in range(o, o + n):
+        q = min(qmax, max(0, int(np.rint((x[i] + m) * inv)) + qoff))
+        L[i] = q
+        r = x[i] - dl * (q - qoff) + m
+        e += w[i] * r * r
+    return e
+
+
+@njit(cache=True)
+def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid):
+    """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
+    weighted squared error: a grid of ngrid scales around the range, each refit by least squares, then
+    alternate codes and least squares from the best. Returns (a, b, error); L[o:o+n] holds its codes."""
+    Lt = np.empty(n, np.int64)
+    best_e = _codes(x, w, o, n, qmax, qoff, a, b, L) if a != 0.0 else math.inf
+    best_a, best_b = a, b
+    lo = 0.0
+    hi = 0.0
+    amax = 0.0
+    vmax = 0.0
+    for i in range(o, o + n):
+        lo = min(lo, float(x[i]))
+        hi = max(hi, float(x[i]))
+        if abs(x[i]) > amax:
+            amax = abs(x[i])
+            vmax = float(x[i])
+    if amax == 0.0:
+        return 0.0, 0.0, 0.0
+    for k in range(ngrid + 4):
+        if k < ngrid:                                 # candidate scales from the range
+            t = -1.0 + 2.0 * k / max(1, ngrid - 1)
+            if has_min:
+                ca = (hi - lo) / (qmax + t) if hi > lo else 0.0
+                cb = -lo
+            else:
+                ca = vmax / (-(qoff + t)) if k % 2 == 0 else vmax / (qmax - qoff - t)
+                cb = 0.0
+            if ca == 0.0:
+                continue
+        else:                                         # alternation from the best so far
+            ca, cb = best_a, best_b
+            if ca == 0.0:
+                break
+        # least squares on the codes of (ca, cb)
+        sw = 0.0
+        sv = 0.0
+        svv = 0.0
+        sx = 0.0
+        sxv = 0.0
+        inv = 1.0 / ca
+        for i in range(n):
+            xi = float(x[o + i])
+            q = min(qmax, max(0, int(np.rint((xi + cb) * inv)) + qoff))
+            Lt[i] = q
+            v = float(q - qoff)
+            wi = w[o + i]
+            sw += wi
+            sv += wi * v
+            svv += wi * v * v
+            sx += wi * xi
+            sxv += wi * xi * v
+        if svv <= 0.0:
+            continue
+        if has_min:
+            D = sw * svv - sv * sv
+            if D <= 0.0:
+                continue
+            na = (sw * sxv - sx * sv) / D
+            nb = (sv * sxv - svv * sx) / D            # x ≈ na·v - nb
+            if nb < 0.0:
+                nb = 0.0
+                na = sxv / svv
+        else:
+            na = sxv / svv
+            nb = 0.0
+        if na == 0.0 or not math.isfinite(na):
+            continue
+        e = 0.0
+        for i in range(n):
+            r = float(x[o + i]) - na * (Lt[i] - qoff) + nb
+            e += w[o + i] * r * r
+        if e < best_e:
+            best_e, best_a, best_b = e, na, nb
+    if best_a != 0.0:
+        best_e = _codes(x, w, o, n, qmax, qoff, best_a, best_b, L)
+    return best_a, best_b, best_e
+
+
+@njit(cache=True)
+def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L):
+    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L) and the block's error."""
+    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
+    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
+    e = 0.0
+    for j in range(nsub):
+        sc[j] = min(shi, max(slo, int(np.rint(fa[j] / d)))) if d != 0.0 else 0
+        mn[j] = min(shi, max(0, int(np.rint(fb[j] / dm)))) if (has_min and dm != 0.0) else 0
+        e += _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+    return e
+
+
+@njit(cache=True)
+def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid):
+    """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit."""
+    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
+    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
+    a = np.empty(nsub)
+    b = np.empty(nsub)
+    for j in range(nsub):
+        a[j], b[j], _ = _fit_sub(x, w, sublen * j, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), L, ngrid)
+    amax = 0.0
+    asg = 0.0
+    bmax = 0.0
+    for j in range(nsub):
+        if abs(a[j]) > amax:
+            amax = abs(a[j])
+            asg = a[j]
+        bmax = max(bmax, b[j])
+    if amax == 0.0:
+        return
+    tsc = np.empty(nsub, np.int64)
+    tmn = np.empty(nsub, np.int64)
+    tL = np.empty(L.shape[0], np.int64)
+    best_e = math.inf
+    bd = 0.0
+    bdm = _f16_finite(bmax / shi) if has_min else 0.0
+    # super-block scale: the largest sub-block scale maps to shi - t (or slo + t: signed scales)
+    for k in range(17 if has_min else 18):
+        if has_min:
+            dk = _f16_finite(amax / (shi - 0.125 * k))
+        else:
+            dk = _f16_finite(asg / (slo + 0.125 * (k // 2))) if k % 2 == 0 else _f16_finite(asg / (shi - 0.125 * (k // 2)))
+        if dk == 0.0:
+            continue
+        e = _eval_scales(kind, x, w, dk, bdm, a, b, tsc, tmn, tL)
+        if e < best_e:
+            best_e, bd = e, dk
+    if best_e == math.inf:
+        return
+    if has_min and bmax > 0.0:
+        for k in range(17):
+            dmk = _f16_finite(bmax / (shi - 0.125 * k))
+            e = _eval_scales(kind, x, w, bd, dmk, a, b, tsc, tmn, tL)
+            if e < best_e:
+                best_e, bdm = e, dmk
+    cur_e = _eval_scales(kind, x, w, bd, bdm, a, b, tsc, tmn, tL)
+    for _ in range(2):
+        # each sub-block's integer scale and min: the neighbours of the nearest, with their codes
+        cur_e = 0.0
+        Ls = np.empty(sublen, np.int64)
+        for j in range(nsub):
+            o = sublen * j
+            be = _codes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
+            s0, m0 = tsc[j], tmn[j]
+            for ds in range(-1, 2):
+                for dmi in range(-1 if has_min else 0, 2 if has_min else 1):
+                    if ds == 0 and dmi == 0:
+                        continue
+                    s1 = s0 + ds
+                    m1 = m0 + dmi
+                    if s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
+                        continue
+                    e = 0.0
+                    dl = bd * s1
+                    m = bdm * m1
+                    inv = 1.0 / dl if dl != 0.0 else 0.0
+                    for ii in range(sublen):
+                        xi = float(x[o + ii])
+                        q = min(qmax, max(0, int(np.rint((xi + m) * inv)) + qoff)) if dl != 0.0 else qoff
+                        Ls[ii] = q
+                        r = xi - dl * (q - qoff) + m
+                        e += w[o + ii] * r * r
+                    if e < be:
+                        be = e
+                        tsc[j], tmn[j] = s1, m1
+                        tL[o:o + sublen] = Ls
+            cur_e += be
+        # least squares for (d, dm) on these codes and integer scales: x ≈ d·u - dm·v, u = sc·(L - qoff), v = mn
+        suu = 0.0
+        suv = 0.0
+        svv = 0.0
+        sxu = 0.0
+        sxv = 0.0
+        for j in range(nsub):
+            for ii in range(sublen):
+                i = sublen * j + ii
+                u = float(tsc[j] * (tL[i] - qoff))
+                v = float(tmn[j])
+                wi = w[i]
+                suu += wi * u * u
+                suv += wi * u * v
+                svv += wi * v * v
+                sxu += wi * x[i] * u
+                sxv += wi * x[i] * v
+        if has_min and svv > 0.0:
+            D = suu * svv - suv * suv
+            if D <= 0.0:
+                break
+            nd = (sxu * svv - sxv * suv) / D
+            ndm = (sxu * suv - sxv * suu) / D
+        elif suu > 0.0:
+            nd = sxu / suu
+            ndm = bdm
+        else:
+            break
+        nd = _f16_finite(nd)
+        ndm = _f16_finite(ndm) if has_min else 0.0
+        if nd == 0.0 or ndm < 0.0 or not (math.isfinite(nd) and math.isfinite(ndm)):
+            break
+        e = 0.0
+        for j in range(nsub):
+            e += _codes(x, w, sublen * j, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], L)
+        if e < cur_e:
+            bd, bdm, cur_e = nd, ndm, e
+            tL[:] = L[:]
+        else:
+            break
+    # keep ours if it is better as stored (the caller compares it with llama.cpp's result exactly)
+    dd[0] = f32(bd)
+    dd[1] = f32(bdm)
+    sc[:] = tsc
+    mn[:] = tmn
+    L[:] = tL
+
+
+@njit(cache=True)
+def _ours_q32(kind, x, w, dd, sc, mn, L):
+    """Our 32-weight block: a ladder of candidate scales (and mins), each refit by least squares, f16-rounded."""
+    qmax, qoff, has_min = LAYOUT[kind, 2], LAYOUT[kind, 3], LAYOUT[kind, 6]
+    Lt = np.empty(32, np.int64)
+    lo = 0.0
+    hi = 0.0
+    amax = 0.0
+    vmax = 0.0
+    lo = float(x[0])
+    hi = float(x[0])
+    for i in range(32):
+        lo = min(lo, float(x[i]))
+        hi = max(hi, float(x[i]))
+        if abs(x[i]) > amax:
+            amax = abs(x[i])
+            vmax = float(x[i])
+    if amax == 0.0:
+        return
+    best_e = math.inf
+    bd = 0.0
+    bm = 0.0
+    for k in range(25):
+        t = -1.2 + 0.1 * k
+        if has_min:
+            if hi == lo:
+                break
+            ca = (hi - lo) / (qmax + t)
+            cm = lo                                    # x̂ = d·L + m
+        else:
+            ca = vmax / (-(qoff + t)) if k < 21 else vmax / (qmax - qoff - 0.25 * (k - 21))
+            cm = 0.0
+        for _it in range(2):
+            inv = 1.0 / ca
+            sw = 0.0
+            sv = 0.0
+            svv = 0.0
+            sx = 0.0
+            sxv = 0.0
+            for i in range(32):
+                xi = float(x[i])
+                q = min(qmax, max(0, int(np.rint((xi - cm) * inv)) + qoff))
+                Lt[i] = q
+                v = float(q - qoff)
+                wi = w[i]
+                sw += wi
+                sv += wi * v
+                svv += wi * v * v
+                sx += wi * xi
+                sxv += wi * xi * v
+            if svv <= 0.0:
+                break
+            if has_min:
+                D = sw * svv - sv * sv
+                if D <= 0.0:
+                    break
+                nd = _f16_finite((sw * sxv - sx * sv) / D)
+                nm = _f16_finite((svv * sx - sv * sxv) / D)
+            else:
+                nd = _f16_finite(sxv / svv)
+                nm = 0.0
+            if nd == 0.0:
+                break
+            e = 0.0
+            for i in range(32):
+                r = float(x[i]) - nd * (Lt[i] - qoff) - nm
+                e += w[i] * r * r
+            if e < best_e:
+                best_e, bd, bm = e, nd, nm
+                L[:] = Lt
+            ca, cm = nd, nm
+    if best_e == math.inf:
+        return
+    _codes(x, w, 0, 32, qmax, qoff, bd, -bm, L)        # the best codes for the f16 values kept
+    dd[0] = f32(bd)
+    dd[1] = f32(bm)
+    sc[0] = 1
+    mn[0] = -1 if has_min else 0
+
+
+# ---------------------------------------------------------------- packing (ggml-common.h's block layouts)
+
+@njit(cache=True)
+def _put_f16(out, o, v):
+    h = f16_bits(float(v))
+    out[o] = h & 0xFF
+    out[o + 1] = h >> 8
+
+
+@njit(cache=True)
+def _pack(kind, dd, sc, mn, L, out):
+    """Write one block's representation into its bytes out [type_size]."""
+    out[:] = 0
+    if kind == Q2_K:                                  # scales[16], qs[64], d, dmin
+        for j in range(16):
+            out[j] = (sc[j] | (mn[j] << 4)) & 0xFF
+        for h in range(2):
+            for l in range(32):
+                j = 128 * h
+                out[16 + 32 * h + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+        _put_f16(out, 80, dd[0])
+        _put_f16(out, 82, dd[1])
+    elif kind == Q3_K:                                # hmask[32], qs[64], scales[12], d
+        for j in range(16):
+            l = sc[j] + 32
+            if j < 8:
+                out[96 + j] |= l & 0xF
+            else:
+                out[96 + j - 8] |= (l & 0xF) << 4
+            out[96 + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
+        for j in range(256):
+            if L[j] > 3:
+                out[j % 32] |= 1 << (j // 32)
+        for h in range(2):
+            for l in range(32):
+                j = 128 * h
+                out[32 + 32 * h + l] = ((L[j + l] & 3) | ((L[j + l + 32] & 3) << 2) | ((L[j + l + 64] & 3) << 4)
+                                        | ((L[j + l + 96] & 3) << 6))
+        _put_f16(out, 108, dd[0])
+    elif kind == Q4_K or kind == Q5_K:                # d, dmin, scales[12], (qh[32]), qs[128]
+        _put_f16(out, 0, dd[0])
+        _put_f16(out, 2, dd[1])
+        for j in range(8):
+            ls, lm = sc[j], mn[j]
+            if j < 4:
+                out[4 + j] = ls
+                out[4 + j + 4] = lm
+            else:
+                out[4 + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+                out[4 + j - 4] |= (ls >> 4) << 6
+                out[4 + j] |= (lm >> 4) << 6
+        qs = 16 if kind == Q4_K else 48
+        for g in range(4):
+            for l in range(32):
+                l1 = L[64 * g + l]
+                l2 = L[64 * g + l + 32]
+                if kind == Q5_K:
+                    if l1 > 15:
+                        l1 -= 16
+                        out[16 + l] |= 1 << (2 * g)
+                    if l2 > 15:
+                        l2 -= 16
+                        out[16 + l] |= 2 << (2 * g)
+                out[qs + 32 * g + l] = l1 | (l2 << 4)
+    elif kind == Q6_K:                                # ql[128], qh[64], scales[16], d
+        for h in range(2):
+            j = 128 * h
+            for l in range(32):
+                q1 = L[j + l] & 0xF
+                q2 = L[j + l + 32] & 0xF
+                q3 = L[j + l + 64] & 0xF
+                q4 = L[j + l + 96] & 0xF
+                out[64 * h + l] = q1 | (q3 << 4)
+                out[64 * h + l + 32] = q2 | (q4 << 4)
+                out[128 + 32 * h + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
+                                         | ((L[j + l + 96] >> 4) << 6))
+        for j in range(16):
+            out[192 + j] = sc[j] & 0xFF
+        _put_f16(out, 208, dd[0])
+    else:                                             # d, (m), (qh[4]), qs[16]
+        _put_f16(out, 0, dd[0])
+        o = 2
+        if kind == Q4_1 or kind == Q5_1:
+            _put_f16(out, 2, dd[1])
+            o = 4
+        if kind == Q5_0 or kind == Q5_1:
+            qh = 0
+            for j in range(16):
+                qh |= ((L[j] >> 4) & 1) << j
+                qh |= ((L[j + 16] >> 4) & 1) << (j + 16)
+            for k in range(4):
+                out[o + k] = (qh >> (8 * k)) & 0xFF
+            o += 4
+        for j in range(16):
+            out[o + j] = (L[j] & 0xF) | ((L[j + 16] & 0xF) << 4)
+
+
+# ---------------------------------------------------------------- the driver
+
+@njit(cache=True, parallel=True)
+def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
+    """x [R, C] float32 -> out [R, C/bs*type_size] uint8; imp [C] float32 (used when has_imp).
+
+    search False: llama.cpp's quantizer (the port) alone; True: per block the better of it and ours.
+    """
+    R, C = x.shape
+    nsub, bs, tb = LAYOUT[kind, 0], LAYOUT[kind, 7], LAYOUT[kind, 8]
+    nb = C // bs
+    for r in prange(R):
+        dd = np.empty(2, f32)
+        sc = np.empty(nsub, np.int64)
+        mn = np.empty(nsub, np.int64)
+        L = np.empty(bs, np.int64)
+        fa = np.empty(nsub, f32)
+        fb = np.empty(nsub, f32)
+        dd2 = np.empty(2, f32)
+        sc2 = np.empty(nsub, np.int64)
+        mn2 = np.empty(nsub, np.int64)
+        L2 = np.empty(bs, np.int64)
+        w = np.ones(bs)
+        xr = x[r]
+        sigma2 = f32(0.0)
+        if has_imp:
+            for i in range(C):
+                sigma2 += xr[i] * xr[i]
+            sigma2 = sigma2 / f32(C)
+        for b in range(nb):
+            xb = xr[b * bs:(b + 1) * bs]
+            qb = imp[b * bs:(b + 1) * bs]
+            port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb)
+            if search:
+                if has_imp:
+                    for i in range(bs):
+                        w[i] = qb[i]
+                dd2[:] = dd
+                sc2[:] = sc
+                mn2[:] = mn
+                L2[:] = L
+                if bs == QK_K:
+                    _ours_k(kind, xb, w, dd2, sc2, mn2, L2, fa, fb, ngrid)
+                else:
+                    _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
+                if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
+                    dd[:] = dd2
+                    sc[:] = sc2
+                    mn[:] = mn2
+                    L[:] = L2
+            _pack(kind, dd, sc, mn, L, out[r, b * tb:(b + 1) * tb])
