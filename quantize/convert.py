@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
-from lazymoe.kernels.quantizers import WRITES, quantize
+from lazymoe.kernels.quantizers import QUANTIZES, quantize
 from lazymoe.quantize.mixes import TypePlan, block_type, choose_types, ftype
 from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
@@ -242,10 +242,10 @@ def plan_types(src: Source, type_name: str | None = None, expert_type: str | Non
     writes before anything is written."""
     plan = choose_types(src.config, [(p.name, p.shape, p.keep_f32) for p in src.tensors], type_name,
                         expert_type, resident_type, pure, has_imatrix)
-    cannot = sorted({t.lower() for t in plan.types.values()} - set(WRITES))
+    cannot = sorted({t.lower() for t in plan.types.values()} - set(QUANTIZES))
     if cannot:
         raise ValueError(f"lazymoe cannot write {', '.join(cannot)} yet (it computes on them); "
-                         f"types it writes: {', '.join(WRITES)}")
+                         f"types it writes: {', '.join(QUANTIZES)}")
     return plan
 
 
