@@ -81,12 +81,13 @@ def load_imatrix_ggml(path: str) -> tuple[dict[str, np.ndarray], list[str], int]
 
 
 def llama_quantize(src: str, out: str, ftype: int, imatrix: dict[str, np.ndarray] | None = None,
-                   overrides: list[tuple[str, int]] | None = None, nthread: int = 2) -> None:
+                   overrides: list[tuple[str, int]] | None = None, nthread: int = 2, pure: bool = False) -> None:
     """llama.cpp's quantizer on a GGUF: ftype (a LlamaFileType), imatrix by tensor name (flat float32),
-    overrides (regex, GGMLQuantizationType) as llama-quantize --tensor-type; ValueError if it fails."""
+    overrides (regex, GGMLQuantizationType) as llama-quantize --tensor-type, pure as its --pure; ValueError
+    if it fails."""
     import llama_cpp
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.nthread = int(ftype), nthread
+    p.ftype, p.nthread, p.pure = int(ftype), nthread, pure
     keep = []
     if imatrix:
         arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
