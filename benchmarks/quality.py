@@ -169,9 +169,9 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{'weights':38} {'MiB':>6} {'perplexity':>11} {'KL vs F32':>10} {'top-1 = F32':>12}")
+    print(f"{'weights':40} {'MiB':>6} {'perplexity':>11} {'KL vs F32':>10} {'top-1 = F32':>12}")
     for name, r in results.items():
-        print(f"{name:38} {r['bytes'] / 2**20:6.2f} {r['ppl']:11.4f} {r['kl']:10.5f} {100 * r['top1']:11.2f}%")
+        print(f"{name:40} {r['bytes'] / 2**20:6.2f} {r['ppl']:11.4f} {r['kl']:10.5f} {100 * r['top1']:11.2f}%")
     print(f"({results['F32']['predictions']} held-out predictions in windows of {WINDOW} tokens)")
     return 0
 
