@@ -166,9 +166,9 @@ def main(argv=None) -> int:
             write(path)
             results[name] = evaluate(path, ids, ref)
             os.unlink(path)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            if a.json:                                     # after every file: a long run's results so far
+                with open(a.json, "w") as f:
+                    json.dump(results, f, indent=1)
     print(f"{'weights':40} {'MiB':>6} {'perplexity':>11} {'KL vs F32':>10} {'top-1 = F32':>12}")
     for name, r in results.items():
         print(f"{name:40} {r['bytes'] / 2**20:6.2f} {r['ppl']:11.4f} {r['kl']:10.5f} {100 * r['top1']:11.2f}%")
