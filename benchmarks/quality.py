@@ -27,7 +27,7 @@ WINDOW = 256
 TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m",
          "q3_k_s", "q2_k")
 MIXED = (("q4_k_m", "q3_k"), ("q4_k_m", "q2_k"))       # (file type, expert type)
-CALIB_TOKENS = 64 * 512                                 # importance-matrix text: 64 chunks of 512, as llama-imatrix
+CALIB_TOKENS = 16 * 512                                 # importance-matrix text: 16 chunks of llama-imatrix's 512
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,23 +84,39 @@ def calibration_text(path: str, tokenizer, n_tokens: int) -> None:
         f.write("\n".join(parts))
 
 
-def evaluate(path: str, ids: np.ndarray, ref: list | None) -> dict:
-    """Perplexity / KL / top-1 of the model file over ids in windows; ref: F32's logits per window (filled
-    when given empty)."""
-    from lazymoe import load_model
-    model = load_model(path, progress=False, ctx=WINDOW)
+def _llama_logits(path: str):
+    """logits(ids) -> [T, V] with llama.cpp's runtime (llama-cpp-python), one fresh sequence per call."""
+    import llama_cpp
+    m = llama_cpp.Llama(path, n_ctx=WINDOW, n_batch=WINDOW, logits_all=True, verbose=False, n_threads=2)
+
+    def logits(w):
+        m.reset()
+        m.eval([int(t) for t in w])
+        return np.array(m.scores[:len(w)], dtype=np.float32)
+    return logits, m.close
+
+
+def evaluate(path: str, ids: np.ndarray, ref: list | None, runtime: str = "lazymoe") -> dict:
+    """Perplexity / KL / top-1 of the model file over ids in windows, run by lazymoe's or llama.cpp's runtime;
+    ref: F32's logits per window (filled when given empty)."""
+    if runtime == "llama.cpp":
+        run, close = _llama_logits(path)
+    else:
+        from lazymoe import load_model
+        model = load_model(path, progress=False, ctx=WINDOW)
+        run, close = model.logits, model.close
     stats = []
     try:
         for k, s in enumerate(range(0, len(ids) - 1, WINDOW)):
             w = ids[s:s + WINDOW]
             if len(w) < 2:
                 break
-            logits = model.logits(w)
+            logits = run(w)
             if ref is not None and len(ref) <= k:
                 ref.append(logits)
             stats.append(window_stats(logits, w, ref[k] if ref is not None else None))
     finally:
-        model.close()
+        close()
     return {**summarize(stats), "bytes": os.path.getsize(path)}
 
 
@@ -111,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default=",".join(TYPES), help="file types to compare (default: all)")
     ap.add_argument("--no-imatrix", action="store_true", help="only the files without an importance matrix")
     ap.add_argument("--no-mixed", action="store_true", help="leave out the mixed-expert files")
+    ap.add_argument("--runtime", choices=["lazymoe", "llama.cpp"], default="lazymoe",
+                    help="which runtime computes the logits of every file (default lazymoe)")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     a = ap.parse_args(argv)
     from gguf import GGMLQuantizationType
@@ -135,7 +153,7 @@ def main(argv=None) -> int:
             tok = Tokenizer.from_gguf_metadata(g.metadata, f32)
         ids = held_out_ids(tok, a.tokens)
         ref: list = []
-        results["F32"] = evaluate(f32, ids, ref)
+        results["F32"] = evaluate(f32, ids, ref, a.runtime)
         imx, llama_imx = None, None
         if not a.no_imatrix:
             text = os.path.join(tmp, "calibration.txt")
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
         for name, write in tqdm(jobs, unit="file", desc="quality"):
             path = os.path.join(tmp, "q.gguf")
             write(path)
-            results[name] = evaluate(path, ids, ref)
+            results[name] = evaluate(path, ids, ref, a.runtime)
             os.unlink(path)
             if a.json:                                     # after every file: a long run's results so far
                 with open(a.json, "w") as f:
@@ -172,7 +190,7 @@ def main(argv=None) -> int:
     print(f"{'weights':40} {'MiB':>6} {'perplexity':>11} {'KL vs F32':>10} {'top-1 = F32':>12}")
     for name, r in results.items():
         print(f"{name:40} {r['bytes'] / 2**20:6.2f} {r['ppl']:11.4f} {r['kl']:10.5f} {100 * r['top1']:11.2f}%")
-    print(f"({results['F32']['predictions']} held-out predictions in windows of {WINDOW} tokens)")
+    print(f"({results['F32']['predictions']} held-out predictions in windows of {WINDOW} tokens, {a.runtime}'s runtime)")
     return 0
 
 
