@@ -1,12 +1,15 @@
-"""Quantizer benchmarks: Q4_0 error against llama.cpp's reference, and streaming memory.
+"""Quantizer benchmarks: error against llama.cpp's quantizer, and streaming memory.
 
-    python -m lazymoe.benchmarks.quantize error [--json]
+    python -m lazymoe.benchmarks.quantize error [--types q4_k,q6_k] [--json]
     python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--type q4_0] [--expert-type T] [--json]
     python -m lazymoe.benchmarks.quantize part [--type q4_k] [--json]
 
-`error`: RMSE of our Q4_0 (error-minimising scale per block) and of gguf.quants' Q4_0
-(llama.cpp's reference, scale = max/-8) on gaussian, Student-t(3) and Laplace weights of a
-Mixtral expert's row length, plus quantizer throughput.
+`error`: for each block type, RMSE of ours and of llama.cpp's quantizer (llama-cpp-python's libggml,
+`ggml_quantize_chunk`: what `llama_model_quantize` runs per chunk of rows) on gaussian and Student-t(3)
+weights of a Mixtral row length (256 x 4096) and on every matrix of the shipped demo model; the same with a
+random importance vector (lognormal, one per column, given to both: importance-weighted RMSE), bytes
+(identical for both), and the weights/s of each, measured interleaved on the same threads. Needs the
+`llama` extra.
 
 `stream`: writes a Hugging Face checkpoint with Mixtral-8x7B's exact shapes (hidden 4096,
 FFN 14336, 8 experts, vocab 32000; `--layers` of its 32 layers, bf16, sharded as the hub
@@ -31,30 +34,100 @@ import time
 import numpy as np
 
 
-def bench_error(rows: int = 512, cols: int = 4096, seed: int = 0) -> list[dict]:
+def llama_cpp_quantize(x: np.ndarray, name: str, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """llama.cpp's quantizer on x [R, C] float32 -> uint8 [R, row_bytes]: `ggml_quantize_chunk` from llama-cpp-python's
+    libggml, the function `llama_model_quantize` runs on each chunk of rows (with the tensor's imatrix entry as
+    importance), split over `threads` threads as it does. Needs the `llama` extra."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gguf
+    from llama_cpp import _ggml
+
+    fn = _ggml.libggml.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    t = gguf.GGMLQuantizationType[name.upper()]
+    bs, ts = gguf.GGML_QUANT_SIZES[t]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    R, C = x.shape
+    out = np.zeros((R, C // bs * ts), np.uint8)
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    n = max(1, min(R, threads or os.cpu_count() or 1))
+    step = (R + n - 1) // n
+
+    def part(r0: int) -> None:        # ctypes releases the GIL: the parts run in parallel
+        r1 = min(R, r0 + step)
+        fn(int(t), x[r0:r1].ctypes.data, out[r0:r1].ctypes.data, 0, r1 - r0, C, None if imp is None else imp.ctypes.data)
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(part, range(0, R, step)))
+    return out
+
+
+ERROR_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def demo_matrices() -> list[np.ndarray]:
+    """Every 2-D weight matrix (and expert slice) of the shipped demo model, dequantized to float32, grouped by
+    row length: [rows, 256] and [rows, 512] (llama.cpp's K-quants need rows that are multiples of 256)."""
+    import gguf
+
+    path = os.path.join(os.path.dirname(__file__), "..", "runtime", "data", "lazymoe-demo-q4_0.gguf")
+    by_cols: dict[int, list[np.ndarray]] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        cols = int(t.shape[0])
+        if len(t.shape) >= 2 and cols % 256 == 0 and not t.name.endswith("ffn_gate_inp.weight"):
+            x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, cols)
+            by_cols.setdefault(cols, []).append(x.astype(np.float32))
+    return [np.ascontiguousarray(np.concatenate(v)) for _, v in sorted(by_cols.items())]
+
+
+def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 3, types=ERROR_TYPES) -> list[dict]:
+    """Per type and weight set: RMSE ours vs llama.cpp's quantizer (ggml_quantize_chunk, what llama_model_quantize
+    runs), plain and weighted by a random importance vector (the same for both), bytes, and weights/s of each
+    (interleaved trials, median; both on os.cpu_count() threads)."""
     import gguf
 
     from lazymoe.kernels.quantizers import quantize
 
     rng = np.random.default_rng(seed)
-    dists = {"gaussian": lambda: rng.standard_normal((rows, cols)),
-             "student_t3": lambda: rng.standard_t(3, (rows, cols)),
-             "laplace": lambda: rng.laplace(size=(rows, cols))}
-    quantize(np.ones((256, 32), np.float32), "q4_0")                     # JIT warm-up
+    sets = {"gaussian": [rng.standard_normal((rows, cols)).astype(np.float32)],
+            "student_t3": [rng.standard_t(3, (rows, cols)).astype(np.float32)],
+            "demo_model": demo_matrices()}
     out = []
-    for name, make in dists.items():
-        x = make().astype(np.float32)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            ours = quantize(x, "q4_0")
-            times.append(time.perf_counter() - t0)
-        dt = float(np.median(times))
-        ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
-        rmse = lambda q, x=x: float(np.sqrt(np.mean((gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0) - x) ** 2)))
-        r_ours, r_ref = rmse(ours), rmse(ref)
-        out.append({"distribution": name, "shape": [rows, cols], "rmse_ours": r_ours, "rmse_llama_cpp": r_ref,
-                    "rmse_reduction": 1 - r_ours / r_ref, "ours_mweights_per_s": x.size / dt / 1e6})
+    for name in types:
+        t = gguf.GGMLQuantizationType[name.upper()]
+        quantize(np.ones((2, 256), np.float32), name)                            # JIT warm-up
+        quantize(np.ones((2, 256), np.float32), name, np.ones(256, np.float32))
+        for dist, mats in sets.items():
+            err = {"ours": 0.0, "llama": 0.0, "ours_w": 0.0, "llama_w": 0.0}
+            t_ours, t_llama, nbytes, n = 0.0, 0.0, 0, 0
+            for x in mats:
+                imp = rng.lognormal(0.0, 1.0, x.shape[1]).astype(np.float32)
+                to, tl = [], []
+                for _ in range(trials):
+                    t0 = time.perf_counter()
+                    ours = quantize(x, name)
+                    to.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    ref = llama_cpp_quantize(x, name)
+                    tl.append(time.perf_counter() - t0)
+                t_ours += float(np.median(to))
+                t_llama += float(np.median(tl))
+                sq = lambda q, t=t, x=x: (gguf.quants.dequantize(q, t).astype(np.float64) - x) ** 2
+                err["ours"] += float(sq(ours).sum())
+                err["llama"] += float(sq(ref).sum())
+                err["ours_w"] += float((sq(quantize(x, name, imp)) * imp).sum())
+                err["llama_w"] += float((sq(llama_cpp_quantize(x, name, imp)) * imp).sum())
+                nbytes += ours.nbytes
+                n += x.size
+                assert ours.nbytes == ref.nbytes
+            r = {k: float(np.sqrt(v / n)) for k, v in err.items()}
+            out.append({"type": name, "weights": dist, "n_weights": n, "bytes": nbytes,
+                        "rmse_ours": r["ours"], "rmse_llama_cpp": r["llama"], "rmse_reduction": 1 - r["ours"] / r["llama"],
+                        "wrmse_ours": r["ours_w"], "wrmse_llama_cpp": r["llama_w"],
+                        "wrmse_reduction": 1 - r["ours_w"] / r["llama_w"],
+                        "ours_mweights_per_s": n / t_ours / 1e6, "llama_cpp_mweights_per_s": n / t_llama / 1e6})
     return out
 
 
@@ -184,18 +257,22 @@ def main(argv=None) -> int:
     ap.add_argument("--type", default=None, help="stream: the file type (default q4_0); part: block types, comma-separated")
     ap.add_argument("--expert-type", default=None, help="stream: the experts' block type")
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
+    ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error`")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     if a.what == "error":
-        rows = bench_error()
+        rows = bench_error(types=[t.strip().lower() for t in a.types.split(",") if t.strip()])
         if a.json:
             print(json.dumps({"machine": machine, "error": rows}))
             return 0
-        print(f"{'weights':12} {'RMSE ours':>10} {'RMSE llama.cpp':>15} {'reduction':>10} {'ours Mw/s':>10}")
+        print(f"{'type':5} {'weights':11} {'bits/w':>6} {'RMSE ours':>10} {'llama.cpp':>10} {'lower':>7} "
+              f"{'imatrix: ours':>13} {'llama.cpp':>10} {'lower':>7} {'Mw/s ours':>9} {'llama.cpp':>9} {'ratio':>5}")
         for r in rows:
-            print(f"{r['distribution']:12} {r['rmse_ours']:10.5f} {r['rmse_llama_cpp']:15.5f} {100 * r['rmse_reduction']:9.2f}% "
-                  f"{r['ours_mweights_per_s']:10.1f}")
+            print(f"{r['type']:5} {r['weights']:11} {8 * r['bytes'] / r['n_weights']:6.3f} {r['rmse_ours']:10.5f} "
+                  f"{r['rmse_llama_cpp']:10.5f} {100 * r['rmse_reduction']:6.2f}% {r['wrmse_ours']:13.5f} "
+                  f"{r['wrmse_llama_cpp']:10.5f} {100 * r['wrmse_reduction']:6.2f}% {r['ours_mweights_per_s']:9.2f} "
+                  f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f}")
         return 0
     if a.what == "part":
         rows = [bench_part(t) for t in (a.type or "q4_0,q2_k,q3_k,q4_k,q5_k,q6_k").split(",")]

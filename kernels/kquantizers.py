@@ -28,6 +28,15 @@ f32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)
 NGRID = 11                 # candidate scales per sub-block in our search (see RESULTS.md, Quantizer)
+T_LO, T_HI = -1.0, 1.5     # their range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
+N_OFF = 4                  # offsets of the lowest value tried per scale (types with mins)
+NIT = 2                    # rounds of codes then least squares from each of the N_KEEP best starts
+N_KEEP = 3
+N_D, D_STEP = 9, 0.25      # super-block scale candidates: the largest sub-block scale maps to 63, 62.75, ...
+N_FULL = 3                 # of the (d, dmin) pairs ranked by the quadratic model, how many are evaluated
+N_REFINE = 2               # rounds of integer-scale neighbours and least-squares (d, dmin)
+# The search only ranks candidates: reductions may be reordered (vectorised); no assumption of finite values.
+FAST = {"reassoc", "contract"}
 F16_MAX = 65504.0
 
 # Per type: (sub-blocks per block, sub-block length, largest code, code offset, smallest and largest
@@ -71,7 +80,7 @@ def _f16(x):
 
 
 @njit(cache=True)
-def _f16_finite(x: float) -> float:
+def f16_finite(x: float) -> float:
     """Our scales: the nearest f16 value, clamped to f16's finite range (a huge block keeps a finite scale)."""
     return f16_round(min(F16_MAX, max(-F16_MAX, x)))
 
@@ -630,7 +639,7 @@ def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb):
 
 # ---------------------------------------------------------------- errors of a representation
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc"})
 def block_error(kind, x, w, dd, sc, mn, L):
     """sum w (x - x̂)² of the block as stored: x̂ dequantized in float32 as gguf.quants does (float64 sum)."""
     nsub, sublen, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 3]
@@ -646,7 +655,7 @@ def block_error(kind, x, w, dd, sc, mn, L):
     return e if e == e else math.inf
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _codes(x, w, o, n, qmax, qoff, dl, m, L):
     """Best codes for x[o:o+n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), into L; error."""
     e = 0.0
@@ -658,96 +667,120 @@ def _codes(x, w, o, n, qmax, qoff, dl, m, L):
         return e
     inv = 1.0 / dl
     for i in range(o, o + n):
-        q = min(qmax, max(0, int(np.rint((x[i] + m) * inv)) + qoff))
+        # int() truncates toward 0, which is floor wherever the clamp to 0 does not decide
+        q = min(qmax, max(0, int((x[i] + m) * inv + (qoff + 0.5))))
         L[i] = q
         r = x[i] - dl * (q - qoff) + m
         e += w[i] * r * r
     return e
 
 
-@njit(cache=True)
-def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid):
+@njit(cache=True, fastmath=FAST)
+def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
     """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
-    weighted squared error: a grid of ngrid scales around the range, each refit by least squares, then
-    alternate codes and least squares from the best. Returns (a, b, error); L[o:o+n] holds its codes."""
-    Lt = np.empty(n, np.int64)
-    best_e = _codes(x, w, o, n, qmax, qoff, a, b, L) if a != 0.0 else math.inf
-    best_a, best_b = a, b
+    weighted squared error. Starts: llama.cpp's fit, and ngrid scales over the range (the extreme mapped
+    to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a step);
+    one round of codes then least squares from each, NIT more from the N_KEEP best. kw [3·N_KEEP] is
+    scratch. Returns (a, b, error); L[o:o+n] holds the codes."""
     lo = 0.0
     hi = 0.0
     amax = 0.0
     vmax = 0.0
+    sw = 0.0
+    sx = 0.0
+    sxx = 0.0
     for i in range(o, o + n):
-        lo = min(lo, float(x[i]))
-        hi = max(hi, float(x[i]))
-        if abs(x[i]) > amax:
-            amax = abs(x[i])
-            vmax = float(x[i])
+        xi = float(x[i])
+        lo = min(lo, xi)
+        hi = max(hi, xi)
+        if abs(xi) > amax:
+            amax = abs(xi)
+            vmax = xi
+        sw += w[i]
+        sx += w[i] * xi
+        sxx += w[i] * xi * xi
     if amax == 0.0:
+        _codes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
         return 0.0, 0.0, 0.0
-    for k in range(ngrid + 4):
-        if k < ngrid:                                 # candidate scales from the range
-            t = -1.0 + 2.0 * k / max(1, ngrid - 1)
+    # one round from every start; NIT rounds more from the N_KEEP best
+    ka_ = kw[:N_KEEP]
+    kb_ = kw[N_KEEP:2 * N_KEEP]
+    ke_ = kw[2 * N_KEEP:3 * N_KEEP]
+    ke_[:] = math.inf
+    best_e = math.inf
+    best_a, best_b = float(a), float(b)
+    noff = N_OFF if has_min else 1
+    nstart = 1 + ngrid * noff
+    for k in range(nstart + N_KEEP):
+        if k == 0:                                    # llama.cpp's own fit
+            ca, cb = float(a), float(b)
+        elif k < nstart:
+            ka, kb = (k - 1) // noff, (k - 1) % noff
+            t = T_LO + (T_HI - T_LO) * ka / max(1, ngrid - 1)
             if has_min:
-                ca = (hi - lo) / (qmax + t) if hi > lo else 0.0
-                cb = -lo
-            else:
-                ca = vmax / (-(qoff + t)) if k % 2 == 0 else vmax / (qmax - qoff - t)
+                if hi <= lo:
+                    continue
+                ca = (hi - lo) / (qmax + t)
+                cb = -lo + ca * (-0.5 + kb / max(1, noff - 1)) if noff > 1 else -lo
+            else:                                     # the extreme to the negative end, then the positive end
+                ca = vmax / (-(qoff + t)) if ka % 2 == 0 else vmax / (qmax - qoff - t)
                 cb = 0.0
-            if ca == 0.0:
-                continue
-        else:                                         # alternation from the best so far
-            ca, cb = best_a, best_b
-            if ca == 0.0:
-                break
-        # least squares on the codes of (ca, cb)
-        sw = 0.0
-        sv = 0.0
-        svv = 0.0
-        sx = 0.0
-        sxv = 0.0
-        inv = 1.0 / ca
-        for i in range(n):
-            xi = float(x[o + i])
-            q = min(qmax, max(0, int(np.rint((xi + cb) * inv)) + qoff))
-            Lt[i] = q
-            v = float(q - qoff)
-            wi = w[o + i]
-            sw += wi
-            sv += wi * v
-            svv += wi * v * v
-            sx += wi * xi
-            sxv += wi * xi * v
-        if svv <= 0.0:
-            continue
-        if has_min:
-            D = sw * svv - sv * sv
-            if D <= 0.0:
-                continue
-            na = (sw * sxv - sx * sv) / D
-            nb = (sv * sxv - svv * sx) / D            # x ≈ na·v - nb
-            if nb < 0.0:
-                nb = 0.0
-                na = sxv / svv
         else:
-            na = sxv / svv
-            nb = 0.0
-        if na == 0.0 or not math.isfinite(na):
-            continue
-        e = 0.0
-        for i in range(n):
-            r = float(x[o + i]) - na * (Lt[i] - qoff) + nb
-            e += w[o + i] * r * r
-        if e < best_e:
-            best_e, best_a, best_b = e, na, nb
-    if best_a != 0.0:
-        best_e = _codes(x, w, o, n, qmax, qoff, best_a, best_b, L)
-    return best_a, best_b, best_e
+            if ke_[k - nstart] == math.inf:
+                continue
+            ca, cb = ka_[k - nstart], kb_[k - nstart]
+        for _it in range(1 if k < nstart else NIT):
+            if ca == 0.0 or not math.isfinite(ca):
+                break
+            sv = 0.0
+            svv = 0.0
+            sxv = 0.0
+            inv = 1.0 / ca
+            for i in range(o, o + n):
+                xi = float(x[i])
+                v = float(min(qmax, max(0, int((xi + cb) * inv + (qoff + 0.5)))) - qoff)
+                wi = w[i]
+                sv += wi * v
+                svv += wi * v * v
+                sxv += wi * xi * v
+            if svv <= 0.0:
+                break
+            if has_min:
+                D = sw * svv - sv * sv
+                if D <= 0.0:
+                    break
+                na = (sw * sxv - sx * sv) / D
+                nb = (sv * sxv - svv * sx) / D        # x ≈ na·v - nb
+                if nb < 0.0:
+                    nb = 0.0
+                    na = sxv / svv
+            else:
+                na = sxv / svv
+                nb = 0.0
+            if na == 0.0:
+                break
+            # sum w (x - na·v + nb)², from the sums
+            e = sxx - 2.0 * na * sxv + 2.0 * nb * sx + na * na * svv - 2.0 * na * nb * sv + nb * nb * sw
+            if e < best_e:
+                best_e, best_a, best_b = e, na, nb
+            if k < nstart:                            # keep the N_KEEP best starts (sorted)
+                p = N_KEEP
+                while p > 0 and e < ke_[p - 1]:
+                    p -= 1
+                if p < N_KEEP:
+                    for q in range(N_KEEP - 1, p, -1):
+                        ka_[q], kb_[q], ke_[q] = ka_[q - 1], kb_[q - 1], ke_[q - 1]
+                    ka_[p], kb_[p], ke_[p] = na, nb, e
+            ca, cb = na, nb
+    if best_a == 0.0 or best_e == math.inf:
+        return float(a), float(b), _codes(x, w, o, n, qmax, qoff, float(a), float(b), L)
+    return best_a, best_b, _codes(x, w, o, n, qmax, qoff, best_a, best_b, L)
 
 
-@njit(cache=True)
-def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L):
-    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L) and the block's error."""
+@njit(cache=True, fastmath=FAST)
+def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
+    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L) and the block's error;
+    inf as soon as the error passes bound (a candidate that cannot win)."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     e = 0.0
@@ -755,18 +788,24 @@ def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L):
         sc[j] = min(shi, max(slo, int(np.rint(fa[j] / d)))) if d != 0.0 else 0
         mn[j] = min(shi, max(0, int(np.rint(fb[j] / dm)))) if (has_min and dm != 0.0) else 0
         e += _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+        if e >= bound:
+            return math.inf
     return e
 
 
-@njit(cache=True)
-def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid):
-    """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit."""
+@njit(cache=True, fastmath=FAST)
+def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
+    """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
+    Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours.
+    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL], wi int64 [2·nsub + 2·bs]."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
-    a = np.empty(nsub)
-    b = np.empty(nsub)
+    nl = L.shape[0]
+    a = wf[:nsub]
+    b = wf[nsub:2 * nsub]
+    kw = wf[2 * nsub:2 * nsub + 3 * N_KEEP]
     for j in range(nsub):
-        a[j], b[j], _ = _fit_sub(x, w, sublen * j, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), L, ngrid)
+        a[j], b[j], _ = _fit_sub(x, w, sublen * j, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), L, ngrid, kw)
     amax = 0.0
     asg = 0.0
     bmax = 0.0
@@ -777,62 +816,85 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid):
         bmax = max(bmax, b[j])
     if amax == 0.0:
         return
-    tsc = np.empty(nsub, np.int64)
-    tmn = np.empty(nsub, np.int64)
-    tL = np.empty(L.shape[0], np.int64)
-    best_e = math.inf
-    bd = 0.0
-    bdm = _f16_finite(bmax / shi) if has_min else 0.0
-    # super-block scale: the largest sub-block scale maps to shi - t (or slo + t: signed scales)
-    for k in range(17 if has_min else 18):
+    tsc = wi[:nsub]
+    tmn = wi[nsub:2 * nsub]
+    tL = wi[2 * nsub:2 * nsub + nl]
+    sL = wi[2 * nsub + nl:2 * nsub + 2 * nl]
+    # super-block scales (d, dm): the largest sub-block scale (min) maps to shi - t (or slo + t: signed
+    # scales), N_D values of t each. With the fits' codes fixed, a sub-block's error grows by the quadratic
+    # q_j(A - a_j, B - b_j) (sums over its codes) when its scale and min become A = d·s_j, B = dm·m_j: every
+    # pair is ranked by that, the N_FULL best are evaluated with their best codes.
+    hvv = wf[2 * nsub + 3 * N_KEEP:3 * nsub + 3 * N_KEEP]
+    hv = wf[3 * nsub + 3 * N_KEEP:4 * nsub + 3 * N_KEEP]
+    hw = wf[4 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP]
+    for j in range(nsub):
+        s_vv = 0.0
+        s_v = 0.0
+        s_w = 0.0
+        for i in range(sublen * j, sublen * (j + 1)):
+            v = float(L[i] - qoff)
+            s_vv += w[i] * v * v
+            s_v += w[i] * v
+            s_w += w[i]
+        hvv[j], hv[j], hw[j] = s_vv, s_v, s_w
+    nd_ = N_D if has_min else 2 * N_D
+    ndm_ = N_D if (has_min and bmax > 0.0) else 1
+    c_d = wf[5 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP + N_FULL]
+    c_dm = wf[5 * nsub + 3 * N_KEEP + N_FULL:5 * nsub + 3 * N_KEEP + 2 * N_FULL]
+    c_e = wf[5 * nsub + 3 * N_KEEP + 2 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL]
+    c_e[:] = math.inf
+    for k in range(nd_):
+        t = D_STEP * (k if has_min else k // 2)
         if has_min:
-            dk = _f16_finite(amax / (shi - 0.125 * k))
+            dk = f16_finite(amax / (shi - t))
         else:
-            dk = _f16_finite(asg / (slo + 0.125 * (k // 2))) if k % 2 == 0 else _f16_finite(asg / (shi - 0.125 * (k // 2)))
+            dk = f16_finite(asg / (slo + t)) if k % 2 == 0 else f16_finite(asg / (shi - t))
         if dk == 0.0:
             continue
-        e = _eval_scales(kind, x, w, dk, bdm, a, b, tsc, tmn, tL)
+        for km in range(ndm_):
+            dmk = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
+            q = 0.0
+            for j in range(nsub):
+                dA = dk * min(shi, max(slo, int(np.rint(a[j] / dk)))) - a[j]
+                dB = (dmk * min(shi, max(0, int(np.rint(b[j] / dmk)))) - b[j]) if dmk != 0.0 else -b[j]
+                q += hvv[j] * dA * dA - 2.0 * hv[j] * dA * dB + hw[j] * dB * dB
+            p = N_FULL
+            while p > 0 and q < c_e[p - 1]:
+                p -= 1
+            if p < N_FULL:
+                for r in range(N_FULL - 1, p, -1):
+                    c_d[r], c_dm[r], c_e[r] = c_d[r - 1], c_dm[r - 1], c_e[r - 1]
+                c_d[p], c_dm[p], c_e[p] = dk, dmk, q
+    best_e = math.inf
+    bd = 0.0
+    bdm = 0.0
+    for r in range(N_FULL):
+        if c_e[r] == math.inf:
+            break
+        e = _eval_scales(kind, x, w, c_d[r], c_dm[r], a, b, tsc, tmn, tL, best_e)
         if e < best_e:
-            best_e, bd = e, dk
+            best_e, bd, bdm = e, c_d[r], c_dm[r]
     if best_e == math.inf:
         return
-    if has_min and bmax > 0.0:
-        for k in range(17):
-            dmk = _f16_finite(bmax / (shi - 0.125 * k))
-            e = _eval_scales(kind, x, w, bd, dmk, a, b, tsc, tmn, tL)
-            if e < best_e:
-                best_e, bdm = e, dmk
-    cur_e = _eval_scales(kind, x, w, bd, bdm, a, b, tsc, tmn, tL)
-    for _ in range(2):
-        # each sub-block's integer scale and min: the neighbours of the nearest, with their codes
+    cur_e = _eval_scales(kind, x, w, bd, bdm, a, b, tsc, tmn, tL, math.inf)
+    for _ in range(N_REFINE):
+        # each sub-block's integer scale and min: the 3x3 neighbours (3 without mins), with their best codes
         cur_e = 0.0
-        Ls = np.empty(sublen, np.int64)
         for j in range(nsub):
             o = sublen * j
             be = _codes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
             s0, m0 = tsc[j], tmn[j]
             for ds in range(-1, 2):
                 for dmi in range(-1 if has_min else 0, 2 if has_min else 1):
-                    if ds == 0 and dmi == 0:
-                        continue
                     s1 = s0 + ds
                     m1 = m0 + dmi
-                    if s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
+                    if (ds == 0 and dmi == 0) or s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
                         continue
-                    e = 0.0
-                    dl = bd * s1
-                    m = bdm * m1
-                    inv = 1.0 / dl if dl != 0.0 else 0.0
-                    for ii in range(sublen):
-                        xi = float(x[o + ii])
-                        q = min(qmax, max(0, int(np.rint((xi + m) * inv)) + qoff)) if dl != 0.0 else qoff
-                        Ls[ii] = q
-                        r = xi - dl * (q - qoff) + m
-                        e += w[o + ii] * r * r
+                    e = _codes(x, w, o, sublen, qmax, qoff, bd * s1, bdm * m1, sL)
                     if e < be:
                         be = e
                         tsc[j], tmn[j] = s1, m1
-                        tL[o:o + sublen] = Ls
+                        tL[o:o + sublen] = sL[o:o + sublen]
             cur_e += be
         # least squares for (d, dm) on these codes and integer scales: x ≈ d·u - dm·v, u = sc·(L - qoff), v = mn
         suu = 0.0
@@ -841,10 +903,10 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid):
         sxu = 0.0
         sxv = 0.0
         for j in range(nsub):
+            v = float(tmn[j])
             for ii in range(sublen):
                 i = sublen * j + ii
                 u = float(tsc[j] * (tL[i] - qoff))
-                v = float(tmn[j])
                 wi = w[i]
                 suu += wi * u * u
                 suv += wi * u * v
@@ -862,19 +924,18 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid):
             ndm = bdm
         else:
             break
-        nd = _f16_finite(nd)
-        ndm = _f16_finite(ndm) if has_min else 0.0
+        nd = f16_finite(nd)
+        ndm = f16_finite(ndm) if has_min else 0.0
         if nd == 0.0 or ndm < 0.0 or not (math.isfinite(nd) and math.isfinite(ndm)):
             break
         e = 0.0
         for j in range(nsub):
-            e += _codes(x, w, sublen * j, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], L)
+            e += _codes(x, w, sublen * j, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], sL)
         if e < cur_e:
             bd, bdm, cur_e = nd, ndm, e
-            tL[:] = L[:]
+            tL[:] = sL[:]
         else:
             break
-    # keep ours if it is better as stored (the caller compares it with llama.cpp's result exactly)
     dd[0] = f32(bd)
     dd[1] = f32(bdm)
     sc[:] = tsc
@@ -938,10 +999,10 @@ def _ours_q32(kind, x, w, dd, sc, mn, L):
                 D = sw * svv - sv * sv
                 if D <= 0.0:
                     break
-                nd = _f16_finite((sw * sxv - sx * sv) / D)
-                nm = _f16_finite((svv * sx - sv * sxv) / D)
+                nd = f16_finite((sw * sxv - sx * sv) / D)
+                nm = f16_finite((svv * sx - sv * sxv) / D)
             else:
-                nd = _f16_finite(sxv / svv)
+                nd = f16_finite(sxv / svv)
                 nm = 0.0
             if nd == 0.0:
                 break
@@ -1082,6 +1143,8 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         mn2 = np.empty(nsub, np.int64)
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
+        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL)
+        wi = np.empty(2 * nsub + 2 * bs, np.int64)
         xr = x[r]
         sigma2 = f32(0.0)
         if has_imp:
@@ -1101,7 +1164,7 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
                 mn2[:] = mn
                 L2[:] = L
                 if bs == QK_K:
-                    _ours_k(kind, xb, w, dd2, sc2, mn2, L2, fa, fb, ngrid)
+                    _ours_k(kind, xb, w, dd2, sc2, mn2, L2, fa, fb, ngrid, wf, wi)
                 else:
                     _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
@@ -1110,3 +1173,18 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
                     mn[:] = mn2
                     L[:] = L2
             _pack(kind, dd, sc, mn, L, out[r, b * tb:(b + 1) * tb])
+
+
+def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
+    """x [R, C] float32 (C a multiple of the block) -> uint8 [R, C/bs*type_size] of type `name` (a KIND key).
+
+    importance [C] float32 or None. search=False gives llama.cpp's quantizer's bytes (quantize_qN_K with
+    the importance as quant_weights), bit for bit; True, per block the better of those and ours.
+    """
+    kind = KIND[name]
+    bs, tb = int(LAYOUT[kind, 7]), int(LAYOUT[kind, 8])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)
+    imp = np.ones(x.shape[1], np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    quantize_rows(kind, x, imp, importance is not None, search, NGRID, out)
+    return out

@@ -30,7 +30,7 @@ NNEG = 13
 NLADDER = NNEG + 4
 
 
-_f16_round = kq.f16_round
+_f16_round = kq.f16_finite    # the nearest f16, clamped to its finite range (a block beyond it keeps a finite scale)
 
 
 @njit(cache=True, fastmath=True)
@@ -129,15 +129,7 @@ def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
 
 def _quantize_block(name: str):
     """rows float32 [R, C], importance float32 [C] or None -> uint8 [R, C/bs*type_size], by kernels.kquantizers."""
-    kind = kq.KIND[name]
-
-    def run(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        bs, tb = int(kq.LAYOUT[kind, 7]), int(kq.LAYOUT[kind, 8])
-        out = np.empty((rows.shape[0], rows.shape[1] // bs * tb), np.uint8)
-        imp = np.ones(rows.shape[1], np.float32) if importance is None else importance
-        kq.quantize_rows(kind, rows, imp, importance is not None, True, kq.NGRID, out)
-        return out
-    return run
+    return lambda rows, importance: kq.quantize_blocks(rows, name, importance)
 
 
 # Types `lazymoe quantize -t` and synth's uniform files write in every weight matrix.
