@@ -1,7 +1,8 @@
 """Quantizer benchmarks: error against llama.cpp's quantizer, and streaming memory.
 
     python -m lazymoe.benchmarks.quantize error [--types q4_k,q6_k] [--json]
-    python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--json]
+    python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--type q4_0] [--expert-type T] [--json]
+    python -m lazymoe.benchmarks.quantize part [--type q4_k] [--json]
 
 `error`: for each block type, RMSE of ours and of llama.cpp's quantizer (llama-cpp-python's libggml,
 `ggml_quantize_chunk`: what `llama_model_quantize` runs per chunk of rows) on gaussian and Student-t(3)
@@ -14,6 +15,10 @@ random importance vector (lognormal, one per column, given to both: importance-w
 FFN 14336, 8 experts, vocab 32000; `--layers` of its 32 layers, bf16, sharded as the hub
 does) and converts it with `lazymoe quantize` in a child process, reporting the child's
 peak RSS (psutil, sampled every 50 ms) (the target: under 1.5 GB whatever the model's size) and the time.
+
+`part`: the memory one part of that stream costs in a quantizer: a child process makes one Mixtral 8x7B expert
+matrix (14336 x 4096 float32, 224 MiB), then quantizes it with an importance vector; its peak RSS before and
+after the quantization (psutil, sampled every 50 ms), for each type given.
 """
 from __future__ import annotations
 
@@ -172,7 +177,7 @@ def write_checkpoint(folder: str, layers: int) -> int:
     return total
 
 
-def bench_stream(folder: str, layers: int, qtype: str = "q4_0") -> dict:
+def bench_stream(folder: str, layers: int, qtype: str = "q4_0", expert_type: str | None = None) -> dict:
     marker = os.path.join(folder, f".complete-{layers}")
     if not os.path.exists(marker):
         shutil.rmtree(folder, ignore_errors=True)
@@ -184,16 +189,9 @@ def bench_stream(folder: str, layers: int, qtype: str = "q4_0") -> dict:
     src_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
     out = os.path.join(folder, f"out-{qtype}.gguf")
     cmd = [sys.executable, "-m", "lazymoe.cli", "quantize", folder, "-o", out, "-t", qtype, "--force", "-q"]
-    import psutil
+    cmd += ["--expert-type", expert_type] if expert_type else []
     t0 = time.perf_counter()
-    proc = psutil.Popen(cmd)
-    peak = 0
-    while proc.poll() is None:                      # peak RSS sampled by psutil every 50 ms
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
+    proc, peak = _peak_rss(cmd)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"conversion failed with exit code {proc.returncode}")
@@ -203,10 +201,61 @@ def bench_stream(folder: str, layers: int, qtype: str = "q4_0") -> dict:
     return res
 
 
+def _peak_rss(cmd):
+    """Run cmd; (the finished process, its peak RSS sampled by psutil every 50 ms)."""
+    import psutil
+    proc = psutil.Popen(cmd)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    return proc, peak
+
+
+_PART = """
+import sys, time, numpy as np
+from lazymoe.kernels.quantizers import quantize
+qt = sys.argv[1]
+quantize(np.ones((256, 256), np.float32), qt, importance=np.ones(256, np.float32))       # JIT before the part
+x = np.random.default_rng(0).standard_normal((14336, 4096), dtype=np.float32) * 0.02      # one expert matrix
+imp = np.random.default_rng(1).random(4096, dtype=np.float32)
+print("ready", flush=True)
+time.sleep(1.0)
+t0 = time.perf_counter()
+quantize(x, qt, importance=imp)
+print(time.perf_counter() - t0, flush=True)
+time.sleep(0.5)
+"""
+
+
+def bench_part(qtype: str) -> dict:
+    """Peak RSS of a child holding one 14336x4096 float32 part, before (sampled while it sleeps) and during
+    its quantization to qtype."""
+    import psutil
+    proc = psutil.Popen([sys.executable, "-c", _PART, qtype], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    before = proc.memory_info().rss
+    peak = before
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    secs = float(proc.stdout.readline())
+    return {"type": qtype, "rss_with_part_bytes": before, "peak_rss_bytes": peak, "quantize_seconds": secs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["error", "stream"])
+    ap.add_argument("what", choices=["error", "stream", "part"])
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--type", default=None, help="stream: the file type (default q4_0); part: block types, comma-separated")
+    ap.add_argument("--expert-type", default=None, help="stream: the experts' block type")
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
     ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error`")
     ap.add_argument("--json", action="store_true")
@@ -225,7 +274,17 @@ def main(argv=None) -> int:
                   f"{r['wrmse_llama_cpp']:10.5f} {100 * r['wrmse_reduction']:6.2f}% {r['ours_mweights_per_s']:9.2f} "
                   f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f}")
         return 0
-    r = bench_stream(a.dir, a.layers)
+    if a.what == "part":
+        rows = [bench_part(t) for t in (a.type or "q4_0,q2_k,q3_k,q4_k,q5_k,q6_k").split(",")]
+        if a.json:
+            print(json.dumps({"machine": machine, "part": rows}))
+            return 0
+        print(f"{'type':6} {'RSS with the part':>18} {'peak quantizing':>16} {'increase':>9} {'seconds':>8}")
+        for r in rows:
+            print(f"{r['type']:6} {r['rss_with_part_bytes'] / 2**20:14.0f} MiB {r['peak_rss_bytes'] / 2**20:12.0f} MiB "
+                  f"{(r['peak_rss_bytes'] - r['rss_with_part_bytes']) / 2**20:5.0f} MiB {r['quantize_seconds']:8.1f}")
+        return 0
+    r = bench_stream(a.dir, a.layers, a.type or "q4_0", a.expert_type)
     if a.json:
         print(json.dumps({"machine": machine, "stream": r}))
         return 0

@@ -73,11 +73,11 @@ def _group_rows(spec_row, w, X, xq, xd, xc, xct, Y, s, e, r0, r1):
         o = r * rb
         k = s
         while tiles and k + 4 <= e:                          # kk = 4 a constant: LLVM folds the tile's switch on kk
-            t = row_tile(code, w, o, xq, xd, xct, k, 4)
+            t = row_tile(code, w, o, xq, xd, xc, xct, k, 4)
             Y[k, r], Y[k + 1, r], Y[k + 2, r], Y[k + 3, r] = t
             k += 4
         if tiles and k < e:
-            t = row_tile(code, w, o, xq, xd, xct, k, e - k)
+            t = row_tile(code, w, o, xq, xd, xc, xct, k, e - k)
             for j in range(e - k):
                 Y[k + j, r] = t[j]
             k = e

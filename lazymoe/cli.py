@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser (built once: argparse's parse_args leaves it unchanged)."""
     from lazymoe.commands.bench import add_bench_parser
     from lazymoe.commands.demo import add_demo_parser
+    from lazymoe.commands.imatrix import add_imatrix_parser
     from lazymoe.commands.info import add_info_parser
     from lazymoe.commands.quantize import add_quantize_parser, add_synth_parser
     from lazymoe.commands.run import add_chat_parser, add_run_parser
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_info_parser(sub)
     add_synth_parser(sub)
+    add_imatrix_parser(sub)
     add_run_parser(sub)
     add_chat_parser(sub)
     add_demo_parser(sub)

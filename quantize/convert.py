@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
-from lazymoe.kernels.quantizers import quantize
-from lazymoe.quantize.mixes import ftype
+from lazymoe.kernels.quantizers import QUANTIZES, quantize
+from lazymoe.quantize.mixes import TypePlan, block_type, choose_types, ftype
 from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
 ALIGN = 32
@@ -33,6 +33,7 @@ class Summary:
     params: int
     nbytes: int
     seconds: float
+    note: str = ""               # what else the line says (llama.cpp's fallback types, the imatrix)
 
     @property
     def bits_per_weight(self) -> float:
@@ -40,7 +41,7 @@ class Summary:
 
     def __str__(self) -> str:
         return (f"wrote {self.path}: {self.tensors} tensors, {self.params / 1e6:.2f} M parameters, "
-                f"{self.nbytes / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits per weight, {self.seconds:.1f} s")
+                f"{self.nbytes / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits per weight, {self.seconds:.1f} s{self.note}")
 
 
 def tensor_type(plan: TensorPlan, qt: QType) -> QType:
@@ -149,17 +150,32 @@ def _add_metadata(w: GGUFWriter, md: dict, file_type: int, where: str = "model")
     w.add_quantization_version(2)
 
 
-def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True,
-               quantize_fn=None, file_type: str | None = None) -> Summary:
-    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary. file_type: the
-    general.file_type to record (a name in quantize/mixes.FTYPES; default qt's).
+def _expert_pieces(a: np.ndarray, row0: int, per: int):
+    """Split rows [row0, row0 + len(a)) of a merged [E, per, cols] tensor at expert boundaries: (expert, rows)."""
+    r = 0
+    while r < len(a):
+        e = (row0 + r) // per
+        n = min(len(a) - r, (e + 1) * per - row0 - r)
+        yield e, a[r:r + n]
+        r += n
 
-    quantize_fn(rows, qtype) -> stored rows replaces lazymoe's quantizers (benchmarks use it to
+
+def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: bool = True,
+               quantize_fn=None, file_type: str | int | None = None, types: dict[str, QType] | None = None,
+               importance=None, metadata: dict | None = None, note: str = "") -> Summary:
+    """Write `src` as a GGUF of weight type `qt` to `out` atomically; returns the summary. file_type: the
+    general.file_type to record (a name in quantize/mixes.FTYPES or its number; default qt's). types: the
+    stored type by tensor name, in place of qt (tensors not in it: tensor_type). importance(name, expert)
+    -> float32 [cols] or None: the importance matrix's row for a tensor (expert: its index in a merged
+    [E, rows, cols] tensor, 0 for 2-D). metadata: keys added to the source's. note: appended to the summary.
+
+    quantize_fn(rows, qtype[, importance=]) -> stored rows replaces lazymoe's quantizers (benchmarks use it to
     write llama.cpp's reference Q4_0 for comparison)."""
     quantize_fn = quantize_fn or quantize
     out = _check_writable(out, force)
     t0 = time.perf_counter()
-    types = [tensor_type(p, qt) for p in src.tensors]
+    types = [types[p.name] if types is not None and p.name in types and p.stored is None else tensor_type(p, qt)
+             for p in src.tensors]
     for p, t in zip(src.tensors, types):
         if t.is_block and p.shape[-1] % t.block_size:
             raise ValueError(f"{src.path}: tensor {p.name} has rows of {p.shape[-1]}, not a multiple of {t.name}'s block of {t.block_size}")
@@ -171,7 +187,8 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     w = None
     try:
         w = GGUFWriter(tmp, src.metadata.get("general.architecture", "llama"))
-        _add_metadata(w, src.metadata, ftype(file_type or qt.name)[0], src.path)
+        ft = file_type if isinstance(file_type, int) else ftype(file_type or qt.name)[0]
+        _add_metadata(w, {**src.metadata, **(metadata or {})}, ft, src.path)
         for p, t in zip(src.tensors, types):
             # a non-uint8 dtype with raw_dtype makes gguf-py take the logical shape as given
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), t.nbytes(p.shape), raw_dtype=t.ggml)
@@ -185,14 +202,21 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
         with tqdm(total=n_params, unit="w", unit_scale=True, desc="quantize", disable=not progress) as bar:
             for p, t in zip(src.tensors, types):
                 bar.set_postfix_str(p.name, refresh=False)
-                written = 0
+                written = row = 0
+                per = p.shape[-2] if len(p.shape) == 3 else max(1, int(np.prod(p.shape[:-1])))   # rows per expert
                 for part in p.parts:
                     a = part()                                    # float32 [rows, cols]
-                    q = a if p.stored is not None else quantize_fn(a, t)
-                    fout.write(np.ascontiguousarray(q).data)      # one part at a time: bounded memory
-                    written += q.nbytes
-                    bar.update(q.nbytes // t.type_size * t.block_size)
-                    del a, q
+                    pieces = [(0, a)] if p.stored is not None or not t.is_block else _expert_pieces(a, row, per)
+                    for e, rows in pieces:
+                        imp = importance(p.name, e) if importance is not None and t.is_block else None
+                        q = rows if p.stored is not None else (
+                            quantize_fn(rows, t) if imp is None else quantize_fn(rows, t, importance=imp))
+                        fout.write(np.ascontiguousarray(q).data)  # one part at a time: bounded memory
+                        written += q.nbytes
+                        bar.update(q.nbytes // t.type_size * t.block_size)
+                        del q
+                    row += len(a)
+                    del a
                 if written != t.nbytes(p.shape):
                     raise ValueError(f"{src.path}: tensor {p.name} produced {written} bytes, expected {t.nbytes(p.shape)}")
                 nbytes += written
@@ -209,13 +233,45 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return Summary(out, len(src.tensors), n_params, nbytes, time.perf_counter() - t0)
+    return Summary(out, len(src.tensors), n_params, nbytes, time.perf_counter() - t0, note)
 
 
-def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = False, progress: bool = True,
-            quantize_fn=None) -> Summary:
-    """Convert a checkpoint folder or GGUF file at `src_path` to `out` with 2-D weights in `type_name`."""
-    qt = qtype(type_name)
+def plan_types(src: Source, type_name: str | None = None, expert_type: str | None = None,
+               resident_type: str | None = None, pure: bool = False, has_imatrix: bool = False) -> TypePlan:
+    """The stored type of each of src's tensors (quantize/mixes.choose_types), checked to be types lazymoe
+    writes before anything is written."""
+    plan = choose_types(src.config, [(p.name, p.shape, p.keep_f32) for p in src.tensors], type_name,
+                        expert_type, resident_type, pure, has_imatrix)
+    cannot = sorted({t.lower() for t in plan.types.values()} - set(QUANTIZES))
+    if cannot:
+        raise ValueError(f"lazymoe cannot write {', '.join(cannot)} yet (it computes on them); "
+                         f"types it writes: {', '.join(QUANTIZES)}")
+    return plan
+
+
+def _imatrix_metadata(im) -> dict:
+    """The keys llama-quantize records when it quantizes with an importance matrix."""
+    md = {"quantize.imatrix.file": im.path, "quantize.imatrix.entries_count": len(im.values)}
+    if im.datasets:
+        md["quantize.imatrix.dataset"] = im.datasets[0]
+    if im.chunk_count > 0:
+        md["quantize.imatrix.chunks_count"] = im.chunk_count
+    return md
+
+
+def convert(src_path: str, out: str, type_name: str | None = "q4_0", force: bool = False, progress: bool = True,
+            quantize_fn=None, expert_type: str | None = None, resident_type: str | None = None, pure: bool = False,
+            imatrix: str | None = None) -> Summary:
+    """Convert a checkpoint folder or GGUF file at `src_path` to `out`: weight matrices in the file type
+    `type_name` (a plain type, or one of llama.cpp's K-quant mixes with its per-tensor rules; None: q4_0,
+    with general.file_type guessed when both overrides are given), experts' matrices in `expert_type` and the
+    other matrices in `resident_type` where given (block types), weighted by the importance matrix file
+    `imatrix` (llama.cpp's GGUF or legacy .dat)."""
+    from lazymoe.quantize.imatrix import importance_lookup, read_imatrix
+    ftype(type_name or "q4_0")                                       # bad names before any file is read
+    for flag, t in (("--expert-type", expert_type), ("--resident-type", resident_type)):
+        if t is not None:
+            block_type(t, flag)
     if os.path.exists(src_path) and os.path.exists(out) and os.path.samefile(src_path, out):
         raise ValueError(f"{out}: the output would overwrite the input")
     src = open_source(src_path)
@@ -224,6 +280,16 @@ def convert(src_path: str, out: str, type_name: str = "q4_0", force: bool = Fals
             if os.path.exists(out) and os.path.samefile(out, inp):
                 also = "" if os.path.abspath(out) == os.path.abspath(inp) else f" ({inp})"
                 raise ValueError(f"{out}: is one of the conversion's inputs{also}; give another output file")
-        return write_gguf(src, out, qt, force=force, progress=progress, quantize_fn=quantize_fn)
+        im = read_imatrix(imatrix) if imatrix is not None else None
+        plan = plan_types(src, type_name, expert_type, resident_type, pure, im is not None)
+        types = {n: qtype(t.lower()) for n, t in plan.types.items()}
+        lookup, md, note = None, {}, plan.fallback_note()
+        if im is not None:
+            quantized = [(p.name, p.shape) for p in src.tensors if types[p.name].is_block and p.stored is None]
+            lookup = importance_lookup(im, [p.name for p in src.tensors], quantized, src.path)
+            md = _imatrix_metadata(im)
+            note += f"; importance matrix {os.path.basename(im.path)} ({len(im.values)} entries)"
+        return write_gguf(src, out, qtype("f32"), force=force, progress=progress, quantize_fn=quantize_fn,
+                          file_type=plan.file_type, types=types, importance=lookup, metadata=md, note=note)
     finally:
         src.close()

@@ -68,7 +68,10 @@ class Network:
     """forward(ids, pos) fills the state's KV cache and returns logits. Counts prefetch recall (`predicted`:
     experts the routers chose where a guess was made one layer up, `predicted_right`: of those, guessed) and,
     while `trace` is a list, appends each forward's routes to it ([T, L, A] int16 arrays). `grouped` (default) runs
-    the experts of a layer that the cache holds as one kernel call (kernels/grouped.py); False: one call per expert."""
+    the experts of a layer that the cache holds as one kernel call (kernels/grouped.py); False: one call per expert.
+    While `observer` is set, it is shown each weight matrix's input (`lazymoe imatrix`; the experts then run one
+    call each): observer.inputs(il, names, X [T, cols]) and, for an FFN (expert e, or None when dense),
+    observer.ffn(il, e, X [t, D], gate, up)."""
 
     grouped = True
 
@@ -78,6 +81,7 @@ class Network:
         self.prefetch_depth = depth          # layers ahead whose experts a decode step guesses
         self.predicted = self.predicted_right = 0
         self.trace: list | None = None
+        self.observer = None
         self._guess = None                   # experts guessed for the next layer, [A]
         self.layouts = [group_layout(p[0].qt, p[1].qt, p[2].qt, p[0].shape[0], p[0].shape[1])
                         for p in weights.expert_parts] if experts is not None else []
@@ -125,6 +129,8 @@ class Network:
         cfg = self.cfg
         T, H, G, hd = h.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
         R, N = H // G, pos + h.shape[0]
+        if self.observer is not None:
+            self.observer.inputs(il, ("attn_q", "attn_k", "attn_v"), h)
         q, k, v = self._qkv(L, h)                                           # [T, H, hd], [T, G, hd], [T, G, hd]
         self._rope(q, pos)
         self._rope(k, pos)
@@ -139,6 +145,8 @@ class Network:
                 attend_one(q[0], self.state.k_cache[il], self.state.v_cache[il], N, scale, out1)
             except ArithmeticError:                                         # finite q.k that overflowed
                 raise non_finite(il, "attention") from None
+            if self.observer is not None:
+                self.observer.inputs(il, ("attn_output",), out1.reshape(1, H * hd))
             return lin(L.attn_output, out1.reshape(1, H * hd))              # [1, D]
         # query t (position pos+t) sees keys 0..pos+t
         mask = np.where(np.arange(N)[None, :] > pos + np.arange(T)[:, None], -np.inf, 0).astype(np.float32)  # [T, N]
@@ -158,6 +166,8 @@ class Network:
             s /= s.sum(axis=-1, keepdims=True)
             out[g0:g1] = (s @ self.state.v_cache[il, g0:g1, :N]).reshape(g1 - g0, R, T, hd)
         out = out.transpose(2, 0, 1, 3)                                     # [T, G, R, hd] = [T, H, hd]
+        if self.observer is not None:
+            self.observer.inputs(il, ("attn_output",), np.ascontiguousarray(out).reshape(T, H * hd))
         return lin(L.attn_output, np.ascontiguousarray(out).reshape(T, H * hd))  # [T, D]
 
     def _route(self, L: Layer, h: np.ndarray):
@@ -180,6 +190,8 @@ class Network:
         T = h.shape[0]
         top, wt = self._route(L, h)                                         # [T, A], [T, A]
         routes.append(top)
+        if self.observer is not None:
+            self.observer.inputs(il, ("ffn_gate_inp",), h)
         cache = self.experts
         # Experts in increasing id (G of them), each owning the assignments gs[g]:gs[g+1] of tok [M] (weights w [M]):
         # each token's sum has one fixed order whatever the cache holds.
@@ -194,7 +206,7 @@ class Network:
         if self.options.prefetch and T == 1 and not cache.holds_all():
             for nl in range(il + 1, min(self.cfg.n_layer, il + 1 + self.prefetch_depth)):
                 self._prefetch_next(nl, x)
-        if not self.grouped:
+        if not self.grouped or self.observer is not None:
             return self._moe_per_expert(il, h, top, wt, experts)
         layout, parts, arena = self.layouts[il], self.w.expert_parts[il], cache.arena(il)
         counts = np.diff(gs)                                                # [G] tokens per expert
@@ -230,6 +242,8 @@ class Network:
             if self.options.overlap and i:
                 cache.want(il, order[i:])                                   # slots freed by finished experts
             gate, up, down = cache.get(il, int(e))
+            if self.observer is not None:
+                self.observer.ffn(il, int(e), h[(top == e).any(axis=1)], (p[0].qt, gate), (p[1].qt, up))
             if T == 1:
                 a = int(np.nonzero(top[0] == e)[0][0])
                 out[0] += wt[0, a] * kernels.expert_ffn(p[0].qt, gate, p[1].qt, up, p[2].qt, down, h[0])  # [D]
@@ -259,6 +273,8 @@ class Network:
         return kernels.expert_ffn_batch(q1, w1, q3, w3, q2, w2, np.ascontiguousarray(h))  # [T, D]
 
     def _dense_ffn(self, L: Layer, h: np.ndarray) -> np.ndarray:
+        if self.observer is not None:
+            self.observer.ffn(next(i for i, x in enumerate(self.w.layers) if x is L), None, h, L.ffn_gate, L.ffn_up)
         return self._ffn(L.ffn_gate, L.ffn_up, L.ffn_down, h)                # [T, D]
 
     def _shared_expert(self, L: Layer, h: np.ndarray) -> np.ndarray:
@@ -281,7 +297,7 @@ class Network:
             h = rmsnorm(x, L.attn_norm, cfg.rms_eps)                        # [T, D]
             x += self._attention(il, L, h, pos)                             # [T, D]
             check_finite(x, il, "attention")
-            if il == last and not all_logits and self.trace is None:
+            if il == last and not all_logits and self.trace is None and self.observer is None:
                 # only the last token's output is read: the last layer's FFN runs for it alone (llama.cpp's
                 # inp_out_ids), a quarter less expert work on a 4-layer prompt (the trace wants every route)
                 x = x[-1:]                                                  # [1, D]

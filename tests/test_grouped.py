@@ -110,7 +110,7 @@ def test_bad_inputs():
         lambda: grouped_ffn(layout, arena, offs, gs, X, np.array([0, 1])),              # token 1 of a 1-token X
         lambda: grouped_ffn(layout, arena, offs, gs, np.ones((1, 128), np.float32), tok),
         lambda: group_layout("q4_k", "q4_k", "q6_k", 128, 256),                         # down rows of 128: not a block
-        lambda: group_layout("iq4_xs", "q4_k", "q6_k", 256, 256),
+        lambda: group_layout("iq3_s", "q4_k", "q6_k", 256, 256),
     ]
     for f_ in bad:
         with pytest.raises(ValueError) as err:

@@ -45,6 +45,14 @@ FLOATS = ("f16", "bf16", "f32")
 RNG = np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def _rng_per_test(request):
+    """Each test draws from RNG as if it ran alone: other modules (test_grouped, test_iq4_kernels) draw from it
+    too, and a test's data must not depend on which ran before it."""
+    import zlib
+    RNG.bit_generator.state = np.random.default_rng(zlib.crc32(request.node.nodeid.encode())).bit_generator.state
+
+
 def weights(name, shape, heavy=False):
     """(stored weights, float64 dequantized reference) for logical shape (..., rows, cols)."""
     W = (RNG.standard_t(2.5, size=shape) if heavy else RNG.standard_normal(shape)).astype(np.float32)

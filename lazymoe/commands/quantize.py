@@ -5,12 +5,24 @@ from lazymoe.kernels.quantizers import WRITES
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="convert a checkpoint (HF folder, Mistral folder, GGUF) to a GGUF of 4-bit blocks",
+    from lazymoe.quantize.mixes import BLOCK_TYPES, FTYPES, is_mix
+    p = sub.add_parser("quantize", help="convert a checkpoint (HF folder, Mistral folder, GGUF) to a GGUF of quantized blocks",
                        description="Convert a Hugging Face or Mistral-native checkpoint folder, or a GGUF file, "
                                    "into a GGUF file laid out as llama.cpp writes it.")
     p.add_argument("src", help="checkpoint folder (config.json or params.json) or .gguf file")
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
-    p.add_argument("-t", "--type", default="q4_0", choices=list(WRITES), help="type of the 2-D weight matrices (default q4_0)")
+    p.add_argument("-t", "--type", default=None, metavar="TYPE",
+                   help="file type: a plain type for every weight matrix (" + ", ".join(t for t in FTYPES if not is_mix(t))
+                        + ") or one of llama.cpp's mixes, each tensor in the type llama.cpp's quantizer gives it ("
+                        + ", ".join(t for t in FTYPES if is_mix(t)) + "); default q4_0")
+    p.add_argument("--expert-type", metavar="BLOCK", default=None,
+                   help="block type of the routed experts' matrices (" + ", ".join(BLOCK_TYPES) + "), e.g. q2_k")
+    p.add_argument("--resident-type", metavar="BLOCK", default=None,
+                   help="block type of every other weight matrix (attention, embeddings, output)")
+    p.add_argument("--pure", action="store_true", help="a mix's base type for every weight matrix (llama-quantize --pure)")
+    p.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="importance matrix (llama-imatrix's GGUF or legacy .dat, or `lazymoe imatrix`'s) weighting "
+                        "each column's rounding error")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
@@ -18,7 +30,9 @@ def add_quantize_parser(sub) -> None:
 
 def _quantize(args) -> int:
     from lazymoe.quantize.convert import convert
-    summary = convert(args.src, args.output, args.type, force=args.force, progress=not args.quiet)
+    summary = convert(args.src, args.output, args.type, force=args.force, progress=not args.quiet,
+                      expert_type=args.expert_type, resident_type=args.resident_type, pure=args.pure,
+                      imatrix=args.imatrix)
     print(summary)
     return 0
 
