@@ -47,6 +47,7 @@ from numba.core import cgutils, typing
 from numba.extending import intrinsic
 
 from . import arm64
+from .arm64 import _c64, _cv, _fn, _load
 from .simd import HAVE_AVX2, HAVE_AVX512, PREFETCH_AHEAD, tile_switch
 
 QK_K = 256
@@ -62,27 +63,8 @@ _V = ir.VectorType
 
 # ---- IR helpers ---------------------------------------------------------------------------
 
-def _c64(v):
-    return ir.Constant(_I64, v)
-
-
-def _cv(ty, vals):
-    """Constant vector of ty with the given lane values."""
-    return ir.Constant(_V(ty, len(vals)), list(vals))
-
-
 def _splat(ty, n, v):
     return _cv(ty, [v] * n)
-
-
-def _fn(b, name, ret, args):
-    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name)
-
-
-def _load(b, base, off, ty):
-    """Unaligned load of ty at element offset off (int or i64 value) of pointer base."""
-    off = _c64(off) if isinstance(off, int) else off
-    return b.load(b.bitcast(b.gep(base, [off]), ty.as_pointer()), align=1)
 
 
 def _half(b, p, off):
