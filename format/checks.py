@@ -4,6 +4,7 @@ Each raises ValueError with one sentence that names the value, what was found an
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -54,3 +55,18 @@ def read_regular(path: str) -> bytes:
     """The bytes of a regular file (open_regular's checks)."""
     with os.fdopen(open_regular(path), "rb") as f:
         return f.read()
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in a regular file (config.json, tokenizer.json, ...); ValueError naming path otherwise."""
+    try:
+        d = json.loads(read_regular(path).decode("utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d

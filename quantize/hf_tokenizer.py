@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from lazymoe.format.checks import read_regular
+from lazymoe.format.checks import read_json_object
 from lazymoe.format.metadata import MAX_MERGES, MAX_VOCAB
 from lazymoe.format.tokens import CONTROL, NORMAL, UNUSED, USER_DEFINED
 
@@ -44,20 +44,6 @@ _SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_t
 _G = "tokenizer.ggml."
 
 
-def _json(path: str) -> dict:
-    try:
-        d = json.loads(read_regular(path).decode("utf-8"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return d
-
-
 def _byte_level(step) -> bool:
     return isinstance(step, dict) and step.get("type") == "ByteLevel"
 
@@ -68,7 +54,7 @@ def is_byte_level_bpe(folder: str) -> bool:
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         return False
-    t = _json(path)
+    t = read_json_object(path)
     model, pre = t.get("model"), t.get("pre_tokenizer")
     if not isinstance(model, dict) or model.get("type") != "BPE":
         return False
@@ -140,11 +126,11 @@ def bpe_metadata(folder: str, n_vocab: int) -> dict:
     """tokenizer.ggml.* keys (model "gpt2", pre, tokens, token_type, merges, special ids, add_bos/add_eos) of the
     byte-level BPE tokenizer in `folder`, padded to the model's n_vocab rows as llama.cpp pads it."""
     where = os.path.join(folder, "tokenizer.json")
-    t = _json(where)
+    t = read_json_object(where)
     cfg_path = os.path.join(folder, "tokenizer_config.json")
-    tc = _json(cfg_path) if os.path.isfile(cfg_path) else {}
+    tc = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
     conf_path = os.path.join(folder, "config.json")
-    config = _json(conf_path) if os.path.isfile(conf_path) else {}
+    config = read_json_object(conf_path) if os.path.isfile(conf_path) else {}
     model = t.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise ValueError(f"{where}: model.type must be BPE")

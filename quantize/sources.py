@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lazymoe.format.checks import number, open_regular, read_regular, whole_number
+from lazymoe.format.checks import number, open_regular, read_json_object, read_regular, whole_number
 from lazymoe.format.config import ARCHS, EXPERT_MATRICES, REFUSED, TIED_OUTPUT, ModelConfig, check_config, config_from_metadata
 from lazymoe.format.metadata import MAX_DIM, MAX_EXPERTS
 from lazymoe.format.tokens import UNUSED
@@ -194,20 +194,6 @@ def _plan(cfg: ModelConfig, shards: _Shards, names: dict[str, str], permute_qk: 
     return out
 
 
-def _read_json(path: str) -> dict:
-    try:
-        d = json.loads(read_regular(path).decode("utf-8"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return d
-
-
 def _tokenizer_metadata(folder: str, candidates: tuple[str, ...], n_vocab: int) -> dict:
     """tokenizer.ggml.* keys from a SentencePiece tokenizer.model, padded to n_vocab like llama.cpp."""
     from lazymoe.quantize.spm_model import load_spm_model
@@ -259,7 +245,7 @@ def _hf_chat_template(folder: str) -> str | None:
     p = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(p):
         return None
-    t = _read_json(p).get("chat_template")
+    t = read_json_object(p).get("chat_template")
     if isinstance(t, list):            # [{"name": "default", "template": ...}, ...]
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
     return t if isinstance(t, str) else None
@@ -430,11 +416,11 @@ def _hf_config(path: str, c: dict) -> tuple[ModelConfig, int | None]:
 
 
 def _open_hf(path: str) -> Source:
-    c = _read_json(os.path.join(path, "config.json"))
+    c = read_json_object(os.path.join(path, "config.json"))
     cfg, n_ff_dense = _hf_config(path, c)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        wm = _read_json(index).get("weight_map")
+        wm = read_json_object(index).get("weight_map")
         if not isinstance(wm, dict):
             raise ValueError(f"{index}: no weight_map")
         shards = _Shards(path, sorted(set(wm.values())), wm)
@@ -485,7 +471,7 @@ _MISTRAL_NAMES = {
 
 def _open_mistral(path: str) -> Source:
     where = os.path.join(path, "params.json")
-    p = _read_json(where)
+    p = read_json_object(where)
     moe = p.get("moe") or {}
     if not isinstance(moe, dict):
         raise ValueError(f"{where}: moe must be an object, got {str(moe)[:80]}")
