@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from numba import njit
 
 from lazymoe.runtime.model import load_model
 
@@ -93,3 +94,33 @@ def llama_logits(path: str, ids: list[int]) -> np.ndarray:
     finally:
         m.close()
 
+
+
+def rows_of(dot):
+    """A jitted loop calling a row dot dot(w, wo, xq, xd, xc) on every row of y (rows rb bytes apart)."""
+    @njit
+    def rows(w, rb, xq, xd, xc, y):
+        for r in range(y.shape[0]):
+            y[r] = dot(w, r * rb, xq, xd, xc)
+    return rows
+
+
+def one_of(dot):
+    """A jitted single call of a row dot (to reach it from Python)."""
+    @njit
+    def one(w, wo, xq, xd, xc):
+        return dot(w, wo, xq, xd, xc)
+    return one
+
+
+def deq_of(fn):
+    """A jitted single call of a block dequantizer fn(w, wo, out, oo, nb)."""
+    @njit
+    def deq(w, wo, out, oo, nb):
+        fn(w, wo, out, oo, nb)
+    return deq
+
+
+def f16_bytes(v) -> np.ndarray:
+    """The f16 bytes of each value, [n, 2] uint8."""
+    return np.asarray(v, np.float16).view(np.uint8).reshape(-1, 2)

@@ -19,13 +19,13 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as G
 from gguf.quants import dequantize
-from numba import njit
 
 from lazymoe import kernels as K
 from lazymoe.kernels import iq4
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dispatch import INT_DOTS_MAX_TOKENS, INT_MATMUL_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import HAVE_AVX2, quantize_q8_k
+from tests.helpers import deq_of, f16_bytes, one_of, rows_of
 
 IQ = ["iq4_nl", "iq4_xs"]
 GG = {"iq4_nl": G.IQ4_NL, "iq4_xs": G.IQ4_XS}
@@ -36,35 +36,11 @@ FORMS = ["ir", "x86", "plain"] if HAVE_AVX2 else ["ir", "plain"]
 DEQ = {t: getattr(iq4, f"dequant_{t}") for t in IQ}
 
 
-def _rows(dot):
-    @njit
-    def rows(w, rb, xq, xd, xc, y):
-        for r in range(y.shape[0]):
-            y[r] = dot(w, r * rb, xq, xd, xc)
-    return rows
 
+ROWS = {t: {f: rows_of(d) for f, d in v.items()} for t, v in IMPLS.items()}
+ONE = {t: {f: one_of(d) for f, d in v.items()} for t, v in IMPLS.items()}
+DEQS = {t: deq_of(DEQ[t]) for t in IQ}
 
-def _one(dot):
-    @njit
-    def one(w, wo, xq, xd, xc):
-        return dot(w, wo, xq, xd, xc)
-    return one
-
-
-def _deq(fn):
-    @njit
-    def deq(w, wo, out, oo, nb):
-        fn(w, wo, out, oo, nb)
-    return deq
-
-
-ROWS = {t: {f: _rows(d) for f, d in v.items()} for t, v in IMPLS.items()}
-ONE = {t: {f: _one(d) for f, d in v.items()} for t, v in IMPLS.items()}
-DEQS = {t: _deq(DEQ[t]) for t in IQ}
-
-
-def _f16(v):
-    return np.asarray(v, np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def make_weights(t, rows, cols, rng, heavy=False):
@@ -72,7 +48,7 @@ def make_weights(t, rows, cols, rng, heavy=False):
     ts, nb = SIZE[t][1], rows * cols // SIZE[t][0]
     raw = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
     mag = rng.standard_t(3, nb) if heavy else rng.uniform(0.5, 1.5, nb)
-    raw[:, 0:2] = _f16(mag * 1e-3)
+    raw[:, 0:2] = f16_bytes(mag * 1e-3)
     return raw.reshape(rows, -1)
 
 
@@ -127,7 +103,7 @@ def test_every_index_and_scale(t):
     each against ones is sum(ŵ) exactly as gguf dequantizes it (a wrong table entry or scale bit shows at once)."""
     ts, bs = SIZE[t][1], SIZE[t][0]
     blocks = np.zeros((16, ts), np.uint8) if t == "iq4_nl" else np.zeros((64, ts), np.uint8)
-    blocks[:, 0:2] = _f16([1.0 / 1024])
+    blocks[:, 0:2] = f16_bytes([1.0 / 1024])
     if t == "iq4_nl":
         blocks[:, 2:] = (np.arange(16, dtype=np.uint8) * 17)[:, None]
     else:
@@ -182,7 +158,7 @@ def test_hostile_bytes_stay_in_bounds(t):
     ts, bs = SIZE[t][1], SIZE[t][0]
     nb = 4
     raw = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
-    raw[:, 0:2] = _f16([np.nan, np.inf, -np.inf, 65504.0, -0.0, 6e-8])[rng.integers(0, 6, nb)]
+    raw[:, 0:2] = f16_bytes([np.nan, np.inf, -np.inf, 65504.0, -0.0, 6e-8])[rng.integers(0, 6, nb)]
     row = raw.reshape(-1)
     x = rng.standard_normal(nb * bs).astype(np.float32)
     xq, xd, xc, _ = activations(t, x)
@@ -307,7 +283,7 @@ def test_tiles_against_dots(t):
         w = make_weights(t, 37, 512, rng, heavy)
         if heavy:                                                      # every fifth block's d non-finite or extreme
             blocks = w.reshape(-1, SIZE[t][1])
-            blocks[::5, 0:2] = _f16([np.nan, np.inf, 65504.0, -0.0])[rng.integers(0, 4, len(blocks[::5]))]
+            blocks[::5, 0:2] = f16_bytes([np.nan, np.inf, 65504.0, -0.0])[rng.integers(0, 4, len(blocks[::5]))]
         X = rng.standard_t(3, (tokens, 512)).astype(np.float32)
         qx = k.act.buffers(512, tokens)
         k.act.quantize_rows(X, *qx)

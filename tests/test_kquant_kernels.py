@@ -24,6 +24,7 @@ from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.blocks import dequant_row, row_dot
+from tests.helpers import deq_of, f16_bytes, one_of, rows_of
 
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 B32 = ["q4_1", "q5_0", "q5_1"]
@@ -35,27 +36,6 @@ QUANT_BYTES = {"q2_k": (16, 80), "q3_k": (0, 96), "q4_k": (16, 144), "q5_k": (16
 # f16 scale positions inside a K-quant block: d (and dmin)
 SCALES_AT = {"q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 
-
-def _rows(dot):
-    @njit
-    def rows(w, rb, xq, xd, xc, y):
-        for r in range(y.shape[0]):
-            y[r] = dot(w, r * rb, xq, xd, xc)
-    return rows
-
-
-def _one(dot):
-    @njit
-    def one(w, wo, xq, xd, xc):
-        return dot(w, wo, xq, xd, xc)
-    return one
-
-
-def _deq(fn):
-    @njit
-    def deq(w, wo, out, oo, nb):
-        fn(w, wo, out, oo, nb)
-    return deq
 
 
 # Q5_1 is simd.py's (kquant.py's docstring says why): its AVX2 registry dot, its arm64 form (arm64.py) and its
@@ -81,9 +61,9 @@ IMPLS = {t: {"ir": getattr(K, f"dot_{t}_ir"), "x86": getattr(K, f"dot_{t}_x86"),
 IMPLS["q5_1"] = {"ir": arm64.dot_q5_1, "plain": simd.dot_q5_1_portable} | ({"x86": _q5_1_registry} if simd.HAVE_AVX2 else {})
 for _t in KQ:                                          # the 512-bit sums (AVX-512BW only)
     IMPLS[_t]["x86w"] = getattr(K, f"dot_{_t}_x86w")
-ROWS = {t: {f: _rows(d) for f, d in v.items()} for t, v in IMPLS.items()}
-ONE = {t: {f: _one(d) for f, d in v.items()} for t, v in IMPLS.items()}
-DEQ = {t: _deq(getattr(K, f"dequant_{t}")) for t in KQ + B32 if t != "q5_1"}
+ROWS = {t: {f: rows_of(d) for f, d in v.items()} for t, v in IMPLS.items()}
+ONE = {t: {f: one_of(d) for f, d in v.items()} for t, v in IMPLS.items()}
+DEQ = {t: deq_of(getattr(K, f"dequant_{t}")) for t in KQ + B32 if t != "q5_1"}
 DEQ["q5_1"] = _q5_1_dequant
 DEQ["bf16"] = K.dequant_bf16
 FORMS = (["ir", "x86", "plain"] if K.HAVE_AVX2 else ["ir", "plain"]) + (["x86w"] if simd.HAVE_AVX512 else [])
@@ -97,18 +77,15 @@ def forms(t):
 
 
 @njit
-def _bf16_rows(w, cols, x, y, plain):
+def _bf16rows_of(w, cols, x, y, plain):
     for r in range(y.shape[0]):
         y[r] = P.dot_bf16_plain(w, r * cols, x, cols // 8) if plain else K.dot_bf16_ir(w, r * cols, x, cols // 8)
 
 
 @njit
-def _bf16_one(w, wo, x, n8, plain):
+def _bf16one_of(w, wo, x, n8, plain):
     return P.dot_bf16_plain(w, wo, x, n8) if plain else K.dot_bf16_ir(w, wo, x, n8)
 
-
-def _f16(v):
-    return np.asarray(v, np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def make_weights(t, rows, cols, rng, heavy=False):
@@ -120,7 +97,7 @@ def make_weights(t, rows, cols, rng, heavy=False):
     raw = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
     for k, at in enumerate(SCALES_AT[t]):
         mag = np.abs(rng.standard_t(3, nb)) if heavy else rng.uniform(0.5, 1.5, nb)
-        raw[:, at:at + 2] = _f16(mag * (1e-3 if k == 0 else 5e-4))
+        raw[:, at:at + 2] = f16_bytes(mag * (1e-3 if k == 0 else 5e-4))
     return raw.reshape(rows, -1)
 
 
@@ -220,7 +197,7 @@ def test_bf16(cols):
     tol = (cols // 8 + 8) * 2.0 ** -23 * (np.abs(wh) @ np.abs(x.astype(np.float64)))
     for plain in (False, True):
         y = np.empty(rows, np.float32)
-        _bf16_rows(w.reshape(-1), cols, x, y, plain)
+        _bf16rows_of(w.reshape(-1), cols, x, y, plain)
         assert np.all(np.abs(y - ref) <= tol)
     out = np.empty(rows * cols, np.float32)
     K.dequant_bf16(w.reshape(-1), 0, out, 0, rows * cols)
@@ -259,7 +236,7 @@ def test_quantize_q8_k_matches_reference():
 
 def _hostile_blocks(t, nb, rng):
     raw = rng.integers(0, 256, (nb, SIZE[t][1]), dtype=np.uint8)
-    specials = _f16([np.nan, np.inf, -np.inf, 65504.0, -0.0, 6e-8])
+    specials = f16_bytes([np.nan, np.inf, -np.inf, 65504.0, -0.0, 6e-8])
     for at in SCALES_AT.get(t, (0, 2) if t != "q5_0" else (0,)):
         raw[:, at:at + 2] = specials[rng.integers(0, len(specials), nb)]
     return raw
@@ -314,11 +291,11 @@ def test_bf16_hostile_bounds():
     K.dequant_bf16(w, 0, out[8:-8], 0, 1000)
     assert np.all(out[:8] == 2.0) and np.all(out[-8:] == 2.0)
     for plain in (False, True):
-        assert _bf16_one(w, -1, x, 8, plain) == 0.0
-        assert _bf16_one(w, 64, x, 8, plain) == 0.0
-        assert _bf16_one(w, 10 ** 6, x, 8, plain) == 0.0
-        assert _bf16_one(w, 60, x, 8, plain) == 0.0            # 4 elements left: no whole 8
-        a, b = _bf16_one(w, 0, x, 1000, plain), _bf16_one(w, 0, x, 8, plain)
+        assert _bf16one_of(w, -1, x, 8, plain) == 0.0
+        assert _bf16one_of(w, 64, x, 8, plain) == 0.0
+        assert _bf16one_of(w, 10 ** 6, x, 8, plain) == 0.0
+        assert _bf16one_of(w, 60, x, 8, plain) == 0.0            # 4 elements left: no whole 8
+        a, b = _bf16one_of(w, 0, x, 1000, plain), _bf16one_of(w, 0, x, 8, plain)
         assert np.isnan(a) and np.isnan(b) or a == b
 
 
