@@ -51,6 +51,7 @@ from .kquant import (
     _clamp,
     _cv,
     _dequant,
+    _dequant_span,
     _dot,
     _fn,
     _half,
@@ -161,12 +162,7 @@ def _nl_dequant_codegen():
     ts = TYPE_SIZE["iq4_nl"]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        oa, on = _shape0(context, b, sig.args[2], args[2])
-        wo, oo = args[1], args[3]
-        nb = _clamp(b, args[4], [(b.sub(wn, wo), ts), (b.sub(on, oo), 32)])
-        nb = b.select(b.or_(b.icmp_signed("<", wo, _c64(0)), b.icmp_signed("<", oo, _c64(0))), _c64(0), nb)
-        wp, op = b.gep(wa.data, [wo]), b.gep(oa.data, [oo])
+        nb, wp, op = _dequant_span(context, b, sig, args, ts, 32)
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
             p = b.gep(wp, [b.mul(i, _c64(ts))])
@@ -226,12 +222,7 @@ def _xs_dequant_codegen():
     ts = TYPE_SIZE["iq4_xs"]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        oa, on = _shape0(context, b, sig.args[2], args[2])
-        wo, oo = args[1], args[3]
-        nb = _clamp(b, args[4], [(b.sub(wn, wo), ts), (b.sub(on, oo), QK_K)])
-        nb = b.select(b.or_(b.icmp_signed("<", wo, _c64(0)), b.icmp_signed("<", oo, _c64(0))), _c64(0), nb)
-        wp, op = b.gep(wa.data, [wo]), b.gep(oa.data, [oo])
+        nb, wp, op = _dequant_span(context, b, sig, args, ts, QK_K)
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
             p = b.gep(wp, [b.mul(i, _c64(ts))])

@@ -371,17 +371,23 @@ def _k_tile_codegen(kind, x86, wide=False):
     return tile_switch(_k_tile_emit(kind, x86, wide))
 
 
+def _dequant_span(context, b, sig, args, ts, per):
+    """A dequantizer's (w, wo, out, oo, nb) -> (blocks, weight pointer, output pointer): nb clamped to the blocks of
+    ts bytes left in w after wo and the runs of per floats left in out after oo, none for a negative offset."""
+    wa, wn = _shape0(context, b, sig.args[0], args[0])
+    oa, on = _shape0(context, b, sig.args[2], args[2])
+    wo, oo = args[1], args[3]
+    nb = _clamp(b, args[4], [(b.sub(wn, wo), ts), (b.sub(on, oo), per)])
+    nb = b.select(b.or_(b.icmp_signed("<", wo, _c64(0)), b.icmp_signed("<", oo, _c64(0))), _c64(0), nb)
+    return nb, b.gep(wa.data, [wo]), b.gep(oa.data, [oo])
+
+
 def _k_dequant_codegen(kind):
     """out[oo + 256 i + 32 c + l] = f32(d sc) * (u - off) - f32(dmin mn), gguf's order of float operations."""
     ts, unpack = TYPE_SIZE[kind], _K_UNPACK[kind]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        oa, on = _shape0(context, b, sig.args[2], args[2])
-        wo, oo = args[1], args[3]
-        nb = _clamp(b, args[4], [(b.sub(wn, wo), ts), (b.sub(on, oo), QK_K)])
-        nb = b.select(b.or_(b.icmp_signed("<", wo, _c64(0)), b.icmp_signed("<", oo, _c64(0))), _c64(0), nb)
-        wp, op = b.gep(wa.data, [wo]), b.gep(oa.data, [oo])
+        nb, wp, op = _dequant_span(context, b, sig, args, ts, QK_K)
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
             p = b.gep(wp, [b.mul(i, _c64(ts))])
