@@ -17,6 +17,7 @@ from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
+from lazymoe.kernels.grouped import SERIAL_MAX, combine
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
 from lazymoe.runtime.network import Network, NonFiniteError, prefetch_depth
@@ -134,6 +135,8 @@ def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
     runs on resident (read-only) weights: a dense model's, or a shared expert's."""
     if moe:
         compile_reader()
+        Y = np.zeros((2, SERIAL_MAX // 2 + 1), np.float32)          # over SERIAL_MAX: a prompt's parallel combine
+        combine(np.zeros(2, np.int64), np.ones(2, np.float32), Y, np.zeros((1, Y.shape[1]), np.float32))
     n = 256
     x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
     for qt in types:
@@ -168,6 +171,16 @@ def _touch_resident(g: GGUFFile, names, progress: bool) -> None:
                 bar.update(len(raw))
 
 
+def _preload_experts(experts: ExpertCache, n_layer: int, progress: bool) -> bool:
+    """Read every expert into its slot at load when the budget holds them all (as llama.cpp's load touches the
+    weights it maps): otherwise the prompt and the first decode steps of a fresh process wait for the reads."""
+    if not experts.fits_all():
+        return False
+    from tqdm import tqdm
+    with tqdm(total=n_layer, unit="layer", desc="loading experts", disable=not progress, leave=False) as bar:
+        return experts.preload(lambda layer: bar.update(1))
+
+
 def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True,
                cache: CacheOptions | None = None, **cache_changes) -> Model:
     """Open a GGUF model within `ram_budget` (bytes or "8G"; default: available RAM minus a reserve, see
@@ -178,6 +191,7 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
     options = cache_options(cache, **cache_changes)
     path = os.fspath(path)
     g = GGUFFile(path)
+    experts = None
     try:
         cfg = config_from_metadata(g.metadata, path, g.tensors)
         weights = Weights(g, cfg)
@@ -193,8 +207,13 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
         state = RunState(cfg, ctx)
         experts = (ExpertCache(path, weights.expert_parts, weights.expert_offsets, [n for _, _, n in plan.slots], options.policy,
                                options.read) if cfg.is_moe else None)
+        preloaded = experts is not None and _preload_experts(experts, cfg.n_layer, progress)
+        net = Network(cfg, weights, state, experts, options, prefetch_depth(options, plan.n_slots, plan.n_experts))
+        if experts is None or preloaded:       # out of RAM the warm-up step would read experts: not at load
+            net.warm_up()
     except BaseException:
+        if experts is not None:
+            experts.close()
         g.close()
         raise
-    net = Network(cfg, weights, state, experts, options, prefetch_depth(options, plan.n_slots, plan.n_experts))
     return Model(path, g, cfg, tokenizer, weights, plan, state, experts, net)
