@@ -17,6 +17,7 @@ from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
+from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS
 from lazymoe.kernels.grouped import SERIAL_MAX, combine
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
@@ -138,7 +139,10 @@ def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
         Y = np.zeros((2, SERIAL_MAX // 2 + 1), np.float32)          # over SERIAL_MAX: a prompt's parallel combine
         combine(np.zeros(2, np.int64), np.ones(2, np.float32), Y, np.zeros((1, Y.shape[1]), np.float32))
     n = 256
-    x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
+    x = np.ones(n, np.float32)
+    # 2 tokens take the integer row dots and tiles; past the tiles' limit, a prompt's busy experts and its
+    # projections take dequantize + sgemm (another kernel, first met in a long prompt)
+    many = np.ones((max(INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS) + 1, n), np.float32)
     for qt in types:
         # Numba compiles read-only and writable arrays apart: resident weights are read-only views of the file
         # mapping, experts sit in writable cache slots (a variant first met in the prompt put ~11 s of JIT into
@@ -147,10 +151,12 @@ def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
         ro = w.copy()
         ro.setflags(write=False)
         kernels.matvec(qt, ro, x)
-        kernels.matmul(qt, ro, X)
+        for X in (many[:2], many):
+            kernels.matmul(qt, ro, X)
         for e in ([w] if moe else []) + ([ro] if resident_ffn else []):
             kernels.expert_ffn(qt, e, qt, e, qt, e, x)
-            kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
+            for X in (many[:2], many):
+                kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
     kv = np.zeros((1, 2, 8), np.float32)
     attend_one(np.ones((2, 8), np.float32), kv, kv, 2, np.float32(1.0), np.empty((2, 8), np.float32))
 
