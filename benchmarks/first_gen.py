@@ -9,6 +9,10 @@ lands in its figures unless the load did it. This loads the model (timed: wall, 
 and prints for each: prompt wall and CPU time, decode tok/s, the first steps' and the median step's wall and CPU
 time, page faults, expert bytes read, and the Numba functions that were first called (loaded or compiled)
 during it. CPU times are less sensitive to other processes than wall times; read the two together.
+
+--file-views (an A/B experiment, a model whose experts all fit): the experts are computed where they lie in the
+file mapping (page-cache pages) instead of in their cache slots (anonymous memory the load copied them into),
+the kernels that zero-copy expert views would run. The first generation pays the mapping's page faults.
 """
 from __future__ import annotations
 
@@ -55,7 +59,23 @@ def _span(fn):
     return out, {"wall_s": time.perf_counter() - t0, "cpu_s": c1 - c0, "minflt": f1 - f0, "majflt": j1 - j0}
 
 
-def measure(path: str, prompt_tokens: int, gen: int, runs: int, ctx: int | None = None) -> dict:
+def _file_views(m) -> None:
+    """Make the network compute every expert on the file mapping: the cache's arena is the mapping and the offsets
+    it hands out are the experts' file offsets."""
+    import numpy as np
+    cache, data = m.experts, m.file.data
+    if cache is None or not cache.holds_all():
+        raise ValueError("--file-views needs a model whose experts all fit the budget")
+    acquire = cache.acquire
+
+    def file_acquire(layer, experts, wait_all=False):
+        got, _ = acquire(layer, experts, wait_all)
+        return got, np.array([cache.offsets[layer][experts[i]] for i in got], np.int64).reshape(-1, 3)
+    cache.acquire, cache.arena = file_acquire, lambda layer: data
+
+
+def measure(path: str, prompt_tokens: int, gen: int, runs: int, ctx: int | None = None,
+            file_views: bool = False) -> dict:
     import numpy as np
 
     from lazymoe.benchmarks.workload import bench_prompt, model_facts
@@ -63,8 +83,10 @@ def measure(path: str, prompt_tokens: int, gen: int, runs: int, ctx: int | None 
     _, ids = bench_prompt(model_facts(path, prompt_tokens + gen)["tokenizer"], prompt_tokens)
     calls = _FirstCalls()
     m, load = _span(lambda: load_model(path, ctx=ctx or prompt_tokens + gen, progress=False))
+    if file_views:
+        _file_views(m)
     calls.on = True
-    out = {"model": path, "prompt_tokens": prompt_tokens, "gen": gen, "load": load, "runs": []}
+    out = {"model": path, "prompt_tokens": prompt_tokens, "gen": gen, "file_views": file_views, "load": load, "runs": []}
     read = (lambda: m.experts.counters()["bytes_read"]) if m.experts is not None else (lambda: 0)
     for _ in range(runs):
         m.rewind(0)
@@ -96,12 +118,13 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--gen", type=int, default=64, metavar="G")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--ctx", type=int, default=None, help="KV cache positions (default P + G)")
+    p.add_argument("--file-views", action="store_true", help="compute the experts on the file mapping (see above)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
         if a.prompt_tokens < 2 or a.gen < 2 or a.runs < 1:
             raise ValueError("-P and -n must be at least 2 and --runs at least 1")
-        res = measure(a.model, a.prompt_tokens, a.gen, a.runs, a.ctx)
+        res = measure(a.model, a.prompt_tokens, a.gen, a.runs, a.ctx, a.file_views)
     except (ValueError, OSError) as e:
         print(f"first_gen: error: {e}", file=sys.stderr)
         return 2
