@@ -541,6 +541,28 @@ class ExpertCache:
         self.wait_s += time.perf_counter() - t0
         return got, np.array(at, np.int64).reshape(-1, 3)
 
+    def fits_all(self) -> bool:
+        """Whether the slots can hold every expert of the model at once (a model that fits its budget)."""
+        return all(pool.n_slots >= sum(len(self.offsets[layer]) for layer in pool.layers) for pool in self.pools)
+
+    def preload(self, on_layer=None) -> bool:
+        """When the slots hold every expert (fits_all), read them all now and wait, so that the first tokens do
+        not wait for reads (in RAM the prompt read about 3/4 of the experts and the first decode steps the last
+        layer's rest: RESULTS.md, "after the warm-up"). on_layer(layer) is called as each layer is in. Counts
+        no hits or misses (bytes_read and read_s do count the reads). Returns whether it read."""
+        if not self.fits_all():
+            return False
+        hits, misses = self.hits, self.misses
+        for layer, offs in enumerate(self.offsets):
+            self.want(layer, range(len(offs)))        # demand reads for every layer, in order, before waiting
+        for layer, offs in enumerate(self.offsets):
+            self.acquire(layer, list(range(len(offs))), wait_all=True)
+            if on_layer is not None:
+                on_layer(layer)
+        self.unpin(0)
+        self.hits, self.misses = hits, misses
+        return True
+
     def holds_all(self) -> bool:
         """Whether every expert of the model is resident (then guessing and reading ahead has nothing to do)."""
         return len(self.at) == self.n_experts

@@ -17,6 +17,8 @@ from lazymoe.format.config import config_from_metadata
 from lazymoe.format.gguf_file import GGUFFile
 from lazymoe.format.metadata import meta
 from lazymoe.kernels.attention import attend_one
+from lazymoe.kernels.dispatch import INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS
+from lazymoe.kernels.grouped import SERIAL_MAX, combine
 from lazymoe.runtime.expert_cache import CacheOptions, ExpertCache, cache_options, compile_reader
 from lazymoe.runtime.memory import N_BATCH, MemoryPlan, MiB, plan_memory, process_baseline
 from lazymoe.runtime.network import Network, NonFiniteError, prefetch_depth
@@ -134,8 +136,13 @@ def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
     runs on resident (read-only) weights: a dense model's, or a shared expert's."""
     if moe:
         compile_reader()
+        Y = np.zeros((2, SERIAL_MAX // 2 + 1), np.float32)          # over SERIAL_MAX: a prompt's parallel combine
+        combine(np.zeros(2, np.int64), np.ones(2, np.float32), Y, np.zeros((1, Y.shape[1]), np.float32))
     n = 256
-    x, X = np.ones(n, np.float32), np.ones((2, n), np.float32)
+    x = np.ones(n, np.float32)
+    # 2 tokens take the integer row dots and tiles; past the tiles' limit, a prompt's busy experts and its
+    # projections take dequantize + sgemm (another kernel, first met in a long prompt)
+    many = np.ones((max(INT_MATMUL_MAX_TOKENS, KTILE_MAX_TOKENS) + 1, n), np.float32)
     for qt in types:
         # Numba compiles read-only and writable arrays apart: resident weights are read-only views of the file
         # mapping, experts sit in writable cache slots (a variant first met in the prompt put ~11 s of JIT into
@@ -144,10 +151,12 @@ def _warm_up(types, moe: bool, resident_ffn: bool) -> None:
         ro = w.copy()
         ro.setflags(write=False)
         kernels.matvec(qt, ro, x)
-        kernels.matmul(qt, ro, X)
+        for X in (many[:2], many):
+            kernels.matmul(qt, ro, X)
         for e in ([w] if moe else []) + ([ro] if resident_ffn else []):
             kernels.expert_ffn(qt, e, qt, e, qt, e, x)
-            kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
+            for X in (many[:2], many):
+                kernels.expert_ffn_batch(qt, e, qt, e, qt, e, X)
     kv = np.zeros((1, 2, 8), np.float32)
     attend_one(np.ones((2, 8), np.float32), kv, kv, 2, np.float32(1.0), np.empty((2, 8), np.float32))
 
@@ -168,6 +177,16 @@ def _touch_resident(g: GGUFFile, names, progress: bool) -> None:
                 bar.update(len(raw))
 
 
+def _preload_experts(experts: ExpertCache, n_layer: int, progress: bool) -> bool:
+    """Read every expert into its slot at load when the budget holds them all (as llama.cpp's load touches the
+    weights it maps): otherwise the prompt and the first decode steps of a fresh process wait for the reads."""
+    if not experts.fits_all():
+        return False
+    from tqdm import tqdm
+    with tqdm(total=n_layer, unit="layer", desc="loading experts", disable=not progress, leave=False) as bar:
+        return experts.preload(lambda layer: bar.update(1))
+
+
 def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = True,
                cache: CacheOptions | None = None, **cache_changes) -> Model:
     """Open a GGUF model within `ram_budget` (bytes or "8G"; default: available RAM minus a reserve, see
@@ -178,6 +197,7 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
     options = cache_options(cache, **cache_changes)
     path = os.fspath(path)
     g = GGUFFile(path)
+    experts = None
     try:
         cfg = config_from_metadata(g.metadata, path, g.tensors)
         weights = Weights(g, cfg)
@@ -193,8 +213,13 @@ def load_model(path, ram_budget=None, ctx: int | None = None, progress: bool = T
         state = RunState(cfg, ctx)
         experts = (ExpertCache(path, weights.expert_parts, weights.expert_offsets, [n for _, _, n in plan.slots], options.policy,
                                options.read) if cfg.is_moe else None)
+        preloaded = experts is not None and _preload_experts(experts, cfg.n_layer, progress)
+        net = Network(cfg, weights, state, experts, options, prefetch_depth(options, plan.n_slots, plan.n_experts))
+        if experts is None or preloaded:       # out of RAM the warm-up step would read experts: not at load
+            net.warm_up()
     except BaseException:
+        if experts is not None:
+            experts.close()
         g.close()
         raise
-    net = Network(cfg, weights, state, experts, options, prefetch_depth(options, plan.n_slots, plan.n_experts))
     return Model(path, g, cfg, tokenizer, weights, plan, state, experts, net)

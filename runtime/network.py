@@ -282,6 +282,25 @@ class Network:
         g = 1.0 / (1.0 + np.exp(-(h @ L.ffn_gate_inp_shexp)))              # [T]
         return self._ffn(L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, h) * g[:, None].astype(np.float32)
 
+    def warm_up(self) -> None:
+        """One decode step of token 0 at position 0, run at load as llama.cpp's load runs one: Numba loads a
+        kernel's cached machine code on its first call (~50 ms each; the grouped experts, the output head's
+        parallel matvec), which would otherwise fall in the first prompt or token. Leaves no trace: the sequence
+        stays empty (the KV row it writes is rewritten before any read), the cache's hit and miss counts and the
+        prefetch recall are put back; a model whose weights overflow raises later, in its first real step."""
+        c = self.experts
+        counts = (c.hits, c.misses) if c is not None else None
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.forward(np.zeros(1, np.int64), 0, False)
+        except NonFiniteError:
+            pass
+        if c is not None:
+            c.hits, c.misses = counts
+            c.unpin(0)
+        self.predicted = self.predicted_right = 0
+        self._guess = None
+
     def forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
         """Run ids [T] at positions pos.. through the network, filling the KV cache.
         Returns logits [T, V] (all_logits) or [1, V] for the last token."""

@@ -175,7 +175,7 @@ def test_read_error_is_a_value_error(tmp_path):
     broken.close()
 
 
-def test_cli_trace_and_flags(moe, tmp_path):
+def test_cli_trace_and_flags(moe, tmp_path, monkeypatch):
     t = tmp_path / "trace.jsonl"
     rc, out, err = run_cli(["run", moe, "-p", "abc", "-n", "6", "--temp", "0", "--ctx", "64", "--trace", str(t),
                             "--policy", "lfu", "--no-prefetch", "--read", "buffered", "--json"])
@@ -184,8 +184,11 @@ def test_cli_trace_and_flags(moe, tmp_path):
     head, ids, prompt = read_trace(t)
     assert head["n_layer"] == 4 and ids.shape == (d["prompt_tokens"] + d["generated_tokens"] - 1, 4, 2)
     assert prompt.sum() == d["prompt_tokens"] and d["cache"]["policy"] == "lfu" and d["prefetch_issued"] == 0
-    rc, out, err = run_cli(["run", moe, "-p", "abc", "-n", "6", "--temp", "0", "--ctx", "64", "--ram", "1G"])
-    assert rc == 0 and "recall" in err
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
+    few = str(min_budget(moe, 64) + 3 * 73728)                       # some of the experts: guesses are made
+    rc, out, err = run_cli(["run", moe, "-p", "abc", "-n", "6", "--temp", "0", "--ctx", "64", "--ram", few])
+    assert rc == 0 and "recall" in err, err
     with pytest.raises(SystemExit):
         run_cli(["run", moe, "-p", "abc", "--policy", "mru"])
 
@@ -212,3 +215,29 @@ def test_cache_contents_under_random_requests(tmp_path, policy):
     c = cache.counters()
     assert c["hits"] + c["misses"] == 300 and len(cache.slot_of) <= 4 and not cache.pinned
     cache.close()
+
+
+def test_a_model_that_fits_is_read_and_warmed_up_at_load_without_a_trace(moe, monkeypatch):
+    """Every expert is read at load and one warm-up step runs: the sequence stays empty, no hit or miss is
+    counted, the first generation calls no Numba function for the first time, and the logits are bit for bit
+    those of a load that did neither."""
+    from numba.core.dispatcher import Dispatcher
+
+    import lazymoe.runtime.expert_cache
+    prompt = list(range(3, 20))
+    m = load_model(moe, ram_budget="4G", ctx=64, progress=False)
+    c = m.experts.counters()
+    assert m.experts.holds_all() and c["hits"] == c["misses"] == 0 and c["bytes_read"] > 0
+    assert m.tokens == [] and m.net.predicted == m.net.predicted_right == 0
+    first, compile_ = [], Dispatcher.compile
+    monkeypatch.setattr(Dispatcher, "compile", lambda d, sig: (first.append((d.py_func.__qualname__, sig))
+                                                                if sig not in d.overloads else None, compile_(d, sig))[1])
+    _, last = collect(m.stream_generate(prompt, max_tokens=4))
+    assert first == [] and last.stats["hit_rate"] == 1.0 and last.stats["mb_read_prompt"] == 0
+    got = decode_logits(m, prompt, 4)
+    m.close()
+    monkeypatch.setattr(lazymoe.runtime.expert_cache.ExpertCache, "fits_all", lambda self: False)
+    lazy = load_model(moe, ram_budget="4G", ctx=64, progress=False)
+    assert lazy.experts.counters()["bytes_read"] == 0
+    assert np.array_equal(decode_logits(lazy, prompt, 4), got)
+    lazy.close()
