@@ -56,6 +56,12 @@ FTYPES = {
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
+# Tensors lazymoe quantizes with llama.cpp's quantizer (kernels.kquantizers' port, bit for bit) instead of its
+# search. The token embedding is read one row per token, so a few frequent tokens' rows carry a third of the
+# positions and the direction of their error, not its size, decides: our lower-error rows (lower on every row,
+# unbiased) gave higher KL than llama.cpp's in both demo models measured (RESULTS.md, Quantizer).
+LLAMA_QUANTIZER = ("token_embd.weight",)
+
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
     """llama.cpp's choice of the layers that get more bits: the first and last eighth, and every third between."""
