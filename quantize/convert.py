@@ -204,7 +204,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
         with tqdm(total=n_params, unit="w", unit_scale=True, desc="quantize", disable=not progress) as bar:
             for p, t in zip(src.tensors, types):
                 bar.set_postfix_str(p.name, refresh=False)
-                quantize_fn = llamas if p.name in LLAMA_QUANTIZER else ours
+                quantize_fn = llamas if t.name in LLAMA_QUANTIZER.get(p.name, ()) else ours
                 written = row = 0
                 per = p.shape[-2] if len(p.shape) == 3 else max(1, int(np.prod(p.shape[:-1])))   # rows per expert
                 for part in p.parts:

@@ -151,15 +151,16 @@ def test_quantize_writes_llama_cpps_types(f32_256, ft, tmp_path):
     assert file_types(ours) == llama_cpp_file(f32_256["tiny-mixtral-256"], str(tmp_path / "theirs.gguf"), ft)
 
 
-@pytest.mark.parametrize("ft", ["q4_k_m", "q6_k"])
-def test_token_embedding_is_llama_cpps_quantizer(f32_256, ft, tmp_path):
-    """mixes.LLAMA_QUANTIZER: the embedding's bytes are llama.cpp's; the other matrices are our search's."""
+@pytest.mark.parametrize("ft, llamas", [("q4_k_m", True), ("q6_k", True), ("q3_k_m", False)])
+def test_token_embedding_is_llama_cpps_quantizer(f32_256, ft, llamas, tmp_path):
+    """mixes.LLAMA_QUANTIZER: the embedding's bytes are llama.cpp's in Q4_K..Q6_K, ours in Q3_K; the other
+    matrices are our search's."""
     import gguf
     ours, theirs = str(tmp_path / "ours.gguf"), str(tmp_path / "theirs.gguf")
     convert(f32_256["tiny-mixtral-256"], ours, ft, progress=False)
     llama_cpp_file(f32_256["tiny-mixtral-256"], theirs, ft)
     a, b = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(p).tensors} for p in (ours, theirs))
-    assert (a["token_embd.weight"] == b["token_embd.weight"]).all()
+    assert (a["token_embd.weight"] == b["token_embd.weight"]).all() == llamas
     assert not (a["blk.0.attn_q.weight"] == b["blk.0.attn_q.weight"]).all()
 
 
