@@ -88,7 +88,8 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
     """Per type and weight set: RMSE ours vs llama.cpp's quantizer (ggml_quantize_chunk, what llama_model_quantize
     runs), plain and weighted by a random importance vector (the same for both), the shrink along the weights
     (-sum e·x / sum x², e = x̂ - x: how much every output of the matrix shrinks), bytes, and weights/s of each
-    (interleaved trials, median; both on os.cpu_count() threads). float_model: a float GGUF whose matrices are
+    (interleaved trials, median; both on os.cpu_count() threads), and of our port of llama.cpp's quantizer alone
+(the guard every block runs). float_model: a float GGUF whose matrices are
     one more weight set ("float_model"; the shipped demo model's are dequantized Q4_0)."""
     import gguf
 
@@ -108,10 +109,10 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
         for dist, mats in sets.items():
             err = {"ours": 0.0, "llama": 0.0, "ours_w": 0.0, "llama_w": 0.0}
             shrink = {"ours": 0.0, "llama": 0.0, "xx": 0.0}
-            t_ours, t_llama, nbytes, n = 0.0, 0.0, 0, 0
+            t_ours, t_llama, t_port, nbytes, n = 0.0, 0.0, 0.0, 0, 0
             for x in mats:
                 imp = rng.lognormal(0.0, 1.0, x.shape[1]).astype(np.float32)
-                to, tl = [], []
+                to, tl, tp = [], [], []
                 for _ in range(trials):
                     t0 = time.perf_counter()
                     ours = quantize(x, name)
@@ -119,8 +120,12 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
                     t0 = time.perf_counter()
                     ref = llama_cpp_quantize(x, name)
                     tl.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    quantize(x, name, search=False)                           # the port alone: our guard's cost
+                    tp.append(time.perf_counter() - t0)
                 t_ours += float(np.median(to))
                 t_llama += float(np.median(tl))
+                t_port += float(np.median(tp))
                 dx = lambda q, t=t, x=x: gguf.quants.dequantize(q, t).astype(np.float64) - x
                 sq = lambda q, dx=dx: dx(q) ** 2
                 err["ours"] += float(sq(ours).sum())
@@ -139,7 +144,8 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
                         "wrmse_ours": r["ours_w"], "wrmse_llama_cpp": r["llama_w"],
                         "wrmse_reduction": 1 - r["ours_w"] / r["llama_w"],
                         "shrink_ours": shrink["ours"] / shrink["xx"], "shrink_llama_cpp": shrink["llama"] / shrink["xx"],
-                        "ours_mweights_per_s": n / t_ours / 1e6, "llama_cpp_mweights_per_s": n / t_llama / 1e6})
+                        "ours_mweights_per_s": n / t_ours / 1e6, "llama_cpp_mweights_per_s": n / t_llama / 1e6,
+                        "port_mweights_per_s": n / t_port / 1e6})
     return out
 
 
@@ -282,13 +288,14 @@ def main(argv=None) -> int:
             return 0
         print(f"{'type':5} {'weights':11} {'bits/w':>6} {'RMSE ours':>10} {'llama.cpp':>10} {'lower':>7} "
               f"{'imatrix: ours':>13} {'llama.cpp':>10} {'lower':>7} {'shrink ours':>11} {'llama.cpp':>9} "
-              f"{'Mw/s ours':>9} {'llama.cpp':>9} {'ratio':>5}")
+              f"{'Mw/s ours':>9} {'llama.cpp':>9} {'ratio':>5} {'port alone':>10}")
         for r in rows:
             print(f"{r['type']:5} {r['weights']:11} {8 * r['bytes'] / r['n_weights']:6.3f} {r['rmse_ours']:10.5f} "
                   f"{r['rmse_llama_cpp']:10.5f} {100 * r['rmse_reduction']:6.2f}% {r['wrmse_ours']:13.5f} "
                   f"{r['wrmse_llama_cpp']:10.5f} {100 * r['wrmse_reduction']:6.2f}% {100 * r['shrink_ours']:10.3f}% "
                   f"{100 * r['shrink_llama_cpp']:8.3f}% {r['ours_mweights_per_s']:9.2f} "
-                  f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f}")
+                  f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f} "
+                  f"{r['port_mweights_per_s'] / r['llama_cpp_mweights_per_s']:10.2f}")
         return 0
     if a.what == "part":
         rows = [bench_part(t) for t in (a.type or "q4_0,q2_k,q3_k,q4_k,q5_k,q6_k").split(",")]
