@@ -183,6 +183,11 @@ def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = Non
     return out
 
 
+def reference_quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = None) -> np.ndarray:
+    """quantize() with llama.cpp's quantizer alone: its bytes, bit for bit (kernels.kquantizers' port)."""
+    return quantize(x, qt, importance, search=False)
+
+
 def dequantize(data: np.ndarray, qt: QType | str) -> np.ndarray:
     """Stored array of type qt -> float32 of the logical shape (llama.cpp's numpy reference)."""
     qt = qtype(qt) if isinstance(qt, str) else qt

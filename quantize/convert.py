@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
-from lazymoe.kernels.quantizers import QUANTIZES, quantize
+from lazymoe.kernels.quantizers import QUANTIZES, quantize, reference_quantize
 from lazymoe.quantize.mixes import LLAMA_QUANTIZER, TypePlan, block_type, choose_types, ftype
 from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
@@ -173,7 +173,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     write llama.cpp's reference Q4_0 for comparison); without it, the tensors of mixes.LLAMA_QUANTIZER get
     llama.cpp's quantizer, the others lazymoe's."""
     ours = quantize_fn or quantize
-    llamas = quantize_fn or (lambda rows, t, importance=None: quantize(rows, t, importance, search=False))
+    llamas = quantize_fn or reference_quantize
     out = _check_writable(out, force)
     t0 = time.perf_counter()
     types = [types[p.name] if types is not None and p.name in types and p.stored is None else tensor_type(p, qt)
