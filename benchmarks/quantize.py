@@ -67,12 +67,13 @@ def llama_cpp_quantize(x: np.ndarray, name: str, importance: np.ndarray | None =
 ERROR_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
-def demo_matrices() -> list[np.ndarray]:
-    """Every 2-D weight matrix (and expert slice) of the shipped demo model, dequantized to float32, grouped by
-    row length: [rows, 256] and [rows, 512] (llama.cpp's K-quants need rows that are multiples of 256)."""
+def demo_matrices(path: str | None = None) -> list[np.ndarray]:
+    """Every 2-D weight matrix (and expert slice) of a GGUF (default: the shipped demo model), dequantized to
+    float32, grouped by row length: [rows, 256] and [rows, 512] (llama.cpp's K-quants need rows that are
+    multiples of 256)."""
     import gguf
 
-    path = os.path.join(os.path.dirname(__file__), "..", "runtime", "data", "lazymoe-demo-q4_0.gguf")
+    path = path or os.path.join(os.path.dirname(__file__), "..", "runtime", "data", "lazymoe-demo-q4_0.gguf")
     by_cols: dict[int, list[np.ndarray]] = {}
     for t in gguf.GGUFReader(path).tensors:
         cols = int(t.shape[0])
@@ -82,10 +83,14 @@ def demo_matrices() -> list[np.ndarray]:
     return [np.ascontiguousarray(np.concatenate(v)) for _, v in sorted(by_cols.items())]
 
 
-def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 3, types=ERROR_TYPES) -> list[dict]:
+def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 3, types=ERROR_TYPES,
+                float_model: str | None = None) -> list[dict]:
     """Per type and weight set: RMSE ours vs llama.cpp's quantizer (ggml_quantize_chunk, what llama_model_quantize
-    runs), plain and weighted by a random importance vector (the same for both), bytes, and weights/s of each
-    (interleaved trials, median; both on os.cpu_count() threads)."""
+    runs), plain and weighted by a random importance vector (the same for both), the shrink along the weights
+    (-sum e·x / sum x², e = x̂ - x: how much every output of the matrix shrinks), bytes, and weights/s of each
+    (interleaved trials, median; both on os.cpu_count() threads), and of our port of llama.cpp's quantizer alone
+(the guard every block runs). float_model: a float GGUF whose matrices are
+    one more weight set ("float_model"; the shipped demo model's are dequantized Q4_0)."""
     import gguf
 
     from lazymoe.kernels.quantizers import quantize
@@ -94,6 +99,8 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
     sets = {"gaussian": [rng.standard_normal((rows, cols)).astype(np.float32)],
             "student_t3": [rng.standard_t(3, (rows, cols)).astype(np.float32)],
             "demo_model": demo_matrices()}
+    if float_model:
+        sets["float_model"] = demo_matrices(float_model)
     out = []
     for name in types:
         t = gguf.GGMLQuantizationType[name.upper()]
@@ -101,10 +108,11 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
         quantize(np.ones((2, 256), np.float32), name, np.ones(256, np.float32))
         for dist, mats in sets.items():
             err = {"ours": 0.0, "llama": 0.0, "ours_w": 0.0, "llama_w": 0.0}
-            t_ours, t_llama, nbytes, n = 0.0, 0.0, 0, 0
+            shrink = {"ours": 0.0, "llama": 0.0, "xx": 0.0}
+            t_ours, t_llama, t_port, nbytes, n = 0.0, 0.0, 0.0, 0, 0
             for x in mats:
                 imp = rng.lognormal(0.0, 1.0, x.shape[1]).astype(np.float32)
-                to, tl = [], []
+                to, tl, tp = [], [], []
                 for _ in range(trials):
                     t0 = time.perf_counter()
                     ours = quantize(x, name)
@@ -112,11 +120,19 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
                     t0 = time.perf_counter()
                     ref = llama_cpp_quantize(x, name)
                     tl.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    quantize(x, name, search=False)                           # the port alone: our guard's cost
+                    tp.append(time.perf_counter() - t0)
                 t_ours += float(np.median(to))
                 t_llama += float(np.median(tl))
-                sq = lambda q, t=t, x=x: (gguf.quants.dequantize(q, t).astype(np.float64) - x) ** 2
+                t_port += float(np.median(tp))
+                dx = lambda q, t=t, x=x: gguf.quants.dequantize(q, t).astype(np.float64) - x
+                sq = lambda q, dx=dx: dx(q) ** 2
                 err["ours"] += float(sq(ours).sum())
                 err["llama"] += float(sq(ref).sum())
+                shrink["ours"] -= float((dx(ours) * x).sum())
+                shrink["llama"] -= float((dx(ref) * x).sum())
+                shrink["xx"] += float((x.astype(np.float64) ** 2).sum())
                 err["ours_w"] += float((sq(quantize(x, name, imp)) * imp).sum())
                 err["llama_w"] += float((sq(llama_cpp_quantize(x, name, imp)) * imp).sum())
                 nbytes += ours.nbytes
@@ -127,7 +143,9 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
                         "rmse_ours": r["ours"], "rmse_llama_cpp": r["llama"], "rmse_reduction": 1 - r["ours"] / r["llama"],
                         "wrmse_ours": r["ours_w"], "wrmse_llama_cpp": r["llama_w"],
                         "wrmse_reduction": 1 - r["ours_w"] / r["llama_w"],
-                        "ours_mweights_per_s": n / t_ours / 1e6, "llama_cpp_mweights_per_s": n / t_llama / 1e6})
+                        "shrink_ours": shrink["ours"] / shrink["xx"], "shrink_llama_cpp": shrink["llama"] / shrink["xx"],
+                        "ours_mweights_per_s": n / t_ours / 1e6, "llama_cpp_mweights_per_s": n / t_llama / 1e6,
+                        "port_mweights_per_s": n / t_port / 1e6})
     return out
 
 
@@ -258,21 +276,26 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-type", default=None, help="stream: the experts' block type")
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
     ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error`")
+    ap.add_argument("--float-model", default=None, metavar="GGUF",
+                    help="error: also every matrix of this float GGUF (e.g. the F32 demo model train_demo re-makes)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     if a.what == "error":
-        rows = bench_error(types=[t.strip().lower() for t in a.types.split(",") if t.strip()])
+        rows = bench_error(types=[t.strip().lower() for t in a.types.split(",") if t.strip()], float_model=a.float_model)
         if a.json:
             print(json.dumps({"machine": machine, "error": rows}))
             return 0
         print(f"{'type':5} {'weights':11} {'bits/w':>6} {'RMSE ours':>10} {'llama.cpp':>10} {'lower':>7} "
-              f"{'imatrix: ours':>13} {'llama.cpp':>10} {'lower':>7} {'Mw/s ours':>9} {'llama.cpp':>9} {'ratio':>5}")
+              f"{'imatrix: ours':>13} {'llama.cpp':>10} {'lower':>7} {'shrink ours':>11} {'llama.cpp':>9} "
+              f"{'Mw/s ours':>9} {'llama.cpp':>9} {'ratio':>5} {'port alone':>10}")
         for r in rows:
             print(f"{r['type']:5} {r['weights']:11} {8 * r['bytes'] / r['n_weights']:6.3f} {r['rmse_ours']:10.5f} "
                   f"{r['rmse_llama_cpp']:10.5f} {100 * r['rmse_reduction']:6.2f}% {r['wrmse_ours']:13.5f} "
-                  f"{r['wrmse_llama_cpp']:10.5f} {100 * r['wrmse_reduction']:6.2f}% {r['ours_mweights_per_s']:9.2f} "
-                  f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f}")
+                  f"{r['wrmse_llama_cpp']:10.5f} {100 * r['wrmse_reduction']:6.2f}% {100 * r['shrink_ours']:10.3f}% "
+                  f"{100 * r['shrink_llama_cpp']:8.3f}% {r['ours_mweights_per_s']:9.2f} "
+                  f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f} "
+                  f"{r['port_mweights_per_s'] / r['llama_cpp_mweights_per_s']:10.2f}")
         return 0
     if a.what == "part":
         rows = [bench_part(t) for t in (a.type or "q4_0,q2_k,q3_k,q4_k,q5_k,q6_k").split(",")]

@@ -128,16 +128,18 @@ def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
 
 
 def _quantize_block(name: str):
-    """rows float32 [R, C], importance float32 [C] or None -> uint8 [R, C/bs*type_size], by kernels.kquantizers."""
-    return lambda rows, importance: kq.quantize_blocks(rows, name, importance)
+    """rows float32 [R, C], importance float32 [C] or None, search -> uint8 [R, C/bs*type_size], by
+    kernels.kquantizers (search False: llama.cpp's quantizer, its port)."""
+    return lambda rows, importance, search: kq.quantize_blocks(rows, name, importance, search)
 
 
 # Types `lazymoe quantize -t` and synth's uniform files write in every weight matrix.
 _QUANTIZE = {
-    "f32": lambda r, imp: np.ascontiguousarray(r, dtype=np.float32),
-    "f16": lambda r, imp: np.asarray(r, dtype=np.float32).astype(np.float16),
-    "q8_0": lambda r, imp: _quantize_q8_0(r),
-    "q4_0": lambda r, imp: _quantize_q4_0(r) if imp is None else _quantize_block("q4_0")(r, imp),
+    "f32": lambda r, imp, search: np.ascontiguousarray(r, dtype=np.float32),
+    "f16": lambda r, imp, search: np.asarray(r, dtype=np.float32).astype(np.float16),
+    "q8_0": lambda r, imp, search: _quantize_q8_0(r),
+    "q4_0": lambda r, imp, search: (_quantize_q4_0(r) if imp is None and search
+                                    else _quantize_block("q4_0")(r, imp, search)),
     "q5_1": _quantize_block("q5_1"),
 }
 WRITES = tuple(_QUANTIZE)
@@ -146,11 +148,12 @@ _QUANTIZE.update({name: _quantize_block(name) for name in ("q4_1", "q5_0", "q2_k
 QUANTIZES = tuple(_QUANTIZE)
 
 
-def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
     """Float array (..., cols) -> stored array of type qt, shape qt.storage_shape(x.shape).
 
     importance [cols] float32 (llama.cpp's imatrix entry for this tensor: mean squared activation per
-    column) weights each column's squared error; None weighs all alike. Works through ROWS_PER_CHUNK
+    column) weights each column's squared error; None weighs all alike. search False: llama.cpp's
+    quantizer's bytes (kernels.kquantizers' port; Q8_0 is that anyway). Works through ROWS_PER_CHUNK
     rows at a time, so temporaries stay small whatever the size of x. ValueError if cols is not a whole
     number of blocks, if the importance has another length or is negative or not finite, or if x holds
     NaN or Inf (llama.cpp's quantizer writes garbage scales for those).
@@ -176,8 +179,13 @@ def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = Non
         if qt.is_block and not np.isfinite(rows).all():
             bad = r + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
             raise ValueError(f"row {bad} holds NaN or Inf; {qt.name} blocks need finite weights")
-        dst[r:r + ROWS_PER_CHUNK] = fn(rows, importance)
+        dst[r:r + ROWS_PER_CHUNK] = fn(rows, importance, search)
     return out
+
+
+def reference_quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = None) -> np.ndarray:
+    """quantize() with llama.cpp's quantizer alone: its bytes, bit for bit (kernels.kquantizers' port)."""
+    return quantize(x, qt, importance, search=False)
 
 
 def dequantize(data: np.ndarray, qt: QType | str) -> np.ndarray:

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from lazymoe.format.metadata import describe
 from lazymoe.kernels.qtypes import QType, qtype
-from lazymoe.kernels.quantizers import QUANTIZES, quantize
-from lazymoe.quantize.mixes import TypePlan, block_type, choose_types, ftype
+from lazymoe.kernels.quantizers import QUANTIZES, quantize, reference_quantize
+from lazymoe.quantize.mixes import LLAMA_QUANTIZER, TypePlan, block_type, choose_types, ftype
 from lazymoe.quantize.sources import Source, TensorPlan, open_source
 
 ALIGN = 32
@@ -170,8 +170,10 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
     [E, rows, cols] tensor, 0 for 2-D). metadata: keys added to the source's. note: appended to the summary.
 
     quantize_fn(rows, qtype[, importance=]) -> stored rows replaces lazymoe's quantizers (benchmarks use it to
-    write llama.cpp's reference Q4_0 for comparison)."""
-    quantize_fn = quantize_fn or quantize
+    write llama.cpp's reference Q4_0 for comparison); without it, the tensors of mixes.LLAMA_QUANTIZER get
+    llama.cpp's quantizer, the others lazymoe's."""
+    ours = quantize_fn or quantize
+    llamas = quantize_fn or reference_quantize
     out = _check_writable(out, force)
     t0 = time.perf_counter()
     types = [types[p.name] if types is not None and p.name in types and p.stored is None else tensor_type(p, qt)
@@ -202,6 +204,7 @@ def write_gguf(src: Source, out: str, qt: QType, force: bool = False, progress: 
         with tqdm(total=n_params, unit="w", unit_scale=True, desc="quantize", disable=not progress) as bar:
             for p, t in zip(src.tensors, types):
                 bar.set_postfix_str(p.name, refresh=False)
+                quantize_fn = llamas if t.name in LLAMA_QUANTIZER.get(p.name, ()) else ours
                 written = row = 0
                 per = p.shape[-2] if len(p.shape) == 3 else max(1, int(np.prod(p.shape[:-1])))   # rows per expert
                 for part in p.parts:

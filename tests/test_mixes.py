@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+import numpy as np
 import pytest
 
 from lazymoe.format.config import ModelConfig
@@ -148,6 +149,19 @@ def test_quantize_writes_llama_cpps_types(f32_256, ft, tmp_path):
     s = convert(f32_256["tiny-mixtral-256"], ours, ft, progress=False)
     assert "fallback" not in str(s)
     assert file_types(ours) == llama_cpp_file(f32_256["tiny-mixtral-256"], str(tmp_path / "theirs.gguf"), ft)
+
+
+@pytest.mark.parametrize("ft, llamas", [("q4_k_m", True), ("q6_k", True), ("q3_k_m", False)])
+def test_token_embedding_is_llama_cpps_quantizer(f32_256, ft, llamas, tmp_path):
+    """mixes.LLAMA_QUANTIZER: the embedding's bytes are llama.cpp's in Q4_K..Q6_K, ours in Q3_K; the other
+    matrices are our search's."""
+    import gguf
+    ours, theirs = str(tmp_path / "ours.gguf"), str(tmp_path / "theirs.gguf")
+    convert(f32_256["tiny-mixtral-256"], ours, ft, progress=False)
+    llama_cpp_file(f32_256["tiny-mixtral-256"], theirs, ft)
+    a, b = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(p).tensors} for p in (ours, theirs))
+    assert (a["token_embd.weight"] == b["token_embd.weight"]).all() == llamas
+    assert not (a["blk.0.attn_q.weight"] == b["blk.0.attn_q.weight"]).all()
 
 
 @pytest.mark.parametrize("ft, expert, resident", [("q4_k_m", "q2_k", None), ("q4_k_m", "q3_k", None),
