@@ -45,7 +45,7 @@ def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monk
                        (small, dict(prefetch=True, overlap=True, policy="lru")),
                        (small, dict(prefetch=True, overlap=False, policy="lfu", read="buffered")),
                        (small, dict(prefetch=True, overlap=True, policy="layer")),
-                       (small, dict(prefetch=True, overlap=True, refine=False)),
+                       (small, dict(prefetch=True, overlap=True, refine=True)),
                        (small + 2 * 73728, dict(prefetch=True, overlap=True, prefetch_depth=3)),
                        ("4G", dict(prefetch=True, overlap=True))]:
         m = load_model(moe, ram_budget=budget, ctx=64, progress=False, **kw)
@@ -81,7 +81,7 @@ def test_prefetch_counters_and_stats(moe, monkeypatch):
     "".join(deep.generate(list(range(3, 12)), max_tokens=16))
     assert deep.net.predicted == m.net.predicted                       # recall still counts the next layer's guess only
     steps = len(deep.net.trace) - 1                                # layers 0, 1, 2 guess (1, 2, 3), (2, 3), (3)
-    assert sorted(asked) == sorted([1, 2, 3, 2, 3, 3] * steps + [1, 2, 3] * steps)   # and refine 1, 2, 3 after their FFN
+    assert sorted(asked) == sorted([1, 2, 3, 2, 3, 3] * steps)
     deep.close()
     with pytest.raises(ValueError, match="prefetch depth"):
         load_model(moe, ctx=64, progress=False, prefetch_depth=0)
@@ -217,7 +217,7 @@ def test_cache_contents_under_random_requests(tmp_path, policy):
 
 def test_refine_replaces_the_first_guess(moe, monkeypatch):
     """After layer l's FFN the next layer is guessed again from l's output: guesses it drops are cancelled (settle),
-    the ones it adds are read, and recall counts the refined guess; --no-refine guesses once per layer."""
+    the ones it adds are read, and recall counts the refined guess; without --refine (the default) one guess per layer."""
     import lazymoe.runtime.model
     monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
     runs = {}

@@ -47,8 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, n_default: int, model_default: st
                         "least 3/4 of the experts, else 1)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's other experts while the first computes (default on)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                   help="guess the next layer's experts again from each layer's output (default on)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False,
+                   help="guess the next layer's experts again from each layer's output (default off)")
     p.add_argument("--read", choices=("auto", "direct", "buffered"), default="auto",
                    help="expert reads: direct (O_DIRECT, bypassing the page cache), buffered, or auto (default): "
                         "buffered when most of the experts are in the page cache already, else direct")
