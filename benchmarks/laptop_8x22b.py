@@ -66,7 +66,7 @@ def row(spec: str, folder: str, layers: int, ram: str, ssd_gbps: float, gbps_per
             "layers_measured": layers, "slots_measured": c["n_slots"], "runs": c["ok"],
             "mb_read_per_layer": c["mb_read_per_token"] / layers, "gen_hit_rate": c["gen_hit_rate"],
             "reader_busy": c.get("reader_busy"), "disk_mb_per_s": (c["disk_read_bytes_per_s"] or 0) / MB,
-            "peak_rss_gib": (c["peak_rss_bytes"] or 0) / 2 ** 30,
+            "peak_rss_gib": (c["peak_rss_bytes"] or 0) / 2 ** 30, "ram_gib": share["ram_bytes"] / 2 ** 30,
             "here_read_gb_per_token": read_gb, "here_compute_s": compute_here, "here_s_per_token": s_here,
             "here_tok_per_s": 1 / s_here, "laptop_read_s": read_s, "laptop_compute_s": comp,
             "laptop_s_per_token": [max(read_s, comp), read_s + comp],
@@ -74,16 +74,18 @@ def row(spec: str, folder: str, layers: int, ram: str, ssd_gbps: float, gbps_per
 
 
 def table(rows: list[dict], ssd_gbps: float) -> str:
-    lines = [f"| experts | expert MiB | experts cached of 448 (24 GiB) | measured layers (slots) | MB read / layer / token | "
-             f"gen hit | disk MB/s | 56 layers here: GB read, compute s, s/token (tok/s) | laptop: read s at {ssd_gbps:g} GB/s, "
-             f"compute s (arm64 est.), tok/s |",
+    lines = [f"| experts | expert MiB | experts cached of 448 (24 GiB) | measured layers (slots), peak RSS / --ram GiB | "
+             f"MB read / layer / token | gen hit | disk MB/s | 56 layers here: GB read, compute s, s/token (tok/s) | "
+             f"laptop: read s at {ssd_gbps:g} GB/s, compute s (arm64 est.), tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = r["expert_type"] or {"q4_k_m": "Q4_K_M (Q4_K, Q6_K down)"}.get(r["type"], r["type"])
+        name = (r["expert_type"] or r["type"]).upper() + (" (Q4_K; Q6_K ffn_down in half the layers)"
+                                                          if r["type"] == "q4_k_m" and not r["expert_type"] else "")
         mib = " / ".join(f"{m:.0f}" for m in r["slot_mib"])
         lo, hi = r["laptop_tok_per_s"]
-        lines.append(f"| {name.upper() if r['expert_type'] else name} | {mib} | {r['experts_cached']} ({100 * r['share']:.1f} %) | "
-                     f"{r['layers_measured']} ({r['slots_measured']}) | {r['mb_read_per_layer']:.0f} | "
+        lines.append(f"| {name} | {mib} | {r['experts_cached']} ({100 * r['share']:.1f} %) | "
+                     f"{r['layers_measured']} ({r['slots_measured']:.0f}), {r['peak_rss_gib']:.2f} / {r['ram_gib']:.2f} | "
+                     f"{r['mb_read_per_layer']:.0f} | "
                      f"{100 * r['gen_hit_rate']:.0f} % | {r['disk_mb_per_s']:.0f} | {r['here_read_gb_per_token']:.1f}, "
                      f"{r['here_compute_s']:.2f}, {r['here_s_per_token']:.2f} ({r['here_tok_per_s']:.3f}) | "
                      f"{r['laptop_read_s']:.2f}, {r['laptop_compute_s']:.2f}, {lo:.2f}-{hi:.2f} |")
