@@ -47,16 +47,18 @@ def wide_expert(parts, arena, at, A):
     return g, u, np.ascontiguousarray(d).view(p2.qt.dtype)
 
 
-def share_budget(shape: str, layers: int, laptop_ram: str, ctx: int = 1024, type_name: str = "q4_k_m") -> dict:
-    """The --ram that gives a `layers`-layer synth file of `shape` the share of its experts in the cache that a
-    `laptop_ram` budget gives the whole model (RESULTS.md's method for files the disk cannot hold whole)."""
+def share_budget(shape: str, layers: int, laptop_ram: str, ctx: int = 1024, type_name: str = "q4_k_m",
+                 expert_type: str | None = None) -> dict:
+    """The --ram that gives a `layers`-layer synth file of `shape` (`lazymoe synth -t type_name --expert-type
+    expert_type`) the share of its experts in the cache that a `laptop_ram` budget gives the whole model
+    (RESULTS.md's method for files the disk cannot hold whole)."""
     from lazymoe.kernels.qtypes import qtype
     from lazymoe.quantize.synth import synth_source
     from lazymoe.runtime.expert_cache import ExpertPart, slot_classes, slot_size
     from lazymoe.runtime.memory import PROCESS_ESTIMATE, fixed_bytes, parse_size, split_slots
 
     def plan(n: int):
-        src = synth_source(shape, layers=n, type_name=type_name)
+        src = synth_source(shape, layers=n, type_name=type_name, expert_type=expert_type)
         cfg = src.config
         by = {t.name: t for t in src.tensors}
         parts = []
@@ -79,7 +81,8 @@ def share_budget(shape: str, layers: int, laptop_ram: str, ctx: int = 1024, type
     got = sum(split_slots(slots, ram - fixed, cfg.n_expert, cfg.n_expert_used))
     return {"shape": shape, "laptop_ram": laptop_ram, "full_slots": sum(n_full), "full_experts": full_cfg.n_layer * full_cfg.n_expert,
             "share": share, "layers": layers, "ram_bytes": ram, "slots": got, "experts": layers * cfg.n_expert,
-            "full_fixed_bytes": full_fixed}
+            "full_fixed_bytes": full_fixed, "full_slot_bytes": [b for b, _ in full_slots],
+            "type": type_name, "expert_type": expert_type}
 
 
 def main(argv=None) -> int:
@@ -88,13 +91,15 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=7, help="timed rounds (median reported)")
     ap.add_argument("--tokens", type=int, default=8, help="decode steps timed per round for the whole-token figure")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
-    ap.add_argument("--laptop", default=None, metavar="SHAPE:LAYERS:RAM",
-                    help="only print the --ram giving a LAYERS-layer synth file of SHAPE the expert share that RAM gives "
-                         "the whole model (e.g. qwen3-235b-a22b:10:24G); MODEL is then ignored")
+    ap.add_argument("--laptop", default=None, metavar="SHAPE:LAYERS:RAM[:TYPE[:EXPERT_TYPE]]",
+                    help="only print the --ram giving a LAYERS-layer synth file of SHAPE (-t TYPE, default q4_k_m; "
+                         "--expert-type EXPERT_TYPE) the expert share that RAM gives the whole model (e.g. "
+                         "qwen3-235b-a22b:10:24G, mixtral-8x22b:8:24G:q4_k_m:q2_k); MODEL is then ignored")
     args = ap.parse_args(argv)
     if args.laptop:
-        shape, layers, ram = args.laptop.split(":")
-        print(json.dumps(share_budget(shape, int(layers), ram)))
+        shape, layers, ram, *types = args.laptop.split(":")
+        print(json.dumps(share_budget(shape, int(layers), ram, type_name=(types or ["q4_k_m"])[0],
+                                      expert_type=types[1] if len(types) > 1 else None)))
         return 0
 
     from lazymoe import kernels, load_model

@@ -1,7 +1,7 @@
 """Out-of-RAM decode speed of `lazymoe run`, each speed-up switched on and off.
 
     sudo python -m lazymoe.benchmarks.out_of_ram MODEL.gguf --ram 2G [--mem-limit 2G] [-n 16] [--rounds 3]
-                                         [--configs old,direct,layer,overlap,all,lfu,lru,depth2,depth3] [--inram-ram 12G]
+                                         [--configs old,direct,layer,overlap,all,lfu,lru,depth2,depth3,refine] [--inram-ram 12G]
                                          [--extra "FLAGS"] [-P TOKENS|TEXT] [--ctx 1024] [-t THREADS]
                                          [--no-cap] [--no-drop] [--timeout S] [--json] [--out DIR]
 
@@ -23,6 +23,8 @@ Configurations (flags of `lazymoe run`; --extra is appended to every run, after 
   lru      --policy lru                                              (all, with LRU)
   depth2   --prefetch-depth 2                                        (all, guessing 2 layers ahead)
   depth3   --prefetch-depth 3                                        (all, guessing 3 layers ahead)
+  refine   --refine                                                  (all, with a second guess of the next layer's
+                                                                      experts from each layer's output)
 The default --extra is sampled decoding with a fixed seed, so every configuration generates the same
 tokens (logits are bit-identical whatever the flags) and does the same work.
 
@@ -81,6 +83,7 @@ CONFIGS = {
     "lru": "--policy lru",
     "depth2": "--prefetch-depth 2",
     "depth3": "--prefetch-depth 3",
+    "refine": "--refine",
 }
 INRAM = "inram"                      # the in-RAM reference: `all` with --inram-ram, no cap
 DEFAULT_EXTRA = "--temp 1 --top-k 0 --top-p 1 --min-p 0 --seed 7"

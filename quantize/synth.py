@@ -16,7 +16,7 @@ from lazymoe.format.config import ModelConfig
 from lazymoe.format.tokens import BYTE, CONTROL, NORMAL, UNKNOWN
 from lazymoe.kernels.qtypes import QType, qtype
 from lazymoe.kernels.quantizers import WRITES
-from lazymoe.quantize.mixes import ftype, tensor_types
+from lazymoe.quantize.mixes import block_type, ftype, is_expert, tensor_types
 from lazymoe.quantize.sources import Source, TensorPlan, model_metadata
 
 SHAPES = {
@@ -122,10 +122,13 @@ def _random_rows(qt: QType, rows: int, cols: int, rng: np.random.Generator) -> n
 
 def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name: str = "q4_0", seed: int = 0,
                  types: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
-                 drop=(), arch: str | None = None) -> Source:
+                 drop=(), arch: str | None = None, expert_type: str | None = None) -> Source:
     """A Source whose tensors are random blocks with the sizes of `shape` (a SHAPES name, or any ModelConfig)
     and `layers` of its layers, weight matrices in `type_name`: a type ("q4_0") or one of llama.cpp's file
     types ("q4_k_m": each tensor in the type llama.cpp's quantizer gives it, see quantize/mixes.py).
+    expert_type (a block type, "q2_k"): the routed experts' matrices in it instead, as `lazymoe quantize
+    --expert-type` and llama-quantize's `--tensor-type _exps=T` lay them out (the rules for the other tensors
+    unchanged).
 
     For hostile files, by GGUF tensor name: types (a weight matrix stored in another type, any type gguf-py
     knows), shapes (a tensor written with another shape), drop (tensors left out); arch is written as
@@ -141,12 +144,16 @@ def synth_source(shape: str | ModelConfig, layers: int | None = None, type_name:
         raise ValueError(f"--layers must be between 1 and {base.n_layer} for {label}, got {n_layer}")
     cfg = ModelConfig(**{**base.__dict__, "n_layer": n_layer})
     f32 = qtype("f32")
-    mix = {}
+    et = block_type(expert_type, "--expert-type") if expert_type else None
+    experts = {n: et.lower() for n in cfg.tensor_shapes() if et and is_expert(n)}
+    if et and not experts:
+        raise ValueError(f"--expert-type {expert_type}: the model has no expert matrices (it is a dense model)")
     if type_name.lower() in WRITES:                       # a type lazymoe writes: every weight matrix in it
-        qt = qtype(type_name)
+        qt, mix = qtype(type_name), experts
     else:
         ftype(type_name)                                  # ValueError naming the known file types
-        qt, mix = f32, {n: t.lower() for n, t in tensor_types(cfg, type_name).items()}
+        over = lambda n: experts[n].upper() if n in experts else None      # noqa: E731
+        qt, mix = f32, {n: t.lower() for n, t in tensor_types(cfg, type_name, overrides=over).items()}
     types, shapes = {**mix, **(types or {})}, shapes or {}
     rng = np.random.default_rng(seed)
 

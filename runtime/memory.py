@@ -157,14 +157,16 @@ class MemoryPlan:
 
 
 def work_bytes(cfg: ModelConfig, ctx: int) -> int:
-    """Activation buffers and temporaries for one chunk of N_BATCH prompt tokens."""
+    """Activation buffers and temporaries for one chunk of N_BATCH prompt tokens (at most ctx: a chunk never holds
+    more tokens than the KV cache)."""
     # the widest of the hidden size and the query projection (Qwen3: 32 heads of 128 on a hidden size of 2048), and
     # of the experts' and the shared expert's FFN
     D, F, V, E = max(cfg.n_embd, cfg.q_dim), max(cfg.n_ff, cfg.n_ff_shexp), cfg.n_vocab, max(cfg.n_expert, 1)
     R = cfg.n_head // cfg.n_head_kv
     # Per chunk token: ~24 [D] activations and temporaries, K/V, 4 [F] (gate, up, product, copy), router, logits;
     # attention scores and their exponentials for one chunk of KV heads (runtime/model.py); RoPE tables.
-    return 4 * (N_BATCH * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * max(R * N_BATCH * ctx, ATTN_CHUNK_FLOATS)
+    T = min(N_BATCH, ctx)
+    return 4 * (T * (24 * D + 4 * cfg.kv_dim + 4 * F + 2 * E + 2 * V) + 2 * max(R * T * ctx, ATTN_CHUNK_FLOATS)
                 + ctx * cfg.head_dim) + 16 * MiB
 
 

@@ -264,6 +264,19 @@ class Network:
             self._guess = top[0]
         self.experts.prefetch(nl, top[0])
 
+    def _refining(self, x: np.ndarray) -> bool:
+        o = self.options
+        return o.prefetch and o.refine and x.shape[0] == 1 and not self.experts.holds_all()
+
+    def _refine_next(self, nl: int, x: np.ndarray) -> None:
+        """Guess layer nl's experts again from this layer's output x [1, D] (only nl's attention is missing from
+        its router's input now): cancel the first guesses for nl that this one drops, read the ones it adds."""
+        Ln = self.w.layers[nl]
+        top, _ = self._route(Ln, rmsnorm(x, Ln.ffn_norm, self.cfg.rms_eps))  # [1, A]
+        self._guess = top[0]
+        self.experts.settle(nl, top[0])
+        self.experts.prefetch(nl, top[0])
+
     @staticmethod
     def _ffn(gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
         """down(silu(gate h) * up h) of resident weights for h [T, D] -> [T, D]."""
@@ -327,6 +340,8 @@ class Network:
                 x += self._moe(il, L, h, x, routes)                         # [T, D]
                 if cfg.n_ff_shexp:
                     x += self._shared_expert(L, h)                          # [T, D]
+                if il < last and self._refining(x):
+                    self._refine_next(il + 1, x)
             check_finite(x, il, "feed-forward")
         if self.trace is not None and routes:
             self.trace.append(np.stack(routes, axis=1).astype(np.int16))    # [T, L, A]

@@ -80,7 +80,8 @@ def test_invalid_utf8_on_chat_stdin_is_reported_plainly(stdin):
     from lazymoe.commands.run import cmd_chat
     args = type("Args", (), dict(model=DEMO_MODEL, n_predict=2, ram=None, ctx=None, temp=0.0, top_k=0, top_p=1.0,
                                  min_p=0.0, repeat_penalty=1.0, seed=None, stop=[], policy="layer", prefetch=True,
-                                 prefetch_depth=None, overlap=True, read="auto", system=None))()
+                                 prefetch_depth=None, overlap=True, refine=False, read="auto",
+                                 system=None))()
     out = io.StringIO()
     old = sys.stdout
     sys.stdout = out

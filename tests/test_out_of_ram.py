@@ -27,7 +27,8 @@ FLAGS = {n: CONFIGS[n].split() for n in ("direct", "all")} | {INRAM: []}
 
 def test_parse_configs():
     assert parse_configs("all, direct,old") == ["all", "direct", "old"]
-    assert parse_configs(",".join(CONFIGS)) == ["old", "direct", "layer", "overlap", "all", "lfu", "lru", "depth2", "depth3"]
+    assert parse_configs(",".join(CONFIGS)) == ["old", "direct", "layer", "overlap", "all", "lfu", "lru", "depth2", "depth3",
+                                                  "refine"]
     with pytest.raises(ValueError, match="unknown configuration 'fast'"):
         parse_configs("all,fast")
     with pytest.raises(ValueError, match="twice"):

@@ -45,6 +45,7 @@ def test_logits_identical_with_prefetch_overlap_policy_read_and_budget(moe, monk
                        (small, dict(prefetch=True, overlap=True, policy="lru")),
                        (small, dict(prefetch=True, overlap=False, policy="lfu", read="buffered")),
                        (small, dict(prefetch=True, overlap=True, policy="layer")),
+                       (small, dict(prefetch=True, overlap=True, refine=True)),
                        (small + 2 * 73728, dict(prefetch=True, overlap=True, prefetch_depth=3)),
                        ("4G", dict(prefetch=True, overlap=True))]:
         m = load_model(moe, ram_budget=budget, ctx=64, progress=False, **kw)
@@ -241,3 +242,25 @@ def test_a_model_that_fits_is_read_and_warmed_up_at_load_without_a_trace(moe, mo
     assert lazy.experts.counters()["bytes_read"] == 0
     assert np.array_equal(decode_logits(lazy, prompt, 4), got)
     lazy.close()
+
+
+def test_refine_replaces_the_first_guess(moe, monkeypatch):
+    """After layer l's FFN the next layer is guessed again from l's output: guesses it drops are cancelled (settle),
+    the ones it adds are read, and recall counts the refined guess; without --refine (the default) one guess per layer."""
+    import lazymoe.runtime.model
+    monkeypatch.setattr(lazymoe.runtime.model, "process_baseline", lambda: PROCESS_ESTIMATE)
+    runs = {}
+    for refine in (True, False):
+        m = load_model(moe, ram_budget=min_budget(moe, 64) + 3 * 73728, ctx=64, progress=False, refine=refine)
+        settled, settle = [], m.experts.settle
+        monkeypatch.setattr(m.experts, "settle", lambda layer, experts, s=settle, log=settled: (log.append(layer), s(layer, experts)))
+        m.net.trace = []
+        _, last = collect(m.stream_generate(list(range(3, 12)), max_tokens=12))
+        steps = len(m.net.trace) - 1
+        # every layer settles its own route; with refine, layers 1..3 also settle the refined guess (decode only)
+        extra = 3 * steps if refine else 0
+        assert len(settled) == 4 * (steps + 1) + extra
+        runs[refine] = last
+        m.close()
+    assert runs[True].token_ids == runs[False].token_ids
+    assert runs[True].stats["prefetch_issued"] >= runs[False].stats["prefetch_issued"]

@@ -170,3 +170,37 @@ def test_random_rows_of_every_type_have_the_weight_std(name):
     assert w.dtype == qt.dtype and w.shape == qt.storage_shape((64, 512))
     wd = w.astype(np.float64) if name in ("f32", "f16") else dequantize(w.view(np.uint8), qt.ggml).astype(np.float64)
     assert abs(wd.std() / WEIGHT_STD - 1) < 0.1 and abs(wd.mean()) < 0.1 * WEIGHT_STD
+
+
+@pytest.mark.parametrize("ft, expert", [("q4_k_m", "q2_k"), ("q4_k_m", "q3_k"), ("q4_0", "q2_k")])
+def test_expert_type(tmp_path, ft, expert):
+    """synth --expert-type lays tensors out as `quantize --expert-type` plans them (quantize/mixes.choose_types,
+    held against llama-quantize --tensor-type _exps=T in test_mixes); the expert blocks are sane."""
+    from lazymoe.format.config import ModelConfig
+    from lazymoe.kernels.qtypes import qtype
+    from lazymoe.quantize.convert import write_gguf
+    from lazymoe.quantize.mixes import choose_types, is_expert
+    from lazymoe.quantize.synth import synth_source
+    cfg = ModelConfig(n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=512, n_ctx_train=64,
+                      rms_eps=1e-5, rope_theta=1e4, n_expert=8, n_expert_used=2)
+    path = str(tmp_path / f"{ft}-{expert}.gguf")
+    write_gguf(synth_source(cfg, type_name=ft, expert_type=expert), path, qtype("f32"), progress=False, file_type=ft)
+    with GGUFFile(path) as g:
+        got = {n: t.type_name.upper() for n, t in g.tensors.items()}
+        assert {t for n, t in got.items() if is_expert(n)} == {expert.upper()}
+        if ft == "q4_k_m":
+            plan = choose_types(cfg, [(n, s, False) for n, s in cfg.tensor_shapes().items()], ft, expert_type=expert)
+            assert got == plan.types
+        else:
+            assert {t for n, t in got.items() if not is_expert(n) and t != "F32"} == {"Q4_0"}
+        w = gguf.quants.dequantize(g.raw("blk.1.ffn_down_exps.weight"), g.tensors["blk.1.ffn_down_exps.weight"].ggml_type)
+        assert np.isfinite(w).all() and 0.01 < w.std() < 0.04 and abs(w.mean()) < 0.005
+
+
+def test_expert_type_refused_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "x.gguf")
+    assert main(["synth", "--shape", "mixtral-8x7b", "--layers", "1", "-t", "q4_k_m", "--expert-type", "q4_k_m",
+                 "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "--expert-type" in err and "not a block type" in err and "Traceback" not in err
+    assert not os.path.exists(out)

@@ -50,6 +50,9 @@ def add_synth_parser(sub) -> None:
                    help="a type lazymoe writes (" + ", ".join(WRITES) + ") for every weight matrix, or one of "
                         "llama.cpp's file types, each tensor in the type llama.cpp's quantizer gives it: "
                         + ", ".join(t for t in FTYPES if t not in WRITES) + " (default q4_0)")
+    p.add_argument("--expert-type", metavar="BLOCK", default=None,
+                   help="the routed experts' matrices in this block type (e.g. -t q4_k_m --expert-type q2_k), as "
+                        "`quantize --expert-type` writes them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
@@ -64,7 +67,7 @@ def _synth(args) -> int:
     from lazymoe.quantize.synth import synth_source
     if args.type.lower() not in FTYPES:
         raise ValueError(f"--type {args.type!r} is not a weight or file type; expected one of {', '.join(FTYPES)}")
-    src = synth_source(args.shape, args.layers, args.type.lower(), args.seed)
+    src = synth_source(args.shape, args.layers, args.type.lower(), args.seed, expert_type=args.expert_type)
     qt = qtype(args.type) if args.type.lower() in WRITES else qtype("f32")
     print(write_gguf(src, args.output, qt, force=args.force, progress=not args.quiet, file_type=args.type.lower()))
     return 0

@@ -47,6 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, n_default: int, model_default: st
                         "least 3/4 of the experts, else 1)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's other experts while the first computes (default on)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False,
+                   help="guess the next layer's experts again from each layer's output (default off)")
     p.add_argument("--read", choices=("auto", "direct", "buffered"), default="auto",
                    help="expert reads: direct (O_DIRECT, bypassing the page cache), buffered, or auto (default): "
                         "buffered when most of the experts are in the page cache already, else direct")
@@ -98,7 +100,8 @@ def cache_options(args):
     """The expert-cache flags as one CacheOptions."""
     from lazymoe.runtime.expert_cache import CacheOptions
     return CacheOptions(policy=args.policy, read=args.read, prefetch=args.prefetch,
-                        prefetch_depth=args.prefetch_depth, overlap=args.overlap)
+                        prefetch_depth=args.prefetch_depth, overlap=args.overlap,
+                        refine=args.refine)
 
 
 def machine_budget(ram, command: str):
