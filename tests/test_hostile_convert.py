@@ -101,8 +101,11 @@ def test_an_output_that_is_an_input_through_a_link_is_refused(folder, tmp_path):
 
 def _start_synth(out):
     """`lazymoe synth` of one 8x7B-shaped layer (~920 MB, seconds of writing): a run to kill mid-write."""
+    # SIGINT as a terminal delivers it: a test run started in the background (`cmd &`) ignores SIGINT, and its
+    # children would inherit that and finish the write
     return subprocess.Popen([sys.executable, "-m", "lazymoe.cli", "synth", "--shape", "mixtral-8x7b", "--layers", "1",
-                             "-o", str(out), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "-o", str(out), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
 
 
 def _wait_for_temporary(p, out, timeout=120):
