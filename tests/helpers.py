@@ -124,3 +124,17 @@ def deq_of(fn):
 def f16_bytes(v) -> np.ndarray:
     """The f16 bytes of each value, [n, 2] uint8."""
     return np.asarray(v, np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def check_dequant_bit_exact(deq, w: np.ndarray, ref: np.ndarray, block_bytes: int) -> None:
+    """deq(w, wo, out, oo, nb) on stored rows w [rows, row_bytes] equals ref (float32, gguf's dequantize) bit for bit:
+    the whole matrix at an output offset (nothing written around it) and one row from its offset."""
+    nb = w.size // block_bytes
+    out = np.full(ref.size + 64, 7.0, np.float32)
+    deq(w.reshape(-1), 0, out, 32, nb)
+    np.testing.assert_array_equal(out[32:-32].view(np.uint32), ref.view(np.uint32))
+    assert np.all(out[:32] == 7.0) and np.all(out[-32:] == 7.0)
+    cols = ref.size // w.shape[0]
+    row = np.empty(cols, np.float32)
+    deq(w.reshape(-1), 3 * w.shape[1], row, 0, w.shape[1] // block_bytes)
+    np.testing.assert_array_equal(row.view(np.uint32), ref[3 * cols:4 * cols].view(np.uint32))

@@ -25,7 +25,7 @@ from lazymoe.kernels import iq4
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.dispatch import INT_DOTS_MAX_TOKENS, INT_MATMUL_MAX_TOKENS, int_path
 from lazymoe.kernels.kquant import HAVE_AVX2, quantize_q8_k
-from tests.helpers import deq_of, f16_bytes, one_of, rows_of
+from tests.helpers import check_dequant_bit_exact, deq_of, f16_bytes, one_of, rows_of
 
 IQ = ["iq4_nl", "iq4_xs"]
 GG = {"iq4_nl": G.IQ4_NL, "iq4_xs": G.IQ4_XS}
@@ -137,17 +137,8 @@ def test_row_of_3d_expert_tensor(t):
 
 @pytest.mark.parametrize("t", IQ)
 def test_dequant_bit_exact(t):
-    rng = np.random.default_rng(5)
-    w = make_weights(t, 6, 768, rng, heavy=True)
-    ref = dequantize(w, GG[t]).reshape(-1).astype(np.float32)
-    nb = w.size // SIZE[t][1]
-    out = np.full(ref.size + 64, 7.0, np.float32)
-    DEQS[t](w.reshape(-1), 0, out, 32, nb)
-    np.testing.assert_array_equal(out[32:-32].view(np.uint32), ref.view(np.uint32))
-    assert np.all(out[:32] == 7.0) and np.all(out[-32:] == 7.0)
-    row = np.empty(768, np.float32)
-    DEQS[t](w.reshape(-1), 3 * w.shape[1], row, 0, w.shape[1] // SIZE[t][1])
-    np.testing.assert_array_equal(row.view(np.uint32), ref[3 * 768:4 * 768].view(np.uint32))
+    w = make_weights(t, 6, 768, np.random.default_rng(5), heavy=True)
+    check_dequant_bit_exact(DEQS[t], w, dequantize(w, GG[t]).reshape(-1).astype(np.float32), SIZE[t][1])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

@@ -24,7 +24,7 @@ from lazymoe.kernels import kquant as K
 from lazymoe.kernels import kquant_plain as P
 from lazymoe.kernels.activations import quantize_q8
 from lazymoe.kernels.blocks import dequant_row, row_dot
-from tests.helpers import deq_of, f16_bytes, one_of, rows_of
+from tests.helpers import check_dequant_bit_exact, deq_of, f16_bytes, one_of, rows_of
 
 KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 B32 = ["q4_1", "q5_0", "q5_1"]
@@ -77,13 +77,13 @@ def forms(t):
 
 
 @njit
-def _bf16rows_of(w, cols, x, y, plain):
+def _bf16_rows(w, cols, x, y, plain):
     for r in range(y.shape[0]):
         y[r] = P.dot_bf16_plain(w, r * cols, x, cols // 8) if plain else K.dot_bf16_ir(w, r * cols, x, cols // 8)
 
 
 @njit
-def _bf16one_of(w, wo, x, n8, plain):
+def _bf16_one(w, wo, x, n8, plain):
     return P.dot_bf16_plain(w, wo, x, n8) if plain else K.dot_bf16_ir(w, wo, x, n8)
 
 
@@ -171,18 +171,8 @@ def test_row_of_3d_expert_tensor(t):
 
 @pytest.mark.parametrize("t", KQ + B32)
 def test_dequant_bit_exact(t):
-    rng = np.random.default_rng(5)
-    w = make_weights(t, 6, 768, rng, heavy=True)
-    ref = dequantize(w, GG[t]).reshape(-1).astype(np.float32)
-    nb = w.size // SIZE[t][1]
-    out = np.full(ref.size + 64, 7.0, np.float32)
-    DEQ[t](w.reshape(-1), 0, out, 32, nb)
-    np.testing.assert_array_equal(out[32:-32].view(np.uint32), ref.view(np.uint32))
-    assert np.all(out[:32] == 7.0) and np.all(out[-32:] == 7.0)
-    # one row in the middle, at its offsets
-    row = np.empty(768, np.float32)
-    DEQ[t](w.reshape(-1), 3 * w.shape[1], row, 0, w.shape[1] // SIZE[t][1])
-    np.testing.assert_array_equal(row.view(np.uint32), ref[3 * 768:4 * 768].view(np.uint32))
+    w = make_weights(t, 6, 768, np.random.default_rng(5), heavy=True)
+    check_dequant_bit_exact(DEQ[t], w, dequantize(w, GG[t]).reshape(-1).astype(np.float32), SIZE[t][1])
 
 
 @pytest.mark.parametrize("cols", [4096, 4104, 8])
@@ -197,7 +187,7 @@ def test_bf16(cols):
     tol = (cols // 8 + 8) * 2.0 ** -23 * (np.abs(wh) @ np.abs(x.astype(np.float64)))
     for plain in (False, True):
         y = np.empty(rows, np.float32)
-        _bf16rows_of(w.reshape(-1), cols, x, y, plain)
+        _bf16_rows(w.reshape(-1), cols, x, y, plain)
         assert np.all(np.abs(y - ref) <= tol)
     out = np.empty(rows * cols, np.float32)
     K.dequant_bf16(w.reshape(-1), 0, out, 0, rows * cols)
@@ -291,11 +281,11 @@ def test_bf16_hostile_bounds():
     K.dequant_bf16(w, 0, out[8:-8], 0, 1000)
     assert np.all(out[:8] == 2.0) and np.all(out[-8:] == 2.0)
     for plain in (False, True):
-        assert _bf16one_of(w, -1, x, 8, plain) == 0.0
-        assert _bf16one_of(w, 64, x, 8, plain) == 0.0
-        assert _bf16one_of(w, 10 ** 6, x, 8, plain) == 0.0
-        assert _bf16one_of(w, 60, x, 8, plain) == 0.0            # 4 elements left: no whole 8
-        a, b = _bf16one_of(w, 0, x, 1000, plain), _bf16one_of(w, 0, x, 8, plain)
+        assert _bf16_one(w, -1, x, 8, plain) == 0.0
+        assert _bf16_one(w, 64, x, 8, plain) == 0.0
+        assert _bf16_one(w, 10 ** 6, x, 8, plain) == 0.0
+        assert _bf16_one(w, 60, x, 8, plain) == 0.0            # 4 elements left: no whole 8
+        a, b = _bf16_one(w, 0, x, 1000, plain), _bf16_one(w, 0, x, 8, plain)
         assert np.isnan(a) and np.isnan(b) or a == b
 
 
