@@ -551,8 +551,8 @@ class ExpertCache:
     def preload(self, on_layer=None) -> bool:
         """When the slots hold every expert (fits_all), read them all now and wait, so that the first tokens do
         not wait for reads (in RAM the prompt read about 3/4 of the experts and the first decode steps the last
-        layer's rest: RESULTS.md, "after the warm-up"). on_layer(layer) is called as each layer is in. Counts
-        no hits or misses (bytes_read and read_s do count the reads). Returns whether it read."""
+        layer's rest: RESULTS.md, "In RAM: llama.cpp's own files"). on_layer(layer) is called as each layer is
+        in. Counts no hits or misses (bytes_read and read_s do count the reads). Returns whether it read."""
         if not self.fits_all():
             return False
         hits, misses = self.hits, self.misses

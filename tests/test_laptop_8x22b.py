@@ -20,7 +20,7 @@ def _run(tmp_path, ok=1):
 
 def test_row_scales_layers_and_reads(tmp_path):
     r = row("q4_0", _run(tmp_path), 10, "24G", 5.0, GBPS, 8)
-    assert r["experts"] == 448 and r["experts_cached"] == 128          # 128 slots of 162 MiB (RESULTS, 20 layers)
+    assert r["experts"] == 448 and r["experts_cached"] == 128          # 128 slots of 162 MiB (RESULTS, the 8x22B laptop table)
     assert r["here_read_gb_per_token"] == pytest.approx(2000 * 5.6 / 1000)
     assert r["here_s_per_token"] == pytest.approx(5.6) and r["here_compute_s"] == pytest.approx(2.8)
     assert r["laptop_read_s"] == pytest.approx(11.2 / 5.0)

@@ -73,7 +73,7 @@ def test_medians_and_bound(fabricated):
     assert all_["speed_vs_first"] == pytest.approx(0.834 / 0.390) and direct["speed_vs_first"] == pytest.approx(1)
     assert direct["prefetch_recall"] is None and all_["prefetch_recall"] == 0.9      # --no-prefetch: no recall
     assert compute == {"source": "inram", "s_per_token": pytest.approx(0.231), "mb_read_per_token": 31}
-    # the RESULTS.md "Distance to the disk bound" row for `all`: 641 MB/token at 2257 MB/s + 0.231 s compute
+    # the additive disk bound of `all`: 641 MB/token at 2257 MB/s + 0.231 s compute
     assert all_["read_s_per_token"] == pytest.approx(641 / 2257)
     assert all_["bound_s_per_token"] == pytest.approx(641 / 2257 + 0.231)
     assert round(all_["vs_bound"], 2) == 0.76 and round(all_["vs_max_read_compute"], 2) == 1.37
