@@ -461,6 +461,31 @@ class ExpertCache:
                 if job.kind == "spec" and key[0] <= layer and key not in keep:
                     self._cancel(job)
 
+    def _nudge(self, key, job):
+        """A key whose read is under way (lock held): finish its job if its bytes are all in, though the reader has
+        not returned yet (-> True, None); else promote it to a demand read and pin it (-> False, the wait timeout:
+        POLL_S while the reader is on it, the reader notifying after every call otherwise)."""
+        if job in self.running:
+            if (job.done >= job.need).all():
+                self._finish(job)
+                return True, None
+            timeout = POLL_S
+        else:
+            timeout = None
+        self._promote(key)
+        self.pinned.add(key)
+        return False, timeout
+
+    def _count_use(self, key) -> None:
+        """A resident expert handed out (lock held): a miss if a demand read brought it, else a hit (a useful
+        guess if a speculative one did)."""
+        src = self.source.pop(key, None)
+        if src == "demand":
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.prefetch_useful += src == "spec"
+
     def get(self, layer: int, expert: int):
         """(gate [F, D], up [F, D], down [D, F]) stored arrays of one expert, read first if needed; pins it."""
         key = (layer, int(expert))
@@ -474,22 +499,13 @@ class ExpertCache:
                     job = self.loading.get(key)
                     if job is None:
                         break
-                    if job in self.running:
-                        if (job.done >= job.need).all():  # read, though the reader has not returned yet
-                            self._finish(job)
-                            continue
-                        timeout = POLL_S
-                    self._promote(key)
-                    self.pinned.add(key)
+                    finished, timeout = self._nudge(key, job)
+                    if finished:
+                        continue
                 elif self._issue(key, "demand"):
                     self.pinned.add(key)
                 self.cv.wait(timeout)
-            src = self.source.pop(key, None)
-            if src == "demand":
-                self.misses += 1
-            else:
-                self.hits += 1
-                self.prefetch_useful += src == "spec"
+            self._count_use(key)
             self.pinned.add(key)
             self.pool_of[layer].policy.touch(key)
             views = self.views[key]
@@ -518,23 +534,13 @@ class ExpertCache:
                         if key not in self.slot_of and self._issue(key, "demand"):
                             self.pinned.add(key)
                         continue
-                    if job in self.running:
-                        if (job.done >= job.need).all():  # read, though the reader has not returned yet
-                            self._finish(job)
-                            continue
-                        timeout = POLL_S
-                    self._promote(key)
-                    self.pinned.add(key)
+                    _, wait = self._nudge(key, job)
+                    timeout = timeout or wait
                 for i, key in enumerate(keys):
                     if i not in have and key in self.at:
                         have.add(i)
                         got.append(i)
-                        src = self.source.pop(key, None)
-                        if src == "demand":
-                            self.misses += 1
-                        else:
-                            self.hits += 1
-                            self.prefetch_useful += src == "spec"
+                        self._count_use(key)
                         self.pinned.add(key)
                         touch(key)
                         at.append(self.at[key])
