@@ -223,14 +223,19 @@ def _peak_rss(cmd):
     """Run cmd; (the finished process, its peak RSS sampled by psutil every 50 ms)."""
     import psutil
     proc = psutil.Popen(cmd)
-    peak = 0
+    return proc, _sample_peak(proc, 0)
+
+
+def _sample_peak(proc, peak: int) -> int:
+    """The peak RSS of a running psutil process (at least peak), sampled every 50 ms until it exits."""
+    import psutil
     while proc.poll() is None:
         try:
             peak = max(peak, proc.memory_info().rss)
         except psutil.NoSuchProcess:
             break
         time.sleep(0.05)
-    return proc, peak
+    return peak
 
 
 _PART = """
@@ -257,13 +262,7 @@ def bench_part(qtype: str) -> dict:
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.5)
     before = proc.memory_info().rss
-    peak = before
-    while proc.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
+    peak = _sample_peak(proc, before)
     secs = float(proc.stdout.readline())
     return {"type": qtype, "rss_with_part_bytes": before, "peak_rss_bytes": peak, "quantize_seconds": secs}
 
