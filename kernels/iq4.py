@@ -53,6 +53,7 @@ from .kquant import (
     _dequant,
     _dequant_span,
     _dot,
+    _dot_span,
     _fn,
     _half,
     _hsum_f,
@@ -134,13 +135,7 @@ def _nl_dot_codegen(x86):
     ts = TYPE_SIZE["iq4_nl"]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        xqa, xqn = _shape0(context, b, sig.args[2], args[2])
-        xda, nb = _shape0(context, b, sig.args[3], args[3])
-        wo = args[1]
-        nb = _clamp(b, nb, [(xqn, 32), (b.sub(wn, wo), ts)])
-        nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
-        wp = b.gep(wa.data, [wo])
+        nb, wp, xqa, xda, _ = _dot_span(context, b, sig, args, ts, 32)
         fma = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
         acc = cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None))
         ones = _splat(_I16, 16, 1)
@@ -191,13 +186,7 @@ def _xs_dot_codegen(x86):
     ts = TYPE_SIZE["iq4_xs"]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        xqa, xqn = _shape0(context, b, sig.args[2], args[2])
-        xda, nb = _shape0(context, b, sig.args[3], args[3])
-        wo = args[1]
-        nb = _clamp(b, nb, [(xqn, QK_K), (b.sub(wn, wo), ts)])
-        nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
-        wp = b.gep(wa.data, [wo])
+        nb, wp, xqa, xda, _ = _dot_span(context, b, sig, args, ts, QK_K)
         acc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
         with cgutils.for_range(b, nb) as loop:
             i = loop.index

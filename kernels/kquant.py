@@ -278,15 +278,8 @@ def _k_dot_codegen(kind, x86, wide=False):
     ts, unpack = TYPE_SIZE[kind], _K_UNPACK[kind]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        xqa, xqn = _shape0(context, b, sig.args[2], args[2])
-        xda, nb = _shape0(context, b, sig.args[3], args[3])
-        bsa, bsn = _shape0(context, b, sig.args[4], args[4])
+        nb, wp, xqa, xda, bsa = _dot_span(context, b, sig, args, ts, QK_K, QK_K // 16)
         f32_sums = sig.args[4].dtype == types.float32           # the registry's ActScheme buffers; else int16
-        wo = args[1]
-        nb = _clamp(b, nb, [(xqn, QK_K), (bsn, QK_K // 16), (b.sub(wn, wo), ts)])
-        nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
-        wp = b.gep(wa.data, [wo])
         acc = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
         with cgutils.for_range(b, nb) as loop:
             i = loop.index
@@ -371,6 +364,24 @@ def _k_tile_codegen(kind, x86, wide=False):
     return tile_switch(_k_tile_emit(kind, x86, wide))
 
 
+def _dot_span(context, b, sig, args, ts, per, per4=None):
+    """A row dot's (w, wo, xq, xd[, a4]) -> (blocks, weight pointer, xq, xd, a4 or None): the blocks xd counts,
+    clamped to xq's runs of per values, a4's runs of per4 (when given) and the ts-byte blocks left in w after wo;
+    none for a negative wo."""
+    wa, wn = _shape0(context, b, sig.args[0], args[0])
+    xqa, xqn = _shape0(context, b, sig.args[2], args[2])
+    xda, nb = _shape0(context, b, sig.args[3], args[3])
+    limits = [(xqn, per)]
+    a4 = None
+    if per4 is not None:
+        a4, n4 = _shape0(context, b, sig.args[4], args[4])
+        limits.append((n4, per4))
+    wo = args[1]
+    nb = _clamp(b, nb, limits + [(b.sub(wn, wo), ts)])
+    nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
+    return nb, b.gep(wa.data, [wo]), xqa, xda, a4
+
+
 def _dequant_span(context, b, sig, args, ts, per):
     """A dequantizer's (w, wo, out, oo, nb) -> (blocks, weight pointer, output pointer): nb clamped to the blocks of
     ts bytes left in w after wo and the runs of per floats left in out after oo, none for a negative offset."""
@@ -426,14 +437,7 @@ def _dot32_codegen(kind, x86):
     ts = TYPE_SIZE[kind]
 
     def codegen(context, b, sig, args):
-        wa, wn = _shape0(context, b, sig.args[0], args[0])
-        xqa, xqn = _shape0(context, b, sig.args[2], args[2])
-        xda, nb = _shape0(context, b, sig.args[3], args[3])
-        xca, xcn = _shape0(context, b, sig.args[4], args[4])
-        wo = args[1]
-        nb = _clamp(b, nb, [(xqn, 32), (xcn, 1), (b.sub(wn, wo), ts)])
-        nb = b.select(b.icmp_signed("<", wo, _c64(0)), _c64(0), nb)
-        wp = b.gep(wa.data, [wo])
+        nb, wp, xqa, xda, xca = _dot_span(context, b, sig, args, ts, 32, 1)
         fma = _fn(b, "llvm.fma.v8f32", _V(_F32, 8), [_V(_F32, 8)] * 3)
         acc = cgutils.alloca_once_value(b, ir.Constant(_V(_F32, 8), None))
         corr = cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0))
