@@ -3,6 +3,7 @@
     python -m lazymoe.benchmarks.quantize error [--types q4_k,q6_k] [--json]
     python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--type q4_0] [--expert-type T] [--json]
     python -m lazymoe.benchmarks.quantize part [--type q4_k] [--json]
+    python -m lazymoe.benchmarks.quantize speed [--types q4_k,q6_k] [--json]
 
 `error`: for each block type, RMSE of ours and of llama.cpp's quantizer (llama-cpp-python's libggml,
 `ggml_quantize_chunk`: what `llama_model_quantize` runs per chunk of rows) on gaussian and Student-t(3)
@@ -15,6 +16,10 @@ random importance vector (lognormal, one per column, given to both: importance-w
 FFN 14336, 8 experts, vocab 32000; `--layers` of its 32 layers, bf16, sharded as the hub
 does) and converts it with `lazymoe quantize` in a child process, reporting the child's
 peak RSS (psutil, sampled every 50 ms) (the target: under 1.5 GB whatever the model's size) and the time.
+
+`speed`: the quick loop of `error` for one weight set (512 x 4096 gaussian): weights/s of ours, of our port
+alone and of llama.cpp's quantizer, without and with an importance vector, interleaved trials on the same
+threads (median), and the RMSE (importance-weighted RMSE) of ours below llama.cpp's on the same rows.
 
 `part`: the memory one part of that stream costs in a quantizer: a child process makes one Mixtral 8x7B expert
 matrix (14336 x 4096 float32, 224 MiB), then quantizes it with an importance vector; its peak RSS before and
@@ -149,6 +154,39 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
     return out
 
 
+def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: int = 5, seed: int = 0) -> list[dict]:
+    """Per type: Mw/s of ours, the port alone and llama.cpp's quantizer (2 x trials interleaved, median; all on
+    os.cpu_count() threads), without and with a lognormal importance vector, and the RMSE reductions."""
+    import gguf
+
+    from lazymoe.kernels.quantizers import quantize
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    imp = rng.lognormal(0.0, 1.0, cols).astype(np.float32)
+    out = []
+    for name in types:
+        t = gguf.GGMLQuantizationType[name.upper()]
+        runs = {"ours": lambda n=name: quantize(x, n), "port": lambda n=name: quantize(x, n, search=False),
+                "llama_cpp": lambda n=name: llama_cpp_quantize(x, n),
+                "ours_imatrix": lambda n=name: quantize(x, n, imp),
+                "llama_cpp_imatrix": lambda n=name: llama_cpp_quantize(x, n, imp)}
+        for f in runs.values():                                                   # JIT warm-up
+            f()
+        secs: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(trials):
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                secs[k].append(time.perf_counter() - t0)
+        r = {"type": name, **{f"{k}_mweights_per_s": x.size / float(np.median(v)) / 1e6 for k, v in secs.items()}}
+        err = lambda q, w, t=t: float(((gguf.quants.dequantize(q, t).astype(np.float64) - x) ** 2 * w).sum())
+        r["rmse_reduction"] = 1 - np.sqrt(err(quantize(x, name), 1.0) / err(llama_cpp_quantize(x, name), 1.0))
+        r["wrmse_reduction"] = 1 - np.sqrt(err(quantize(x, name, imp), imp) / err(llama_cpp_quantize(x, name, imp), imp))
+        out.append(r)
+    return out
+
+
 MIXTRAL_8X7B = dict(hidden=4096, ffn=14336, heads=32, kv=8, experts=8, used=2, vocab=32000)
 
 
@@ -269,12 +307,12 @@ def bench_part(qtype: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["error", "stream", "part"])
+    ap.add_argument("what", choices=["error", "stream", "part", "speed"])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--type", default=None, help="stream: the file type (default q4_0); part: block types, comma-separated")
     ap.add_argument("--expert-type", default=None, help="stream: the experts' block type")
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
-    ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error`")
+    ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error` and `speed`")
     ap.add_argument("--float-model", default=None, metavar="GGUF",
                     help="error: also every matrix of this float GGUF (e.g. the F32 demo model train_demo re-makes)")
     ap.add_argument("--json", action="store_true")
@@ -295,6 +333,21 @@ def main(argv=None) -> int:
                   f"{100 * r['shrink_llama_cpp']:8.3f}% {r['ours_mweights_per_s']:9.2f} "
                   f"{r['llama_cpp_mweights_per_s']:9.2f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:5.2f} "
                   f"{r['port_mweights_per_s'] / r['llama_cpp_mweights_per_s']:10.2f}")
+        return 0
+    if a.what == "speed":
+        rows = bench_speed([t.strip().lower() for t in a.types.split(",") if t.strip()])
+        if a.json:
+            print(json.dumps({"machine": machine, "speed": rows}))
+            return 0
+        print(f"{'type':5} {'Mw/s ours':>9} {'port':>7} {'llama.cpp':>9} {'ratio':>6} {'RMSE lower':>10} | imatrix: "
+              f"{'ours':>7} {'llama.cpp':>9} {'ratio':>6} {'lower':>7}")
+        for r in rows:
+            print(f"{r['type']:5} {r['ours_mweights_per_s']:9.1f} {r['port_mweights_per_s']:7.1f} "
+                  f"{r['llama_cpp_mweights_per_s']:9.1f} {r['ours_mweights_per_s'] / r['llama_cpp_mweights_per_s']:6.2f} "
+                  f"{100 * r['rmse_reduction']:9.2f}% | {r['ours_imatrix_mweights_per_s']:16.1f} "
+                  f"{r['llama_cpp_imatrix_mweights_per_s']:9.1f} "
+                  f"{r['ours_imatrix_mweights_per_s'] / r['llama_cpp_imatrix_mweights_per_s']:6.2f} "
+                  f"{100 * r['wrmse_reduction']:6.2f}%")
         return 0
     if a.what == "part":
         rows = [bench_part(t) for t in (a.type or "q4_0,q2_k,q3_k,q4_k,q5_k,q6_k").split(",")]
