@@ -1,18 +1,16 @@
 """Float32 rows -> stored GGUF bytes, for the types of kernels.qtypes that lazymoe writes.
 
-Q4_0 without an importance vector (32 weights in 18 bytes: f16 d, 16 bytes of nibbles,
-byte j = q[j] | q[j+16] << 4, x = (q - 8)·d) picks each block's scale to minimise squared
-error: it tries a ladder of scales around llama.cpp's max/-8, refits each by least squares,
-and keeps the best, always counting llama.cpp's own choice (reproduced bit for bit) among
-the candidates, so no block is ever worse than `gguf.quants.quantize` makes it.
-The K-quants (Q2_K..Q6_K), Q4_1, Q5_0, Q5_1, and Q4_0 with an importance vector, are
-kernels.kquantizers': per block the better of llama.cpp's quantizer (ported bit for bit)
-and our search. Q8_0 is llama.cpp's reference quantizer itself (round(x/d), d = amax/127;
-llama.cpp ignores the importance there too): at 8 bits a search buys almost nothing.
+Q4_0, Q4_1, Q5_0 and Q5_1 without an importance vector (32 weights: f16 d, f16 m with a min, the codes)
+pick each block's scale to minimise squared error: a few candidate scales around llama.cpp's (max/-8, or
+(max - min)/15 with the min), each refit by least squares (with the min), and the block keeps whichever of
+the best candidate and llama.cpp's scale dequantizes closer, each with the best codes for its f16 values;
+llama.cpp's codes are those for its unrounded scale, so no block is ever worse than llama.cpp makes it.
+The K-quants (Q2_K..Q6_K), and the 32-weight types with an importance vector, are kernels.kquantizers':
+per block the better of llama.cpp's quantizer (ported bit for bit) and our search. Q8_0 is llama.cpp's
+reference quantizer itself (round(x/d), d = amax/127; llama.cpp ignores the importance there too): at 8 bits
+a search buys almost nothing.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from gguf import quants as gq
@@ -23,103 +21,272 @@ from lazymoe.kernels.qtypes import QType, qtype
 
 QK = 32
 ROWS_PER_CHUNK = 256   # rows quantized per call: bounds the float temporaries
-# Q4_0 scale ladder: the block's extreme value maps to -LADDER_LO, ..., -6.6 (NNEG steps of 0.2)
-# and to +6.5 ... +7.25 (steps of 0.25). A wider ladder (down to -11) gained nothing measurable.
-LADDER_LO = 9.0
-NNEG = 13
-NLADDER = NNEG + 4
+
+# The 32-weight types without an importance vector: (largest code, code offset, has a min) by name;
+# x̂ = d·(q - offset) (Q4_0, Q5_0) or d·q + m (Q4_1, Q5_1), q in 0..qmax.
+Q32 = {"q4_0": (15, 8, False), "q5_0": (31, 16, False), "q4_1": (15, 0, True), "q5_1": (31, 0, True)}
+# Candidate scales, as offsets t: the block's extreme value (symmetric types) maps to code -(offset + t) or to
+# qmax - offset - T_POS; the range (types with a min) to qmax + t steps. Even counts: candidates are ranked in
+# pairs, one pass over the weights for two. Chosen for weights/s (python -m lazymoe.benchmarks.quantize speed):
+# 14 symmetric / 11 min candidates gained 0.1-0.2 / 0.8-1.3 % more RMSE at 1.4 / 1.9x the time.
+T_NEG = np.array([0.6, 0.2, -0.2, -0.6, -1.0], np.float32)
+T_POS = np.array([0.0], np.float32)
+T_RANGE = np.array([-0.6, -0.2, 0.2, 0.6], np.float32)
+F16_MAX = np.float32(65504.0)
 
 
-_f16_round = kq.f16_finite    # the nearest f16, clamped to its finite range (a block beyond it keeps a finite scale)
+@njit(cache=True, inline="always")
+def _f16(v, fb, ib):
+    """The nearest f16 value to the float32 v (round half to even, as F16C), clamped to f16's finite range; as
+    float32. fb float32 [1] and ib = fb.view(int32) are scratch: the rounding is done on v's bits."""
+    v = min(F16_MAX, max(-F16_MAX, v))
+    if abs(v) < np.float32(6.103515625e-05):                  # f16 subnormals: multiples of 2^-24
+        return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
+    fb[0] = v
+    u = ib[0]
+    ib[0] = (u + 0xFFF + ((u >> 13) & 1)) & -8192               # 23 -> 10 mantissa bits, ties to even
+    return fb[0]
 
 
-@njit(cache=True, fastmath=True)
-def _ladder(xb, maxv):
-    """The best candidate scale of one block: returns (inv, d), codes q = clamp(round(x·inv), -8, 7).
+@njit(cache=True, fastmath=True, inline="always")
+def _range(x, b):
+    """(min, max) of the block (finite weights: fast-math min/max reductions)."""
+    lo = x[b, 0]
+    hi = x[b, 0]
+    for i in range(1, QK):
+        lo = min(lo, x[b, i])
+        hi = max(hi, x[b, i])
+    return lo, hi
 
-    The extreme value maps to -9..-6.6 or +6.5..+7.5; each candidate's codes get their
-    least-squares scale d = Sxq/Sqq (rounded to f16), ranked by the block's squared error
-    Sxx - 2·d·Sxq + d²·Sqq (Sxx is common to all, so left out). float32 and fast-math:
-    this only ranks; the caller checks the winner exactly.
-    """
-    best_e = np.inf
-    best_d = 0.0
-    best_inv = np.float32(0.0)
-    for k in range(NLADDER):
-        tden = np.float32(-LADDER_LO + 0.2 * k) if k < NNEG else np.float32(6.5 + 0.25 * (k - NNEG))
-        inv = tden / maxv
-        sxq = np.float32(0.0)
-        sqq = np.float32(0.0)
+
+@njit(cache=True, fastmath=True, inline="always")
+def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq):
+    """The best candidate scale of a symmetric block (codes clamp(round(x·inv)) + qoff), by the squared
+    error of its least-squares scale, unrounded (float32 fast-math: it only ranks). sxq, sqq: float32 scratch
+    [candidates] (the sums of every candidate first, then the choice: no branch in the loop over weights)."""
+    lo = np.float32(-qoff)
+    hi = np.float32(qmax - qoff)
+    nn = T_NEG.shape[0]
+    nk = nn + T_POS.shape[0]
+    for k in range(0, nk, 2):                                   # two candidates per pass over the weights
+        k2 = min(k + 1, nk - 1)
+        inv1 = (-(np.float32(qoff) + T_NEG[k]) if k < nn else hi - T_POS[k - nn]) / vmax
+        inv2 = (-(np.float32(qoff) + T_NEG[k2]) if k2 < nn else hi - T_POS[k2 - nn]) / vmax
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        c1 = np.float32(0.0)
+        c2 = np.float32(0.0)
         for i in range(QK):
-            v = min(np.float32(7.0), max(np.float32(-8.0), np.floor(xb[i] * inv + np.float32(0.5))))
-            sxq += xb[i] * v
-            sqq += v * v
-        if sqq == 0:
-            continue
-        dk = _f16_round(float(sxq) / float(sqq))
-        e = dk * (dk * float(sqq) - 2.0 * float(sxq))
-        if e < best_e:
-            best_e = e
-            best_d = dk
-            best_inv = inv
-    return best_inv, best_d
+            xi = x[b, i]
+            v1 = min(hi, max(lo, np.floor(xi * inv1 + np.float32(0.5))))
+            v2 = min(hi, max(lo, np.floor(xi * inv2 + np.float32(0.5))))
+            a1 += xi * v1
+            c1 += v1 * v1
+            a2 += xi * v2
+            c2 += v2 * v2
+        sxq[k] = a1
+        sqq[k] = c1
+        sxq[k2] = a2
+        sqq[k2] = c2
+    best = 0                                                    # error - Sxx = -Sxq² / Sqq: the largest Sxq²/Sqq
+    for k in range(1, nk):
+        if sxq[k] * sxq[k] * sqq[best] > sxq[best] * sxq[best] * sqq[k]:
+            best = k
+    return sxq[best] / sqq[best] if sqq[best] > 0 else np.float32(0.0)
 
 
-@njit(cache=True, parallel=True)
-def _q4_0_search(x, d_out, q_out):
-    """x [n_blocks, 32] float32 -> d_out [n_blocks] (f16-exact values), q_out [n_blocks, 32] uint8 in 0..15."""
+@njit(cache=True, fastmath=True, inline="always")
+def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq):
+    """The best candidate (scale, min) of a block with a min (codes clamp(round((x - m)/d)), 0..qmax), by the
+    squared error of its least-squares (d, m), unrounded (float32 fast-math: it only ranks). sq, sqq, sxq:
+    float32 scratch [candidates]."""
+    sx = np.float32(0.0)
+    for i in range(QK):
+        sx += x[b, i]
+    fq = np.float32(qmax)
+    n = np.float32(QK)
+    nk = T_RANGE.shape[0]
+    for k in range(0, nk, 2):                                   # two candidates per pass over the weights
+        k2 = min(k + 1, nk - 1)
+        inv1 = (fq + T_RANGE[k]) / (hi - lo)
+        inv2 = (fq + T_RANGE[k2]) / (hi - lo)
+        o1 = np.float32(0.5) - lo * inv1
+        o2 = np.float32(0.5) - lo * inv2
+        a1 = np.float32(0.0)
+        b1 = np.float32(0.0)
+        c1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        b2 = np.float32(0.0)
+        c2 = np.float32(0.0)
+        for i in range(QK):
+            xi = x[b, i]
+            v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv1 + o1)))
+            v2 = min(fq, max(np.float32(0.0), np.floor(xi * inv2 + o2)))
+            a1 += v1
+            b1 += v1 * v1
+            c1 += xi * v1
+            a2 += v2
+            b2 += v2 * v2
+            c2 += xi * v2
+        sq[k], sqq[k], sxq[k] = a1, b1, c1
+        sq[k2], sqq[k2], sxq[k2] = a2, b2, c2
+    best_e = np.float32(np.inf)
+    best_d = np.float32(0.0)
+    best_m = lo
+    for k in range(T_RANGE.shape[0]):
+        den = n * sqq[k] - sq[k] * sq[k]
+        if den > 0:
+            d = (n * sxq[k] - sx * sq[k]) / den
+            m = (sqq[k] * sx - sq[k] * sxq[k]) / den
+            e = -(d * sxq[k] + m * sx)                           # error - Sxx
+            if e < best_e:
+                best_e, best_d, best_m = e, d, m
+    return best_d, best_m
+
+
+@njit(cache=True, inline="always")
+def _code(xi, inv, m, qmax, qoff):
+    """The nearest code to xi for the stored scale 1/inv and min m (x̂ = d·(q - qoff) + m), as float32."""
+    return min(np.float32(qmax), max(np.float32(0.0), np.floor((xi - m) * inv + np.float32(qoff + 0.5))))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _error(x, b, d, m, qmax, qoff):
+    """The block's squared error with the stored (f16) d and m and the best codes for them, in float32 fast-math:
+    every term is positive, so it is within ~1e-6 of the exact value (_error64), which settles closer calls."""
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    e = np.float32(0.0)
+    for i in range(QK):
+        r = x[b, i] - (d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
+        e += r * r
+    return e
+
+
+@njit(cache=True)
+def _error64(x, b, d, m, qmax, qoff):
+    """_error exactly: x̂ in float32 as gguf.quants dequantizes it, the squares summed in float64."""
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    e = 0.0
+    for i in range(QK):
+        r = np.float64(x[b, i]) - np.float64(d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
+        e += r * r
+    return e
+
+
+@njit(cache=True, inline="always")
+def _put_f16(out, b, o, v, fb, ib):
+    """The IEEE half bits of the f16-exact float32 v into out[o:o+2], little-endian."""
+    fb[0] = v
+    u = ib[0]
+    a = u & 0x7FFFFFFF
+    if a >= 0x38800000:                                         # normal f16: rebias the exponent 127 -> 15
+        h = ((a >> 13) - (112 << 10)) & 0x7FFF
+    else:                                                      # subnormal f16 (or 0): multiples of 2^-24
+        h = int(abs(np.float64(v)) * 16777216.0)
+    h |= (u >> 16) & 0x8000
+    out[b, o] = h & 0xFF
+    out[b, o + 1] = h >> 8
+
+
+@njit(cache=True, inline="always")
+def _pack(x, b, d, m, qmax, qoff, q, out, fb, ib):
+    """One block's bytes (ggml-common.h): f16 d, f16 m with a min, 32 high bits for 5-bit codes, then nibbles
+    (byte j = q[j] & 15 | (q[j+16] & 15) << 4), codes the best for the stored d and m. q: uint8 scratch [32]."""
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    for i in range(QK):
+        q[i] = np.uint8(_code(x[b, i], inv, m, qmax, qoff))
+    _put_f16(out, b, 0, d, fb, ib)
+    o = 2
+    if qoff == 0:
+        _put_f16(out, b, 2, m, fb, ib)
+        o = 4
+    if qmax == 31:
+        qh = np.uint32(0)
+        for i in range(QK):
+            qh |= np.uint32(q[i] >> 4) << np.uint32(i)
+        for k in range(4):
+            out[b, o + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+        o += 4
+    for j in range(16):
+        out[b, o + j] = (q[j] & np.uint8(15)) | (q[j + 16] << np.uint8(4))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib):
+    """Block b's two candidates as f16 values: (d, m) of our best and of llama.cpp's scale (max/-offset, or
+    (max - min)/qmax with min m)."""
+    lo, hi = _range(x, b)
+    if has_min:
+        if hi == lo:                              # constant block: d 0, m its value (to f16)
+            m = _f16(lo, fb, ib)
+            return np.float32(0.0), m, np.float32(0.0), m
+        d, m = _rank_min(x, b, lo, hi, qmax, s1, s2, s3)
+        return _f16(d, fb, ib), _f16(m, fb, ib), _f16((hi - lo) / np.float32(qmax), fb, ib), _f16(lo, fb, ib)
+    vmax = hi if hi > -lo else lo
+    if hi == -lo:                                 # |max| = |min|: llama.cpp takes the first
+        for i in range(QK):
+            if abs(x[b, i]) == hi:
+                vmax = x[b, i]
+                break
+    if vmax == 0:
+        return np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    return (_f16(_rank_sym(x, b, vmax, qmax, qoff, s1, s2), fb, ib), np.float32(0.0),
+            _f16(vmax / np.float32(-qoff), fb, ib), np.float32(0.0))
+
+
+TILE = 64    # blocks per tile: each stage of the search runs over a tile, as its own simple loop
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _q32_search(x, qmax, qoff, has_min, out):
+    """x [n_blocks, 32] float32 -> out [n_blocks, type_size] uint8 (_pack's layout).
+    Per block the better, as stored, of our best candidate and llama.cpp's scale, each with the best codes
+    for its f16 values: llama.cpp's own codes are those for its unrounded scale, so no block is worse than
+    llama.cpp makes it. The helpers are inlined: a call that passes arrays costs atomic reference counts,
+    which took a third of the time."""
     n = x.shape[0]
-    nthr = 64
-    step = (n + nthr - 1) // nthr
+    ntile = (n + TILE - 1) // TILE
+    nc = max(T_RANGE.shape[0], T_NEG.shape[0] + T_POS.shape[0])
+    nthr = min(ntile, 64)
+    step = (ntile + nthr - 1) // nthr
     for t in prange(nthr):
-        qr = np.empty(QK, np.uint8)
-        ql = np.empty(QK, np.uint8)
-        for b in range(t * step, min(n, (t + 1) * step)):
-            xb = x[b]
-            # llama.cpp's choice, float32 arithmetic exactly as gguf.quants.Q4_0.quantize_blocks
-            amax = np.float32(0.0)
-            maxv = np.float32(0.0)
-            for i in range(QK):
-                if abs(xb[i]) > amax:
-                    amax = abs(xb[i])
-                    maxv = xb[i]
-            if amax == 0:
-                d_out[b] = 0.0
-                q_out[b, :] = 8
-                continue
-            d = maxv / np.float32(-8.0)
-            idv = np.float32(1.0) / d
-            dr = _f16_round(float(d))
-            inv, dl = _ladder(xb, maxv)
-            e_ref = 0.0
-            e_lad = 0.0
-            for i in range(QK):
-                qr[i] = min(15, int(math.trunc(xb[i] * idv + np.float32(8.5))))
-                ql[i] = min(7, max(-8, int(math.floor(xb[i] * inv + np.float32(0.5))))) + 8
-                r = float(xb[i]) - dr * (int(qr[i]) - 8)
-                e_ref += r * r
-                r = float(xb[i]) - dl * (int(ql[i]) - 8)
-                e_lad += r * r
-            # exact float64 errors of the codes actually stored: never worse than llama.cpp's
-            if e_lad < e_ref:
-                d_out[b] = dl
-                q_out[b, :] = ql
-            else:
-                d_out[b] = dr
-                q_out[b, :] = qr
+        s1 = np.empty(nc, np.float32)
+        s2 = np.empty(nc, np.float32)
+        s3 = np.empty(nc, np.float32)
+        q = np.empty(QK, np.uint8)
+        fb = np.empty(1, np.float32)
+        ib = fb.view(np.int32)
+        da = np.empty(TILE, np.float32)
+        ma = np.empty(TILE, np.float32)
+        db = np.empty(TILE, np.float32)
+        mb = np.empty(TILE, np.float32)
+        for tile in range(t * step, min(ntile, (t + 1) * step)):
+            b0 = tile * TILE
+            nb = min(TILE, n - b0)
+            for j in range(nb):
+                da[j], ma[j], db[j], mb[j] = _candidates(x, b0 + j, qmax, qoff, has_min, s1, s2, s3, fb, ib)
+            for j in range(nb):
+                if da[j] != db[j] or ma[j] != mb[j]:
+                    ea = _error(x, b0 + j, da[j], ma[j], qmax, qoff)
+                    eb = _error(x, b0 + j, db[j], mb[j], qmax, qoff)
+                    if abs(ea - eb) <= np.float32(1e-5) * eb:    # too close for the float32 sums
+                        ea = _error64(x, b0 + j, da[j], ma[j], qmax, qoff)
+                        eb = _error64(x, b0 + j, db[j], mb[j], qmax, qoff)
+                    if eb <= ea:
+                        da[j] = db[j]
+                        ma[j] = mb[j]
+            for j in range(nb):
+                _pack(x, b0 + j, da[j], ma[j], qmax, qoff, q, out, fb, ib)
 
 
-def _quantize_q4_0(rows: np.ndarray) -> np.ndarray:
-    """rows float32 [R, C] -> uint8 [R, C/32*18]."""
+def _quantize_q32(rows: np.ndarray, name: str) -> np.ndarray:
+    """rows float32 [R, C] -> uint8 [R, C/32*type_size] of Q4_0, Q4_1, Q5_0 or Q5_1."""
+    qmax, qoff, has_min = Q32[name]
     R, C = rows.shape
     x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK)          # [B, 32]
-    d = np.empty(x.shape[0], np.float32)
-    q = np.empty(x.shape, np.uint8)
-    _q4_0_search(x, d, q)
-    out = np.empty((x.shape[0], 18), np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
-    return out.reshape(R, C // QK * 18)
+    out = np.empty((x.shape[0], 2 + 2 * has_min + 4 * (qmax == 31) + 16), np.uint8)
+    _q32_search(x, qmax, qoff, has_min, out)
+    return out.reshape(R, -1)
 
 
 def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
@@ -138,13 +305,16 @@ _QUANTIZE = {
     "f32": lambda r, imp, search: np.ascontiguousarray(r, dtype=np.float32),
     "f16": lambda r, imp, search: np.asarray(r, dtype=np.float32).astype(np.float16),
     "q8_0": lambda r, imp, search: _quantize_q8_0(r),
-    "q4_0": lambda r, imp, search: (_quantize_q4_0(r) if imp is None and search
+    "q4_0": lambda r, imp, search: (_quantize_q32(r, "q4_0") if imp is None and search
                                     else _quantize_block("q4_0")(r, imp, search)),
-    "q5_1": _quantize_block("q5_1"),
+    "q5_1": lambda r, imp, search: (_quantize_q32(r, "q5_1") if imp is None and search
+                                    else _quantize_block("q5_1")(r, imp, search)),
 }
 WRITES = tuple(_QUANTIZE)
 # Types quantize() writes: the above, the K-quants and the other 32-weight types (llama.cpp's mixes use them).
-_QUANTIZE.update({name: _quantize_block(name) for name in ("q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")})
+_QUANTIZE.update({name: _quantize_block(name) for name in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")})
+_QUANTIZE.update({name: (lambda r, imp, search, name=name: _quantize_q32(r, name) if imp is None and search
+                         else _quantize_block(name)(r, imp, search)) for name in ("q4_1", "q5_0")})
 QUANTIZES = tuple(_QUANTIZE)
 
 
