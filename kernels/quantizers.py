@@ -32,6 +32,12 @@ Q32 = {"q4_0": (15, 8, False), "q5_0": (31, 16, False), "q4_1": (15, 0, True), "
 T_NEG = np.array([0.6, 0.2, -0.2, -0.6, -1.0], np.float32)
 T_POS = np.array([0.0], np.float32)
 T_RANGE = np.array([-0.6, -0.2, 0.2, 0.6], np.float32)
+# With an importance vector llama.cpp's own fit is a search (19 or 37 scales), which leaves ours less to
+# gain and more time: more candidates.
+T_NEG_W = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.0, -0.2, -0.4, -0.6, -0.8, -1.0, -1.2], np.float32)
+T_POS_W = np.array([0.5, 0.25, 0.0, -0.25], np.float32)
+T_RANGE_W = np.array([-1.2, -1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0], np.float32)
+N_REFIT = 1       # rounds of nearest codes then least squares after the best candidate
 F16_MAX = np.float32(65504.0)
 
 
@@ -60,30 +66,34 @@ def _range(x, b):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq):
+def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq, w, jw):
     """The best candidate scale of a symmetric block (codes clamp(round(x·inv)) + qoff), by the squared
-    error of its least-squares scale, unrounded (float32 fast-math: it only ranks). sxq, sqq: float32 scratch
-    [candidates] (the sums of every candidate first, then the choice: no branch in the loop over weights)."""
+    error (weighted by w[jw] [32], when w is not None) of its least-squares scale, unrounded (float32
+    fast-math: it only ranks). sxq, sqq: float32 scratch [candidates] (the sums of every candidate first,
+    then the choice: no branch in the loop over weights)."""
     lo = np.float32(-qoff)
     hi = np.float32(qmax - qoff)
-    nn = T_NEG.shape[0]
-    nk = nn + T_POS.shape[0]
+    tneg = T_NEG if w is None else T_NEG_W
+    tpos = T_POS if w is None else T_POS_W
+    nn = tneg.shape[0]
+    nk = nn + tpos.shape[0]
     for k in range(0, nk, 2):                                   # two candidates per pass over the weights
         k2 = min(k + 1, nk - 1)
-        inv1 = (-(np.float32(qoff) + T_NEG[k]) if k < nn else hi - T_POS[k - nn]) / vmax
-        inv2 = (-(np.float32(qoff) + T_NEG[k2]) if k2 < nn else hi - T_POS[k2 - nn]) / vmax
+        inv1 = (-(np.float32(qoff) + tneg[k]) if k < nn else hi - tpos[k - nn]) / vmax
+        inv2 = (-(np.float32(qoff) + tneg[k2]) if k2 < nn else hi - tpos[k2 - nn]) / vmax
         a1 = np.float32(0.0)
         a2 = np.float32(0.0)
         c1 = np.float32(0.0)
         c2 = np.float32(0.0)
         for i in range(QK):
             xi = x[b, i]
+            wi = np.float32(1.0) if w is None else w[jw, i]
             v1 = min(hi, max(lo, np.floor(xi * inv1 + np.float32(0.5))))
             v2 = min(hi, max(lo, np.floor(xi * inv2 + np.float32(0.5))))
-            a1 += xi * v1
-            c1 += v1 * v1
-            a2 += xi * v2
-            c2 += v2 * v2
+            a1 += wi * xi * v1
+            c1 += wi * v1 * v1
+            a2 += wi * xi * v2
+            c2 += wi * v2 * v2
         sxq[k] = a1
         sqq[k] = c1
         sxq[k2] = a2
@@ -92,24 +102,42 @@ def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq):
     for k in range(1, nk):
         if sxq[k] * sxq[k] * sqq[best] > sxq[best] * sxq[best] * sqq[k]:
             best = k
-    return sxq[best] / sqq[best] if sqq[best] > 0 else np.float32(0.0)
+    if not sqq[best] > 0:
+        return np.float32(0.0)
+    d = sxq[best] / sqq[best]
+    for _ in range(N_REFIT):             # the nearest codes for d, and their least-squares scale: never worse
+        inv = np.float32(1.0) / d
+        a1 = np.float32(0.0)
+        c1 = np.float32(0.0)
+        for i in range(QK):
+            xi = x[b, i]
+            wi = np.float32(1.0) if w is None else w[jw, i]
+            v1 = min(hi, max(lo, np.floor(xi * inv + np.float32(0.5))))
+            a1 += wi * xi * v1
+            c1 += wi * v1 * v1
+        if c1 > 0:
+            d = a1 / c1
+    return d
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq):
+def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq, w, jw):
     """The best candidate (scale, min) of a block with a min (codes clamp(round((x - m)/d)), 0..qmax), by the
-    squared error of its least-squares (d, m), unrounded (float32 fast-math: it only ranks). sq, sqq, sxq:
-    float32 scratch [candidates]."""
+    squared error (weighted by w[jw] [32], when w is not None) of its least-squares (d, m), unrounded
+    (float32 fast-math: it only ranks). sq, sqq, sxq: float32 scratch [candidates]."""
     sx = np.float32(0.0)
+    n = np.float32(0.0)
     for i in range(QK):
-        sx += x[b, i]
+        wi = np.float32(1.0) if w is None else w[jw, i]
+        sx += wi * x[b, i]
+        n += wi
     fq = np.float32(qmax)
-    n = np.float32(QK)
-    nk = T_RANGE.shape[0]
+    trange = T_RANGE if w is None else T_RANGE_W
+    nk = trange.shape[0]
     for k in range(0, nk, 2):                                   # two candidates per pass over the weights
         k2 = min(k + 1, nk - 1)
-        inv1 = (fq + T_RANGE[k]) / (hi - lo)
-        inv2 = (fq + T_RANGE[k2]) / (hi - lo)
+        inv1 = (fq + trange[k]) / (hi - lo)
+        inv2 = (fq + trange[k2]) / (hi - lo)
         o1 = np.float32(0.5) - lo * inv1
         o2 = np.float32(0.5) - lo * inv2
         a1 = np.float32(0.0)
@@ -120,20 +148,21 @@ def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq):
         c2 = np.float32(0.0)
         for i in range(QK):
             xi = x[b, i]
+            wi = np.float32(1.0) if w is None else w[jw, i]
             v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv1 + o1)))
             v2 = min(fq, max(np.float32(0.0), np.floor(xi * inv2 + o2)))
-            a1 += v1
-            b1 += v1 * v1
-            c1 += xi * v1
-            a2 += v2
-            b2 += v2 * v2
-            c2 += xi * v2
+            a1 += wi * v1
+            b1 += wi * v1 * v1
+            c1 += wi * xi * v1
+            a2 += wi * v2
+            b2 += wi * v2 * v2
+            c2 += wi * xi * v2
         sq[k], sqq[k], sxq[k] = a1, b1, c1
         sq[k2], sqq[k2], sxq[k2] = a2, b2, c2
     best_e = np.float32(np.inf)
     best_d = np.float32(0.0)
     best_m = lo
-    for k in range(T_RANGE.shape[0]):
+    for k in range(nk):
         den = n * sqq[k] - sq[k] * sq[k]
         if den > 0:
             d = (n * sxq[k] - sx * sq[k]) / den
@@ -141,6 +170,23 @@ def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq):
             e = -(d * sxq[k] + m * sx)                           # error - Sxx
             if e < best_e:
                 best_e, best_d, best_m = e, d, m
+    for _ in range(N_REFIT if best_d > 0 else 0):   # the nearest codes for (d, m), and their least squares
+        inv = np.float32(1.0) / best_d
+        o1 = np.float32(0.5) - best_m * inv
+        a1 = np.float32(0.0)
+        b1 = np.float32(0.0)
+        c1 = np.float32(0.0)
+        for i in range(QK):
+            xi = x[b, i]
+            wi = np.float32(1.0) if w is None else w[jw, i]
+            v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv + o1)))
+            a1 += wi * v1
+            b1 += wi * v1 * v1
+            c1 += wi * xi * v1
+        den = n * b1 - a1 * a1
+        if den > 0:
+            best_d = (n * c1 - sx * a1) / den
+            best_m = (b1 * sx - a1 * c1) / den
     return best_d, best_m
 
 
@@ -151,25 +197,25 @@ def _code(xi, inv, m, qmax, qoff):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _error(x, b, d, m, qmax, qoff):
+def _error(x, b, d, m, qmax, qoff, w, jw):
     """The block's squared error with the stored (f16) d and m and the best codes for them, in float32 fast-math:
     every term is positive, so it is within ~1e-6 of the exact value (_error64), which settles closer calls."""
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     e = np.float32(0.0)
     for i in range(QK):
         r = x[b, i] - (d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
-        e += r * r
+        e += r * r if w is None else w[jw, i] * r * r
     return e
 
 
 @njit(cache=True)
-def _error64(x, b, d, m, qmax, qoff):
-    """_error exactly: x̂ in float32 as gguf.quants dequantizes it, the squares summed in float64."""
+def _error64(x, b, d, m, qmax, qoff, w, jw):
+    """_error exactly: x̂ in float32 as gguf.quants dequantizes it, the (weighted) squares summed in float64."""
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     e = 0.0
     for i in range(QK):
         r = np.float64(x[b, i]) - np.float64(d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
-        e += r * r
+        e += r * r if w is None else np.float64(w[jw, i]) * r * r
     return e
 
 
@@ -212,41 +258,55 @@ def _pack(x, b, d, m, qmax, qoff, q, out, fb, ib):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib):
-    """Block b's two candidates as f16 values: (d, m) of our best and of llama.cpp's scale (max/-offset, or
-    (max - min)/qmax with min m)."""
+def _candidates(x, b, kind, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, sigma2, dd, sc, mn, L, fa, fb2):
+    """Block b's two candidates as f16 values: (d, m) of our best, and of llama.cpp's quantizer: without an
+    importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) the scale (and min)
+    of kernels.kquantizers' port of it (dd, sc, mn, L, fa, fb2: its scratch; sigma2: the row's mean square)."""
     lo, hi = _range(x, b)
     if has_min:
         if hi == lo:                              # constant block: d 0, m its value (to f16)
             m = _f16(lo, fb, ib)
-            return np.float32(0.0), m, np.float32(0.0), m
-        d, m = _rank_min(x, b, lo, hi, qmax, s1, s2, s3)
-        return _f16(d, fb, ib), _f16(m, fb, ib), _f16((hi - lo) / np.float32(qmax), fb, ib), _f16(lo, fb, ib)
-    vmax = hi if hi > -lo else lo
-    if hi == -lo:                                 # |max| = |min|: llama.cpp takes the first
-        for i in range(QK):
-            if abs(x[b, i]) == hi:
-                vmax = x[b, i]
-                break
-    if vmax == 0:
-        return np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-    return (_f16(_rank_sym(x, b, vmax, qmax, qoff, s1, s2), fb, ib), np.float32(0.0),
-            _f16(vmax / np.float32(-qoff), fb, ib), np.float32(0.0))
+            da, ma = np.float32(0.0), m
+            db, mb = np.float32(0.0), m
+        else:
+            d, m = _rank_min(x, b, lo, hi, qmax, s1, s2, s3, w, jw)
+            da, ma = _f16(d, fb, ib), _f16(m, fb, ib)
+            db, mb = _f16((hi - lo) / np.float32(qmax), fb, ib), _f16(lo, fb, ib)
+    else:
+        vmax = hi if hi > -lo else lo
+        if hi == -lo:                             # |max| = |min|: llama.cpp takes the first
+            for i in range(QK):
+                if abs(x[b, i]) == hi:
+                    vmax = x[b, i]
+                    break
+        ma = mb = np.float32(0.0)
+        if vmax == 0:
+            da = db = np.float32(0.0)
+        else:
+            da = _f16(_rank_sym(x, b, vmax, qmax, qoff, s1, s2, w, jw), fb, ib)
+            db = _f16(vmax / np.float32(-qoff), fb, ib)
+    if w is not None:                             # llama.cpp's importance-weighted fit: its stored d (and m)
+        kq.port_block(kind, x[b], w[jw], True, sigma2, dd, sc, mn, L, fa, fb2)
+        db = dd[0]
+        mb = dd[1] if has_min else np.float32(0.0)
+    return da, ma, db, mb
 
 
 TILE = 64    # blocks per tile: each stage of the search runs over a tile, as its own simple loop
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _q32_search(x, qmax, qoff, has_min, out):
-    """x [n_blocks, 32] float32 -> out [n_blocks, type_size] uint8 (_pack's layout).
-    Per block the better, as stored, of our best candidate and llama.cpp's scale, each with the best codes
-    for its f16 values: llama.cpp's own codes are those for its unrounded scale, so no block is worse than
-    llama.cpp makes it. The helpers are inlined: a call that passes arrays costs atomic reference counts,
-    which took a third of the time."""
+def _q32_search(x, kind, qmax, qoff, has_min, w, sigma2, out):
+    """x [n_blocks, 32] float32 (rows of C = 32·nbr weights, one after another) -> out [n_blocks, type_size]
+    uint8 (_pack's layout); w: None, or the importance [nbr, 32] with sigma2 [rows] (the rows' mean squares).
+    Per block the better, as stored (weighted by w), of our best candidate and llama.cpp's choice, each with
+    the best codes for its f16 values: llama.cpp's own codes are those for its unrounded values, so no block
+    is worse than llama.cpp makes it. The helpers are inlined: a call that passes arrays costs atomic
+    reference counts, which took a third of the time."""
     n = x.shape[0]
+    nbr = 1 if w is None else w.shape[0]
     ntile = (n + TILE - 1) // TILE
-    nc = max(T_RANGE.shape[0], T_NEG.shape[0] + T_POS.shape[0])
+    nc = max(T_RANGE_W.shape[0], T_NEG_W.shape[0] + T_POS_W.shape[0], T_RANGE.shape[0], T_NEG.shape[0] + T_POS.shape[0])
     nthr = min(ntile, 64)
     step = (ntile + nthr - 1) // nthr
     for t in prange(nthr):
@@ -256,6 +316,12 @@ def _q32_search(x, qmax, qoff, has_min, out):
         q = np.empty(QK, np.uint8)
         fb = np.empty(1, np.float32)
         ib = fb.view(np.int32)
+        dd = np.empty(2, np.float32)                  # the port's scratch
+        sc = np.empty(1, np.int64)
+        mn = np.empty(1, np.int64)
+        L = np.empty(QK, np.int64)
+        fa = np.empty(1, np.float32)
+        fb2 = np.empty(1, np.float32)
         da = np.empty(TILE, np.float32)
         ma = np.empty(TILE, np.float32)
         db = np.empty(TILE, np.float32)
@@ -264,14 +330,18 @@ def _q32_search(x, qmax, qoff, has_min, out):
             b0 = tile * TILE
             nb = min(TILE, n - b0)
             for j in range(nb):
-                da[j], ma[j], db[j], mb[j] = _candidates(x, b0 + j, qmax, qoff, has_min, s1, s2, s3, fb, ib)
+                b = b0 + j
+                s2r = np.float32(0.0) if w is None else sigma2[b // nbr]
+                da[j], ma[j], db[j], mb[j] = _candidates(x, b, kind, qmax, qoff, has_min, s1, s2, s3, fb, ib,
+                                                         w, b % nbr, s2r, dd, sc, mn, L, fa, fb2)
             for j in range(nb):
+                b = b0 + j
                 if da[j] != db[j] or ma[j] != mb[j]:
-                    ea = _error(x, b0 + j, da[j], ma[j], qmax, qoff)
-                    eb = _error(x, b0 + j, db[j], mb[j], qmax, qoff)
+                    ea = _error(x, b, da[j], ma[j], qmax, qoff, w, b % nbr)
+                    eb = _error(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
                     if abs(ea - eb) <= np.float32(1e-5) * eb:    # too close for the float32 sums
-                        ea = _error64(x, b0 + j, da[j], ma[j], qmax, qoff)
-                        eb = _error64(x, b0 + j, db[j], mb[j], qmax, qoff)
+                        ea = _error64(x, b, da[j], ma[j], qmax, qoff, w, b % nbr)
+                        eb = _error64(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
                     if eb <= ea:
                         da[j] = db[j]
                         ma[j] = mb[j]
@@ -279,13 +349,32 @@ def _q32_search(x, qmax, qoff, has_min, out):
                 _pack(x, b0 + j, da[j], ma[j], qmax, qoff, q, out, fb, ib)
 
 
-def _quantize_q32(rows: np.ndarray, name: str) -> np.ndarray:
-    """rows float32 [R, C] -> uint8 [R, C/32*type_size] of Q4_0, Q4_1, Q5_0 or Q5_1."""
+@njit(cache=True)
+def _mean_squares(rows):
+    """rows [R, C] float32 -> [R] float32: sum x² / C, summed in order in float32 as llama.cpp's quantize_qN
+    does for its importance weights (and kernels.kquantizers.quantize_rows)."""
+    R, C = rows.shape
+    out = np.empty(R, np.float32)
+    for r in range(R):
+        s = np.float32(0.0)
+        for i in range(C):
+            s += rows[r, i] * rows[r, i]
+        out[r] = s / np.float32(C)
+    return out
+
+
+def _quantize_q32(rows: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """rows float32 [R, C] -> uint8 [R, C/32*type_size] of Q4_0, Q4_1, Q5_0 or Q5_1; importance [C] or None."""
     qmax, qoff, has_min = Q32[name]
     R, C = rows.shape
-    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK)          # [B, 32]
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    x = rows.reshape(-1, QK)                                                  # [B, 32]
     out = np.empty((x.shape[0], 2 + 2 * has_min + 4 * (qmax == 31) + 16), np.uint8)
-    _q32_search(x, qmax, qoff, has_min, out)
+    if importance is None:
+        _q32_search(x, kq.KIND[name], qmax, qoff, has_min, None, None, out)
+    else:
+        w = np.ascontiguousarray(importance, dtype=np.float32).reshape(C // QK, QK)
+        _q32_search(x, kq.KIND[name], qmax, qoff, has_min, w, _mean_squares(rows), out)
     return out.reshape(R, -1)
 
 
@@ -295,8 +384,12 @@ def _quantize_q8_0(rows: np.ndarray) -> np.ndarray:
 
 
 def _quantize_block(name: str):
-    """rows float32 [R, C], importance float32 [C] or None, search -> uint8 [R, C/bs*type_size], by
-    kernels.kquantizers (search False: llama.cpp's quantizer, its port)."""
+    """rows float32 [R, C], importance float32 [C] or None, search -> uint8 [R, C/bs*type_size]: the
+    32-weight types by _quantize_q32, the K-quants by kernels.kquantizers (search False: llama.cpp's
+    quantizer, its port)."""
+    if name in Q32:
+        return lambda rows, importance, search: (_quantize_q32(rows, name, importance) if search
+                                                 else kq.quantize_blocks(rows, name, importance, False))
     return lambda rows, importance, search: kq.quantize_blocks(rows, name, importance, search)
 
 
@@ -305,16 +398,12 @@ _QUANTIZE = {
     "f32": lambda r, imp, search: np.ascontiguousarray(r, dtype=np.float32),
     "f16": lambda r, imp, search: np.asarray(r, dtype=np.float32).astype(np.float16),
     "q8_0": lambda r, imp, search: _quantize_q8_0(r),
-    "q4_0": lambda r, imp, search: (_quantize_q32(r, "q4_0") if imp is None and search
-                                    else _quantize_block("q4_0")(r, imp, search)),
-    "q5_1": lambda r, imp, search: (_quantize_q32(r, "q5_1") if imp is None and search
-                                    else _quantize_block("q5_1")(r, imp, search)),
+    "q4_0": _quantize_block("q4_0"),
+    "q5_1": _quantize_block("q5_1"),
 }
 WRITES = tuple(_QUANTIZE)
 # Types quantize() writes: the above, the K-quants and the other 32-weight types (llama.cpp's mixes use them).
-_QUANTIZE.update({name: _quantize_block(name) for name in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")})
-_QUANTIZE.update({name: (lambda r, imp, search, name=name: _quantize_q32(r, name) if imp is None and search
-                         else _quantize_block(name)(r, imp, search)) for name in ("q4_1", "q5_0")})
+_QUANTIZE.update({name: _quantize_block(name) for name in ("q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")})
 QUANTIZES = tuple(_QUANTIZE)
 
 
