@@ -37,7 +37,6 @@ T_RANGE = np.array([-0.6, -0.2, 0.2, 0.6], np.float32)
 T_NEG_W = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.0, -0.2, -0.4, -0.6, -0.8, -1.0, -1.2], np.float32)
 T_POS_W = np.array([0.5, 0.25, 0.0, -0.25], np.float32)
 T_RANGE_W = np.array([-1.2, -1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0], np.float32)
-N_REFIT = 1       # rounds of nearest codes then least squares after the best candidate
 F16_MAX = np.float32(65504.0)
 
 
@@ -105,19 +104,19 @@ def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq, w, jw):
     if not sqq[best] > 0:
         return np.float32(0.0)
     d = sxq[best] / sqq[best]
-    for _ in range(N_REFIT):             # the nearest codes for d, and their least-squares scale: never worse
-        inv = np.float32(1.0) / d
-        a1 = np.float32(0.0)
-        c1 = np.float32(0.0)
-        for i in range(QK):
-            xi = x[b, i]
-            wi = np.float32(1.0) if w is None else w[jw, i]
-            v1 = min(hi, max(lo, np.floor(xi * inv + np.float32(0.5))))
-            a1 += wi * xi * v1
-            c1 += wi * v1 * v1
-        if c1 > 0:
-            d = a1 / c1
-    return d
+    # the nearest codes for d, their least-squares scale, then that scaled so that the block is not shrunk
+    # along x (x̂·x = x·x; least squares leaves x̂·x = (1 - relerr²)·x·x, and every output of the matrix
+    # shrinks coherently: see kernels.kquantizers._unshrink)
+    inv = np.float32(1.0) / d
+    a1 = np.float32(0.0)
+    sxx = np.float32(0.0)
+    for i in range(QK):
+        xi = x[b, i]
+        wi = np.float32(1.0) if w is None else w[jw, i]
+        v1 = min(hi, max(lo, np.floor(xi * inv + np.float32(0.5))))
+        a1 += wi * xi * v1
+        sxx += wi * xi * xi
+    return sxx / a1 if a1 != 0 else d
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -170,23 +169,31 @@ def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq, w, jw):
             e = -(d * sxq[k] + m * sx)                           # error - Sxx
             if e < best_e:
                 best_e, best_d, best_m = e, d, m
-    for _ in range(N_REFIT if best_d > 0 else 0):   # the nearest codes for (d, m), and their least squares
-        inv = np.float32(1.0) / best_d
-        o1 = np.float32(0.5) - best_m * inv
-        a1 = np.float32(0.0)
-        b1 = np.float32(0.0)
-        c1 = np.float32(0.0)
-        for i in range(QK):
-            xi = x[b, i]
-            wi = np.float32(1.0) if w is None else w[jw, i]
-            v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv + o1)))
-            a1 += wi * v1
-            b1 += wi * v1 * v1
-            c1 += wi * xi * v1
-        den = n * b1 - a1 * a1
-        if den > 0:
-            best_d = (n * c1 - sx * a1) / den
-            best_m = (b1 * sx - a1 * c1) / den
+    if not best_d > 0:
+        return best_d, best_m
+    # the nearest codes for (d, m), their least squares, then scaled so that x̂·x = x·x (as _rank_sym)
+    inv = np.float32(1.0) / best_d
+    o1 = np.float32(0.5) - best_m * inv
+    a1 = np.float32(0.0)
+    b1 = np.float32(0.0)
+    c1 = np.float32(0.0)
+    sxx = np.float32(0.0)
+    for i in range(QK):
+        xi = x[b, i]
+        wi = np.float32(1.0) if w is None else w[jw, i]
+        v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv + o1)))
+        a1 += wi * v1
+        b1 += wi * v1 * v1
+        c1 += wi * xi * v1
+        sxx += wi * xi * xi
+    den = n * b1 - a1 * a1
+    if den > 0:
+        best_d = (n * c1 - sx * a1) / den
+        best_m = (b1 * sx - a1 * c1) / den
+    sxy = best_d * c1 + best_m * sx
+    if sxy > 0:
+        best_d *= sxx / sxy
+        best_m *= sxx / sxy
     return best_d, best_m
 
 
@@ -198,24 +205,13 @@ def _code(xi, inv, m, qmax, qoff):
 
 @njit(cache=True, fastmath=True, inline="always")
 def _error(x, b, d, m, qmax, qoff, w, jw):
-    """The block's squared error with the stored (f16) d and m and the best codes for them, in float32 fast-math:
-    every term is positive, so it is within ~1e-6 of the exact value (_error64), which settles closer calls."""
+    """The block's squared error with the stored (f16) d and m and the best codes for them (weighted by w[jw],
+    when w is not None), in float32 fast-math: every term is positive, so it is within ~1e-6 of its value."""
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     e = np.float32(0.0)
     for i in range(QK):
         r = x[b, i] - (d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
         e += r * r if w is None else w[jw, i] * r * r
-    return e
-
-
-@njit(cache=True)
-def _error64(x, b, d, m, qmax, qoff, w, jw):
-    """_error exactly: x̂ in float32 as gguf.quants dequantizes it, the (weighted) squares summed in float64."""
-    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-    e = 0.0
-    for i in range(QK):
-        r = np.float64(x[b, i]) - np.float64(d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
-        e += r * r if w is None else np.float64(w[jw, i]) * r * r
     return e
 
 
@@ -258,10 +254,10 @@ def _pack(x, b, d, m, qmax, qoff, q, out, fb, ib):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _candidates(x, b, kind, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, sigma2, dd, sc, mn, L, fa, fb2):
+def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, ld, lm):
     """Block b's two candidates as f16 values: (d, m) of our best, and of llama.cpp's quantizer: without an
-    importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) the scale (and min)
-    of kernels.kquantizers' port of it (dd, sc, mn, L, fa, fb2: its scratch; sigma2: the row's mean square)."""
+    importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) ld[b], lm[b]
+    (_llama_fits)."""
     lo, hi = _range(x, b)
     if has_min:
         if hi == lo:                              # constant block: d 0, m its value (to f16)
@@ -285,10 +281,8 @@ def _candidates(x, b, kind, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, sigm
         else:
             da = _f16(_rank_sym(x, b, vmax, qmax, qoff, s1, s2, w, jw), fb, ib)
             db = _f16(vmax / np.float32(-qoff), fb, ib)
-    if w is not None:                             # llama.cpp's importance-weighted fit: its stored d (and m)
-        kq.port_block(kind, x[b], w[jw], True, sigma2, dd, sc, mn, L, fa, fb2)
-        db = dd[0]
-        mb = dd[1] if has_min else np.float32(0.0)
+    if w is not None:
+        db, mb = ld[b], lm[b]
     return da, ma, db, mb
 
 
@@ -296,13 +290,16 @@ TILE = 64    # blocks per tile: each stage of the search runs over a tile, as it
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _q32_search(x, kind, qmax, qoff, has_min, w, sigma2, out):
+def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     """x [n_blocks, 32] float32 (rows of C = 32·nbr weights, one after another) -> out [n_blocks, type_size]
-    uint8 (_pack's layout); w: None, or the importance [nbr, 32] with sigma2 [rows] (the rows' mean squares).
-    Per block the better, as stored (weighted by w), of our best candidate and llama.cpp's choice, each with
-    the best codes for its f16 values: llama.cpp's own codes are those for its unrounded values, so no block
-    is worse than llama.cpp makes it. The helpers are inlined: a call that passes arrays costs atomic
-    reference counts, which took a third of the time."""
+    uint8 (_pack's layout); w: None, or the importance [nbr, 32] with llama.cpp's f16 d and m for it, ld, lm
+    [n_blocks] (_llama_fits). Per block the better, as stored (weighted by w), of our best candidate and
+    llama.cpp's, each with the best codes for its f16 values: llama.cpp's own codes are those for its
+    unrounded values, so no block is worse than llama.cpp makes it (near ties, within the float32 sums'
+    accuracy, go to llama.cpp's). The helpers are inlined: a call that passes arrays costs atomic
+    reference counts, which took a third of the time. Nothing here calls a non-inlined function: Numba
+    compiles a callee first reached from a fast-math caller with fast-math, and caches it so (the port then
+    no longer matched llama.cpp's bytes)."""
     n = x.shape[0]
     nbr = 1 if w is None else w.shape[0]
     ntile = (n + TILE - 1) // TILE
@@ -316,12 +313,6 @@ def _q32_search(x, kind, qmax, qoff, has_min, w, sigma2, out):
         q = np.empty(QK, np.uint8)
         fb = np.empty(1, np.float32)
         ib = fb.view(np.int32)
-        dd = np.empty(2, np.float32)                  # the port's scratch
-        sc = np.empty(1, np.int64)
-        mn = np.empty(1, np.int64)
-        L = np.empty(QK, np.int64)
-        fa = np.empty(1, np.float32)
-        fb2 = np.empty(1, np.float32)
         da = np.empty(TILE, np.float32)
         ma = np.empty(TILE, np.float32)
         db = np.empty(TILE, np.float32)
@@ -330,23 +321,38 @@ def _q32_search(x, kind, qmax, qoff, has_min, w, sigma2, out):
             b0 = tile * TILE
             nb = min(TILE, n - b0)
             for j in range(nb):
-                b = b0 + j
-                s2r = np.float32(0.0) if w is None else sigma2[b // nbr]
-                da[j], ma[j], db[j], mb[j] = _candidates(x, b, kind, qmax, qoff, has_min, s1, s2, s3, fb, ib,
-                                                         w, b % nbr, s2r, dd, sc, mn, L, fa, fb2)
+                da[j], ma[j], db[j], mb[j] = _candidates(x, b0 + j, qmax, qoff, has_min, s1, s2, s3, fb, ib,
+                                                         w, (b0 + j) % nbr, ld, lm)
             for j in range(nb):
                 b = b0 + j
-                if da[j] != db[j] or ma[j] != mb[j]:
-                    ea = _error(x, b, da[j], ma[j], qmax, qoff, w, b % nbr)
-                    eb = _error(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
-                    if abs(ea - eb) <= np.float32(1e-5) * eb:    # too close for the float32 sums
-                        ea = _error64(x, b, da[j], ma[j], qmax, qoff, w, b % nbr)
-                        eb = _error64(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
-                    if eb <= ea:
-                        da[j] = db[j]
-                        ma[j] = mb[j]
+                if (da[j] != db[j] or ma[j] != mb[j]) and (
+                        _error(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
+                        <= _error(x, b, da[j], ma[j], qmax, qoff, w, b % nbr) * np.float32(1.0 + 1e-5)):
+                    da[j] = db[j]
+                    ma[j] = mb[j]
             for j in range(nb):
                 _pack(x, b0 + j, da[j], ma[j], qmax, qoff, q, out, fb, ib)
+
+
+@njit(cache=True, parallel=True)
+def _llama_fits(x, kind, has_min, w, sigma2, ld, lm):
+    """llama.cpp's importance-weighted fit of each block (kernels.kquantizers' port, bit for bit): its f16 d
+    and m into ld, lm [n_blocks]; x [n_blocks, 32], w [nbr, 32], sigma2 [rows]. Not fast-math (see _q32_search)."""
+    n = x.shape[0]
+    nbr = w.shape[0]
+    nthr = min(n, 64)
+    step = (n + nthr - 1) // nthr
+    for t in prange(nthr):
+        dd = np.empty(2, np.float32)
+        sc = np.empty(1, np.int64)
+        mn = np.empty(1, np.int64)
+        L = np.empty(QK, np.int64)
+        fa = np.empty(1, np.float32)
+        fb = np.empty(1, np.float32)
+        for b in range(t * step, min(n, (t + 1) * step)):
+            kq.port_block(kind, x[b], w[b % nbr], True, sigma2[b // nbr], dd, sc, mn, L, fa, fb)
+            ld[b] = dd[0]
+            lm[b] = dd[1] if has_min else np.float32(0.0)
 
 
 @njit(cache=True)
@@ -371,10 +377,13 @@ def _quantize_q32(rows: np.ndarray, name: str, importance: np.ndarray | None = N
     x = rows.reshape(-1, QK)                                                  # [B, 32]
     out = np.empty((x.shape[0], 2 + 2 * has_min + 4 * (qmax == 31) + 16), np.uint8)
     if importance is None:
-        _q32_search(x, kq.KIND[name], qmax, qoff, has_min, None, None, out)
+        _q32_search(x, qmax, qoff, has_min, None, None, None, out)
     else:
         w = np.ascontiguousarray(importance, dtype=np.float32).reshape(C // QK, QK)
-        _q32_search(x, kq.KIND[name], qmax, qoff, has_min, w, _mean_squares(rows), out)
+        ld = np.empty(x.shape[0], np.float32)
+        lm = np.empty(x.shape[0], np.float32)
+        _llama_fits(x, kq.KIND[name], has_min, w, _mean_squares(rows), ld, lm)
+        _q32_search(x, qmax, qoff, has_min, w, ld, lm, out)
     return out.reshape(R, -1)
 
 

@@ -132,8 +132,9 @@ def test_importance_weighted_error_below_llama_cpp_with_the_same_imatrix(name):
     assert e_ours.sum() < row_errors(quantize(x, name), x, name, imp).sum()
 
 
-@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k"])
-def test_blocks_are_not_shrunk_along_the_weights(name):
+@pytest.mark.parametrize("name, bound", [("q2_k", 0.1), ("q3_k", 0.1), ("q4_k", 0.1), ("q5_k", 0.1),
+                                         ("q4_0", 0.5), ("q4_1", 0.5), ("q5_0", 0.5), ("q5_1", 0.5)])
+def test_blocks_are_not_shrunk_along_the_weights(name, bound):
     # least squares alone leaves the error orthogonal to x̂, so x̂·x = (1 - relerr²)·x·x: every output of the
     # matrix shrinks by relerr² (6.6 % on Q2_K), coherently; that, not the RMSE, is what made our K files'
     # KL worse than llama.cpp's (RESULTS.md). Ours is scaled back to x̂·x = x·x up to the f16 scale's step.
@@ -141,7 +142,7 @@ def test_blocks_are_not_shrunk_along_the_weights(name):
     e = dequant(quantize(x.astype(np.float32), name), name) - x
     shrink = -(e * x).sum() / (x * x).sum()
     relerr2 = (e * e).sum() / (x * x).sum()
-    assert abs(shrink) < 0.1 * relerr2, f"{name}: shrink {shrink:.5f}, relative squared error {relerr2:.5f}"
+    assert abs(shrink) < bound * relerr2, f"{name}: shrink {shrink:.5f}, relative squared error {relerr2:.5f}"
 
 
 # --- bytes that gguf reads, on any input -------------------------------------------------------------
