@@ -54,13 +54,17 @@ def _f16(v, fb, ib):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _range(x, b):
-    """(min, max) of the block (finite weights: fast-math min/max reductions)."""
-    lo = x[b, 0]
-    hi = x[b, 0]
-    for i in range(1, QK):
-        lo = min(lo, x[b, i])
-        hi = max(hi, x[b, i])
+def _range(x, b, t):
+    """(min, max) of the block. LLVM leaves a min/max reduction a scalar chain (a quarter of the time): the
+    four 8-weight quarters are compared element-wise into t [16] float32 scratch (vector min/max), then 8 remain."""
+    for i in range(8):
+        t[i] = min(min(x[b, i], x[b, i + 8]), min(x[b, i + 16], x[b, i + 24]))
+        t[i + 8] = max(max(x[b, i], x[b, i + 8]), max(x[b, i + 16], x[b, i + 24]))
+    lo = t[0]
+    hi = t[8]
+    for i in range(1, 8):
+        lo = min(lo, t[i])
+        hi = max(hi, t[i + 8])
     return lo, hi
 
 
@@ -158,17 +162,20 @@ def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq, w, jw):
             c2 += wi * xi * v2
         sq[k], sqq[k], sxq[k] = a1, b1, c1
         sq[k2], sqq[k2], sxq[k2] = a2, b2, c2
-    best_e = np.float32(np.inf)
-    best_d = np.float32(0.0)
-    best_m = lo
+    # the least-squares (d, m) of candidate k is (nd_k, nm_k) / den_k, its error - Sxx is -(nd·Sxq + nm·Sx) / den:
+    # the best is chosen by cross-multiplied errors, one division for the winner
+    best = -1
+    best_num = np.float32(0.0)
+    best_den = np.float32(1.0)
     for k in range(nk):
         den = n * sqq[k] - sq[k] * sq[k]
-        if den > 0:
-            d = (n * sxq[k] - sx * sq[k]) / den
-            m = (sqq[k] * sx - sq[k] * sxq[k]) / den
-            e = -(d * sxq[k] + m * sx)                           # error - Sxx
-            if e < best_e:
-                best_e, best_d, best_m = e, d, m
+        num = (n * sxq[k] - sx * sq[k]) * sxq[k] + (sqq[k] * sx - sq[k] * sxq[k]) * sx
+        if den > 0 and (best < 0 or num * best_den > best_num * den):
+            best, best_num, best_den = k, num, den
+    if best < 0:
+        return np.float32(0.0), lo
+    best_d = (n * sxq[best] - sx * sq[best]) / best_den
+    best_m = (sqq[best] * sx - sq[best] * sxq[best]) / best_den
     if not best_d > 0:
         return best_d, best_m
     # the nearest codes for (d, m), their least squares, then scaled so that x̂·x = x·x (as _rank_sym)
@@ -258,7 +265,7 @@ def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, ld, lm):
     """Block b's two candidates as f16 values: (d, m) of our best, and of llama.cpp's quantizer: without an
     importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) ld[b], lm[b]
     (_llama_fits)."""
-    lo, hi = _range(x, b)
+    lo, hi = _range(x, b, s3)
     if has_min:
         if hi == lo:                              # constant block: d 0, m its value (to f16)
             m = _f16(lo, fb, ib)
@@ -309,7 +316,7 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     for t in prange(nthr):
         s1 = np.empty(nc, np.float32)
         s2 = np.empty(nc, np.float32)
-        s3 = np.empty(nc, np.float32)
+        s3 = np.empty(max(nc, 16), np.float32)       # also _range's scratch
         q = np.empty(QK, np.uint8)
         fb = np.empty(1, np.float32)
         ib = fb.view(np.int32)
