@@ -681,31 +681,57 @@ def _codes(x, w, o, n, qmax, qoff, dl, m, L):
 
 
 @njit(cache=True, fastmath=FAST)
-def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
+def _kcodes(x, w, qmax, qoff, dl, m, L):
+    """Best codes for x [n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), as float32 into
+    L [n]; returns the error sum w (x - x̂)². float32 throughout, so that the loop vectorises."""
+    n = x.shape[0]
+    fq = f32(qmax)
+    fo = f32(qoff)
+    m32 = f32(m)
+    e = f32(0.0)
+    if dl == 0.0:
+        for i in range(n):
+            L[i] = fo
+            r = x[i] + m32
+            e += w[i] * r * r
+        return float(e)
+    inv = f32(1.0 / dl)
+    c = f32(m / dl + (qoff + 0.5))
+    d32 = f32(dl)
+    for i in range(n):
+        q = min(fq, max(f32(0.0), np.floor(x[i] * inv + c)))
+        L[i] = q
+        r = x[i] - d32 * (q - fo) + m32
+        e += w[i] * r * r
+    return float(e)
+
+
+@njit(cache=True, fastmath=FAST)
+def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
     """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
-    weighted squared error. Starts: llama.cpp's fit, and ngrid scales over the range (the extreme mapped
-    to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a step);
-    one round of codes then least squares from each, NIT more from the N_KEEP best. kw [3·N_KEEP] is
-    scratch. Returns (a, b, error); L[o:o+n] holds the codes."""
-    lo = 0.0
-    hi = 0.0
-    amax = 0.0
-    vmax = 0.0
-    sw = 0.0
-    sx = 0.0
-    sxx = 0.0
-    for i in range(o, o + n):
-        xi = float(x[i])
-        lo = min(lo, xi)
-        hi = max(hi, xi)
-        if abs(xi) > amax:
-            amax = abs(xi)
-            vmax = xi
-        sw += w[i]
-        sx += w[i] * xi
-        sxx += w[i] * xi * xi
-    if amax == 0.0:
-        _codes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
+    weighted squared error; x, w [n] f32. Starts: llama.cpp's fit, and ngrid scales over the range (the
+    extreme mapped to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a
+    step); one round of codes then least squares from each, NIT more from the N_KEEP best. kw [3·N_KEEP] is
+    scratch. Returns (a, b, error); L [n] f32 holds the codes."""
+    n = x.shape[0]
+    lo32 = f32(0.0)
+    hi32 = f32(0.0)
+    sw32 = f32(0.0)
+    sx32 = f32(0.0)
+    sxx32 = f32(0.0)
+    for i in range(n):
+        xi = x[i]
+        lo32 = min(lo32, xi)
+        hi32 = max(hi32, xi)
+        wx = w[i] * xi
+        sw32 += w[i]
+        sx32 += wx
+        sxx32 += wx * xi
+    lo, hi = float(lo32), float(hi32)
+    sw, sx, sxx = float(sw32), float(sx32), float(sxx32)
+    vmax = hi if hi >= -lo else lo                # the value of largest magnitude
+    if vmax == 0.0:
+        _kcodes(x, w, qmax, qoff, 0.0, 0.0, L)
         return 0.0, 0.0, 0.0
     # one round from every start; NIT rounds more from the N_KEEP best
     ka_ = kw[:N_KEEP]
@@ -716,6 +742,8 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
     best_a, best_b = float(a), float(b)
     noff = N_OFF if has_min else 1
     nstart = 1 + ngrid * noff
+    fq = f32(qmax)
+    fo = f32(qoff)
     for k in range(nstart + N_KEEP):
         if k == 0:                                    # llama.cpp's own fit
             ca, cb = float(a), float(b)
@@ -737,17 +765,18 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
         for _it in range(1 if k < nstart else NIT):
             if ca == 0.0 or not math.isfinite(ca):
                 break
-            sv = 0.0
-            svv = 0.0
-            sxv = 0.0
-            inv = 1.0 / ca
-            for i in range(o, o + n):
-                xi = float(x[i])
-                v = float(min(qmax, max(0, int((xi + cb) * inv + (qoff + 0.5)))) - qoff)
-                wi = w[i]
-                sv += wi * v
-                svv += wi * v * v
-                sxv += wi * xi * v
+            inv = f32(1.0 / ca)
+            c = f32(cb / ca + (qoff + 0.5))
+            sv32 = f32(0.0)
+            svv32 = f32(0.0)
+            sxv32 = f32(0.0)
+            for i in range(n):
+                v = min(fq, max(f32(0.0), np.floor(x[i] * inv + c))) - fo
+                wv = w[i] * v
+                sv32 += wv
+                svv32 += wv * v
+                sxv32 += wv * x[i]
+            sv, svv, sxv = float(sv32), float(svv32), float(sxv32)
             if svv <= 0.0:
                 break
             if has_min:
@@ -778,39 +807,46 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
                     ka_[p], kb_[p], ke_[p] = na, nb, e
             ca, cb = na, nb
     if best_a == 0.0 or best_e == math.inf:
-        return float(a), float(b), _codes(x, w, o, n, qmax, qoff, float(a), float(b), L)
-    return best_a, best_b, _codes(x, w, o, n, qmax, qoff, best_a, best_b, L)
+        return float(a), float(b), _kcodes(x, w, qmax, qoff, float(a), float(b), L)
+    return best_a, best_b, _kcodes(x, w, qmax, qoff, best_a, best_b, L)
 
 
 @njit(cache=True, fastmath=FAST)
 def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
-    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L) and the block's error;
-    inf as soon as the error passes bound (a candidate that cannot win)."""
+    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L [bs] f32) and the block's
+    error; inf as soon as the error passes bound (a candidate that cannot win)."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     e = 0.0
     for j in range(nsub):
+        o = sublen * j
         sc[j] = min(shi, max(slo, int(np.rint(fa[j] / d)))) if d != 0.0 else 0
         mn[j] = min(shi, max(0, int(np.rint(fb[j] / dm)))) if (has_min and dm != 0.0) else 0
-        e += _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+        e += _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, d * sc[j], dm * mn[j], L[o:o + sublen])
         if e >= bound:
             return math.inf
     return e
 
 
 @njit(cache=True, fastmath=FAST)
-def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
+def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
-    Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours.
-    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL + N_D], wi int64 [2·nsub + 2·bs]."""
+    Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours; w [bs] f32.
+    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL + N_D], wi int64 [2·nsub], wc float32 [2·bs]."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
     slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     nl = L.shape[0]
     a = wf[:nsub]
     b = wf[nsub:2 * nsub]
     kw = wf[2 * nsub:2 * nsub + 3 * N_KEEP]
+    tsc = wi[:nsub]
+    tmn = wi[nsub:2 * nsub]
+    tL = wc[:nl]                                      # codes as float32
+    sL = wc[nl:2 * nl]
     for j in range(nsub):
-        a[j], b[j], _ = _fit_sub(x, w, sublen * j, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), L, ngrid, kw)
+        o = sublen * j
+        a[j], b[j], _ = _fit_sub(x[o:o + sublen], w[o:o + sublen], qmax, qoff, has_min, float(fa[j]), float(fb[j]),
+                                 tL[o:o + sublen], ngrid, kw)
     amax = 0.0
     asg = 0.0
     bmax = 0.0
@@ -821,10 +857,6 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         bmax = max(bmax, b[j])
     if amax == 0.0:
         return
-    tsc = wi[:nsub]
-    tmn = wi[nsub:2 * nsub]
-    tL = wi[2 * nsub:2 * nsub + nl]
-    sL = wi[2 * nsub + nl:2 * nsub + 2 * nl]
     # super-block scales (d, dm): the largest sub-block scale (min) maps to shi - t (or slo + t: signed
     # scales), N_D values of t each. With the fits' codes fixed, a sub-block's error grows by the quadratic
     # q_j(A - a_j, B - b_j) (sums over its codes) when its scale and min become A = d·s_j, B = dm·m_j: every
@@ -832,15 +864,20 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     hvv = wf[2 * nsub + 3 * N_KEEP:3 * nsub + 3 * N_KEEP]
     hv = wf[3 * nsub + 3 * N_KEEP:4 * nsub + 3 * N_KEEP]
     hw = wf[4 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP]
+    fo = f32(qoff)
     for j in range(nsub):
-        s_vv = 0.0
-        s_v = 0.0
-        s_w = 0.0
-        for i in range(sublen * j, sublen * (j + 1)):
-            v = float(L[i] - qoff)
-            s_vv += w[i] * v * v
-            s_v += w[i] * v
-            s_w += w[i]
+        o = sublen * j
+        ls = tL[o:o + sublen]
+        ws = w[o:o + sublen]
+        s_vv = f32(0.0)
+        s_v = f32(0.0)
+        s_w = f32(0.0)
+        for i in range(sublen):
+            v = ls[i] - fo
+            wv = ws[i] * v
+            s_vv += wv * v
+            s_v += wv
+            s_w += ws[i]
         hvv[j], hv[j], hw[j] = s_vv, s_v, s_w
     nd_ = N_D if has_min else 2 * N_D
     ndm_ = N_D if (has_min and bmax > 0.0) else 1
@@ -890,7 +927,9 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         cur_e = 0.0
         for j in range(nsub):
             o = sublen * j
-            be = _codes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
+            xs = x[o:o + sublen]
+            ws = w[o:o + sublen]
+            be = _kcodes(xs, ws, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL[o:o + sublen])
             s0, m0 = tsc[j], tmn[j]
             for ds in range(-1, 2):
                 for dmi in range(-1 if has_min else 0, 2 if has_min else 1):
@@ -898,7 +937,7 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
                     m1 = m0 + dmi
                     if (ds == 0 and dmi == 0) or s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
                         continue
-                    e = _codes(x, w, o, sublen, qmax, qoff, bd * s1, bdm * m1, sL)
+                    e = _kcodes(xs, ws, qmax, qoff, bd * s1, bdm * m1, sL[o:o + sublen])
                     if e < be:
                         be = e
                         tsc[j], tmn[j] = s1, m1
@@ -911,16 +950,30 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         sxu = 0.0
         sxv = 0.0
         for j in range(nsub):
+            o = sublen * j
+            xs = x[o:o + sublen]
+            ws = w[o:o + sublen]
+            ls = tL[o:o + sublen]
+            s_ll = f32(0.0)
+            s_l = f32(0.0)
+            s_w = f32(0.0)
+            s_xl = f32(0.0)
+            s_x = f32(0.0)
+            for i in range(sublen):
+                li = ls[i] - fo
+                wl = ws[i] * li
+                s_ll += wl * li
+                s_l += wl
+                s_w += ws[i]
+                s_xl += wl * xs[i]
+                s_x += ws[i] * xs[i]
+            u = float(tsc[j])
             v = float(tmn[j])
-            for ii in range(sublen):
-                i = sublen * j + ii
-                u = float(tsc[j] * (tL[i] - qoff))
-                wi = w[i]
-                suu += wi * u * u
-                suv += wi * u * v
-                svv += wi * v * v
-                sxu += wi * x[i] * u
-                sxv += wi * x[i] * v
+            suu += u * u * s_ll
+            suv += u * v * s_l
+            svv += v * v * s_w
+            sxu += u * s_xl
+            sxv += v * s_x
         if has_min and svv > 0.0:
             D = suu * svv - suv * suv
             if D <= 0.0:
@@ -938,7 +991,8 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
             break
         e = 0.0
         for j in range(nsub):
-            e += _codes(x, w, sublen * j, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], sL)
+            o = sublen * j
+            e += _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, nd * tsc[j], ndm * tmn[j], sL[o:o + sublen])
         if e < cur_e:
             bd, bdm, cur_e = nd, ndm, e
             tL[:] = sL[:]
@@ -949,26 +1003,36 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
     dd[1] = f32(bdm)
     sc[:] = tsc
     mn[:] = tmn
-    L[:] = tL
+    for i in range(nl):
+        L[i] = int(tL[i])
 
 
 @njit(cache=True, fastmath=FAST)
 def _unshrink(kind, x, w, d, dm, sc, mn, L):
     """Scale (d, dm) so that the block is not shrunk along x: sum w·x̂·x = sum w·x² (least squares leaves
     x̂ ⟂ error, i.e. x̂·x = (1 - relerr²)·x·x: every output shrinks coherently). Scaling the least-squares
-    (d, dm) is the least-squares fit under that constraint. Codes re-fitted to the f16 scales; returns (d, dm)."""
+    (d, dm) is the least-squares fit under that constraint. Codes L [bs] f32 re-fitted to the f16 scales;
+    returns (d, dm)."""
     nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
+    fo = f32(qoff)
+    sxx32 = f32(0.0)
+    for i in range(x.shape[0]):
+        sxx32 += w[i] * x[i] * x[i]
+    sxx = float(sxx32)
     for _ in range(N_UNSHRINK):
-        sxx = 0.0
         sxy = 0.0
         for j in range(nsub):
-            dl = d * sc[j]
-            m = dm * mn[j]
-            for ii in range(sublen):
-                i = sublen * j + ii
-                xi = float(x[i])
-                sxx += w[i] * xi * xi
-                sxy += w[i] * xi * (dl * (L[i] - qoff) - m)
+            o = sublen * j
+            xs = x[o:o + sublen]
+            ws = w[o:o + sublen]
+            ls = L[o:o + sublen]
+            s_xl = f32(0.0)
+            s_x = f32(0.0)
+            for i in range(sublen):
+                wx = ws[i] * xs[i]
+                s_xl += wx * (ls[i] - fo)
+                s_x += wx
+            sxy += d * sc[j] * float(s_xl) - dm * mn[j] * float(s_x)
         if sxy <= 0.0 or sxx <= 0.0:
             break
         k = sxx / sxy
@@ -978,7 +1042,8 @@ def _unshrink(kind, x, w, d, dm, sc, mn, L):
             break
         d, dm = nd, ndm
         for j in range(nsub):
-            _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+            o = sublen * j
+            _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, d * sc[j], dm * mn[j], L[o:o + sublen])
     return d, dm
 
 
@@ -1185,8 +1250,10 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         mn2 = np.empty(nsub, np.int64)
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
+        w32 = np.ones(bs, f32)
         wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D)
-        wi = np.empty(2 * nsub + 2 * bs, np.int64)
+        wi = np.empty(2 * nsub, np.int64)
+        wc = np.empty(2 * bs, f32)
         xr = x[r]
         sigma2 = f32(0.0)
         if has_imp:
@@ -1201,12 +1268,13 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
                 if has_imp:
                     for i in range(bs):
                         w[i] = qb[i]
+                        w32[i] = qb[i]
                 dd2[:] = dd
                 sc2[:] = sc
                 mn2[:] = mn
                 L2[:] = L
                 if bs == QK_K:
-                    _ours_k(kind, xb, w, dd2, sc2, mn2, L2, fa, fb, ngrid, wf, wi)
+                    _ours_k(kind, xb, w32, dd2, sc2, mn2, L2, fa, fb, ngrid, wf, wi, wc)
                 else:
                     _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
