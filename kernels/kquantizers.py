@@ -680,17 +680,27 @@ def _codes(x, w, o, n, qmax, qoff, dl, m, L):
     return e
 
 
-@njit(cache=True, fastmath=FAST)
-def _kcodes(x, w, qmax, qoff, dl, m, L):
-    """Best codes for x [n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), as float32 into
-    L [n]; returns the error sum w (x - x̂)². float32 throughout, so that the loop vectorises."""
-    n = x.shape[0]
+# rows of the search's float64 scratch fw [FW_ROWS, FW_COLS]: per sub-block fits a, b and sums of their codes;
+# (d, dmin) candidates and their ranks; dmin values; _fit_sub's kept starts
+_A, _B, _HVV, _HV, _HW, _CD, _CDM, _CE, _CDMK, _KA, _KB, _KE = range(12)
+FW_ROWS, FW_COLS = 12, max(16, N_KEEP, N_FULL, N_D)
+
+# The search's functions are inlined (Numba IR) into one compiled search per type (_ours_k_for), which passes the
+# type's layout as constants: loops of known length (16 or 32) vectorise whole; on runtime lengths they ran
+# their 4-wide remainder loops and took ~6x longer.
+
+@njit(inline="always", fastmath=FAST)
+def _kcodes(x, w, o, n, qmax, qoff, dl, m, L):
+    """Best codes for x[o:o+n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), as float32 into
+    L[o:o+n]; returns the error sum w (x - x̂)². float32 throughout, so that the loop vectorises."""
+    if o < 0 or n <= 0:                           # lets LLVM drop the negative-index wrap-around (a gather)
+        return 0.0
     fq = f32(qmax)
     fo = f32(qoff)
     m32 = f32(m)
     e = f32(0.0)
     if dl == 0.0:
-        for i in range(n):
+        for i in range(o, o + n):
             L[i] = fo
             r = x[i] + m32
             e += w[i] * r * r
@@ -698,7 +708,7 @@ def _kcodes(x, w, qmax, qoff, dl, m, L):
     inv = f32(1.0 / dl)
     c = f32(m / dl + (qoff + 0.5))
     d32 = f32(dl)
-    for i in range(n):
+    for i in range(o, o + n):
         q = min(fq, max(f32(0.0), np.floor(x[i] * inv + c)))
         L[i] = q
         r = x[i] - d32 * (q - fo) + m32
@@ -706,20 +716,21 @@ def _kcodes(x, w, qmax, qoff, dl, m, L):
     return float(e)
 
 
-@njit(cache=True, fastmath=FAST)
-def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
+@njit(inline="always", fastmath=FAST)
+def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, fw):
     """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
-    weighted squared error; x, w [n] f32. Starts: llama.cpp's fit, and ngrid scales over the range (the
+    weighted squared error; x[o:o+n], w f32. Starts: llama.cpp's fit, and ngrid scales over the range (the
     extreme mapped to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a
-    step); one round of codes then least squares from each, NIT more from the N_KEEP best. kw [3·N_KEEP] is
-    scratch. Returns (a, b, error); L [n] f32 holds the codes."""
-    n = x.shape[0]
+    step); one round of codes then least squares from each, NIT more from the N_KEEP best (rows _KA, _KB, _KE
+    of the scratch fw). Returns (a, b, error); L[o:o+n] f32 holds the codes."""
+    if o < 0 or n <= 0:
+        return float(a), float(b), 0.0
     lo32 = f32(0.0)
     hi32 = f32(0.0)
     sw32 = f32(0.0)
     sx32 = f32(0.0)
     sxx32 = f32(0.0)
-    for i in range(n):
+    for i in range(o, o + n):
         xi = x[i]
         lo32 = min(lo32, xi)
         hi32 = max(hi32, xi)
@@ -731,13 +742,11 @@ def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
     sw, sx, sxx = float(sw32), float(sx32), float(sxx32)
     vmax = hi if hi >= -lo else lo                # the value of largest magnitude
     if vmax == 0.0:
-        _kcodes(x, w, qmax, qoff, 0.0, 0.0, L)
+        _kcodes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
         return 0.0, 0.0, 0.0
     # one round from every start; NIT rounds more from the N_KEEP best
-    ka_ = kw[:N_KEEP]
-    kb_ = kw[N_KEEP:2 * N_KEEP]
-    ke_ = kw[2 * N_KEEP:3 * N_KEEP]
-    ke_[:] = math.inf
+    for q in range(N_KEEP):
+        fw[_KE, q] = math.inf
     best_e = math.inf
     best_a, best_b = float(a), float(b)
     noff = N_OFF if has_min else 1
@@ -759,9 +768,9 @@ def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
                 ca = vmax / (-(qoff + t)) if ka % 2 == 0 else vmax / (qmax - qoff - t)
                 cb = 0.0
         else:
-            if ke_[k - nstart] == math.inf:
+            if fw[_KE, k - nstart] == math.inf:
                 continue
-            ca, cb = ka_[k - nstart], kb_[k - nstart]
+            ca, cb = fw[_KA, k - nstart], fw[_KB, k - nstart]
         for _it in range(1 if k < nstart else NIT):
             if ca == 0.0 or not math.isfinite(ca):
                 break
@@ -770,7 +779,7 @@ def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
             sv32 = f32(0.0)
             svv32 = f32(0.0)
             sxv32 = f32(0.0)
-            for i in range(n):
+            for i in range(o, o + n):
                 v = min(fq, max(f32(0.0), np.floor(x[i] * inv + c))) - fo
                 wv = w[i] * v
                 sv32 += wv
@@ -799,95 +808,78 @@ def _fit_sub(x, w, qmax, qoff, has_min, a, b, L, ngrid, kw):
                 best_e, best_a, best_b = e, na, nb
             if k < nstart:                            # keep the N_KEEP best starts (sorted)
                 p = N_KEEP
-                while p > 0 and e < ke_[p - 1]:
+                while p > 0 and e < fw[_KE, p - 1]:
                     p -= 1
                 if p < N_KEEP:
                     for q in range(N_KEEP - 1, p, -1):
-                        ka_[q], kb_[q], ke_[q] = ka_[q - 1], kb_[q - 1], ke_[q - 1]
-                    ka_[p], kb_[p], ke_[p] = na, nb, e
+                        fw[_KA, q], fw[_KB, q], fw[_KE, q] = fw[_KA, q - 1], fw[_KB, q - 1], fw[_KE, q - 1]
+                    fw[_KA, p], fw[_KB, p], fw[_KE, p] = na, nb, e
             ca, cb = na, nb
     if best_a == 0.0 or best_e == math.inf:
-        return float(a), float(b), _kcodes(x, w, qmax, qoff, float(a), float(b), L)
-    return best_a, best_b, _kcodes(x, w, qmax, qoff, best_a, best_b, L)
+        return float(a), float(b), _kcodes(x, w, o, n, qmax, qoff, float(a), float(b), L)
+    return best_a, best_b, _kcodes(x, w, o, n, qmax, qoff, best_a, best_b, L)
 
 
-@njit(cache=True, fastmath=FAST)
-def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
-    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L [bs] f32) and the block's
+@njit(inline="always", fastmath=FAST)
+def _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, d, dm, fw, sc, mn, L, bound):
+    """Integer sub-block scales nearest a/d and b/dm (the fits, rows _A, _B of fw), their codes (into sc, mn, L [bs] f32) and the block's
     error; inf as soon as the error passes bound (a candidate that cannot win)."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
-    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
     e = 0.0
     for j in range(nsub):
         o = sublen * j
-        sc[j] = min(shi, max(slo, int(np.rint(fa[j] / d)))) if d != 0.0 else 0
-        mn[j] = min(shi, max(0, int(np.rint(fb[j] / dm)))) if (has_min and dm != 0.0) else 0
-        e += _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, d * sc[j], dm * mn[j], L[o:o + sublen])
+        sc[j] = min(shi, max(slo, int(np.rint(fw[_A, j] / d)))) if d != 0.0 else 0
+        mn[j] = min(shi, max(0, int(np.rint(fw[_B, j] / dm)))) if (has_min and dm != 0.0) else 0
+        e += _kcodes(x, w, o, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
         if e >= bound:
             return math.inf
     return e
 
 
-@njit(cache=True, fastmath=FAST)
-def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
+@njit(inline="always", fastmath=FAST)
+def _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
     Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours; w [bs] f32.
-    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL + N_D], wi int64 [2·nsub], wc float32 [2·bs]."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
-    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
+    Scratch (rows, not views: a view costs ~30 ns): fw float64 [FW_ROWS, FW_COLS], tsc, tmn int64 [nsub],
+    tL, sL float32 [bs] (codes)."""
     nl = L.shape[0]
-    a = wf[:nsub]
-    b = wf[nsub:2 * nsub]
-    kw = wf[2 * nsub:2 * nsub + 3 * N_KEEP]
-    tsc = wi[:nsub]
-    tmn = wi[nsub:2 * nsub]
-    tL = wc[:nl]                                      # codes as float32
-    sL = wc[nl:2 * nl]
+    if sublen <= 0 or nsub <= 0:                      # offsets o = sublen·j >= 0: no index wrap-around
+        return
     for j in range(nsub):
         o = sublen * j
-        a[j], b[j], _ = _fit_sub(x[o:o + sublen], w[o:o + sublen], qmax, qoff, has_min, float(fa[j]), float(fb[j]),
-                                 tL[o:o + sublen], ngrid, kw)
+        fw[_A, j], fw[_B, j], _ = _fit_sub(x, w, o, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), tL, ngrid, fw)
     amax = 0.0
     asg = 0.0
     bmax = 0.0
     for j in range(nsub):
-        if abs(a[j]) > amax:
-            amax = abs(a[j])
-            asg = a[j]
-        bmax = max(bmax, b[j])
+        if abs(fw[_A, j]) > amax:
+            amax = abs(fw[_A, j])
+            asg = fw[_A, j]
+        bmax = max(bmax, fw[_B, j])
     if amax == 0.0:
         return
     # super-block scales (d, dm): the largest sub-block scale (min) maps to shi - t (or slo + t: signed
     # scales), N_D values of t each. With the fits' codes fixed, a sub-block's error grows by the quadratic
     # q_j(A - a_j, B - b_j) (sums over its codes) when its scale and min become A = d·s_j, B = dm·m_j: every
     # pair is ranked by that, the N_FULL best are evaluated with their best codes.
-    hvv = wf[2 * nsub + 3 * N_KEEP:3 * nsub + 3 * N_KEEP]
-    hv = wf[3 * nsub + 3 * N_KEEP:4 * nsub + 3 * N_KEEP]
-    hw = wf[4 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP]
     fo = f32(qoff)
     for j in range(nsub):
         o = sublen * j
-        ls = tL[o:o + sublen]
-        ws = w[o:o + sublen]
         s_vv = f32(0.0)
         s_v = f32(0.0)
         s_w = f32(0.0)
-        for i in range(sublen):
-            v = ls[i] - fo
-            wv = ws[i] * v
+        for i in range(o, o + sublen):
+            v = tL[i] - fo
+            wv = w[i] * v
             s_vv += wv * v
             s_v += wv
-            s_w += ws[i]
-        hvv[j], hv[j], hw[j] = s_vv, s_v, s_w
+            s_w += w[i]
+        fw[_HVV, j], fw[_HV, j], fw[_HW, j] = s_vv, s_v, s_w
     nd_ = N_D if has_min else 2 * N_D
     ndm_ = N_D if (has_min and bmax > 0.0) else 1
-    c_d = wf[5 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP + N_FULL]
-    c_dm = wf[5 * nsub + 3 * N_KEEP + N_FULL:5 * nsub + 3 * N_KEEP + 2 * N_FULL]
-    c_e = wf[5 * nsub + 3 * N_KEEP + 2 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL]
-    c_e[:] = math.inf
-    c_dmk = wf[5 * nsub + 3 * N_KEEP + 3 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D]
+    for r in range(N_FULL):
+        fw[_CE, r] = math.inf
     for km in range(ndm_):
-        c_dmk[km] = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
+        fw[_CDMK, km] = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
     for k in range(nd_):
         t = D_STEP * (k if has_min else k // 2)
         if has_min:
@@ -897,39 +889,38 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
         if dk == 0.0:
             continue
         for km in range(ndm_):
-            dmk = c_dmk[km]
+            dmk = fw[_CDMK, km]
             q = 0.0
             for j in range(nsub):
-                dA = dk * min(shi, max(slo, int(np.rint(a[j] / dk)))) - a[j]
-                dB = (dmk * min(shi, max(0, int(np.rint(b[j] / dmk)))) - b[j]) if dmk != 0.0 else -b[j]
-                q += hvv[j] * dA * dA - 2.0 * hv[j] * dA * dB + hw[j] * dB * dB
+                dA = dk * min(shi, max(slo, int(np.rint(fw[_A, j] / dk)))) - fw[_A, j]
+                dB = (dmk * min(shi, max(0, int(np.rint(fw[_B, j] / dmk)))) - fw[_B, j]) if dmk != 0.0 else -fw[_B, j]
+                q += fw[_HVV, j] * dA * dA - 2.0 * fw[_HV, j] * dA * dB + fw[_HW, j] * dB * dB
             p = N_FULL
-            while p > 0 and q < c_e[p - 1]:
+            while p > 0 and q < fw[_CE, p - 1]:
                 p -= 1
             if p < N_FULL:
                 for r in range(N_FULL - 1, p, -1):
-                    c_d[r], c_dm[r], c_e[r] = c_d[r - 1], c_dm[r - 1], c_e[r - 1]
-                c_d[p], c_dm[p], c_e[p] = dk, dmk, q
+                    fw[_CD, r], fw[_CDM, r], fw[_CE, r] = fw[_CD, r - 1], fw[_CDM, r - 1], fw[_CE, r - 1]
+                fw[_CD, p], fw[_CDM, p], fw[_CE, p] = dk, dmk, q
     best_e = math.inf
     bd = 0.0
     bdm = 0.0
     for r in range(N_FULL):
-        if c_e[r] == math.inf:
+        if fw[_CE, r] == math.inf:
             break
-        e = _eval_scales(kind, x, w, c_d[r], c_dm[r], a, b, tsc, tmn, tL, best_e)
+        e = _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, fw[_CD, r], fw[_CDM, r], fw, tsc, tmn, tL,
+                         best_e)
         if e < best_e:
-            best_e, bd, bdm = e, c_d[r], c_dm[r]
+            best_e, bd, bdm = e, fw[_CD, r], fw[_CDM, r]
     if best_e == math.inf:
         return
-    cur_e = _eval_scales(kind, x, w, bd, bdm, a, b, tsc, tmn, tL, math.inf)
+    cur_e = _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, bd, bdm, fw, tsc, tmn, tL, math.inf)
     for _ in range(N_REFINE):
         # each sub-block's integer scale and min: the 3x3 neighbours (3 without mins), with their best codes
         cur_e = 0.0
         for j in range(nsub):
             o = sublen * j
-            xs = x[o:o + sublen]
-            ws = w[o:o + sublen]
-            be = _kcodes(xs, ws, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL[o:o + sublen])
+            be = _kcodes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
             s0, m0 = tsc[j], tmn[j]
             for ds in range(-1, 2):
                 for dmi in range(-1 if has_min else 0, 2 if has_min else 1):
@@ -937,11 +928,12 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
                     m1 = m0 + dmi
                     if (ds == 0 and dmi == 0) or s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
                         continue
-                    e = _kcodes(xs, ws, qmax, qoff, bd * s1, bdm * m1, sL[o:o + sublen])
+                    e = _kcodes(x, w, o, sublen, qmax, qoff, bd * s1, bdm * m1, sL)
                     if e < be:
                         be = e
                         tsc[j], tmn[j] = s1, m1
-                        tL[o:o + sublen] = sL[o:o + sublen]
+                        for i in range(o, o + sublen):
+                            tL[i] = sL[i]
             cur_e += be
         # least squares for (d, dm) on these codes and integer scales: x ≈ d·u - dm·v, u = sc·(L - qoff), v = mn
         suu = 0.0
@@ -951,22 +943,19 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
         sxv = 0.0
         for j in range(nsub):
             o = sublen * j
-            xs = x[o:o + sublen]
-            ws = w[o:o + sublen]
-            ls = tL[o:o + sublen]
             s_ll = f32(0.0)
             s_l = f32(0.0)
             s_w = f32(0.0)
             s_xl = f32(0.0)
             s_x = f32(0.0)
-            for i in range(sublen):
-                li = ls[i] - fo
-                wl = ws[i] * li
+            for i in range(o, o + sublen):
+                li = tL[i] - fo
+                wl = w[i] * li
                 s_ll += wl * li
                 s_l += wl
-                s_w += ws[i]
-                s_xl += wl * xs[i]
-                s_x += ws[i] * xs[i]
+                s_w += w[i]
+                s_xl += wl * x[i]
+                s_x += w[i] * x[i]
             u = float(tsc[j])
             v = float(tmn[j])
             suu += u * u * s_ll
@@ -992,28 +981,31 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi, wc):
         e = 0.0
         for j in range(nsub):
             o = sublen * j
-            e += _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, nd * tsc[j], ndm * tmn[j], sL[o:o + sublen])
+            e += _kcodes(x, w, o, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], sL)
         if e < cur_e:
             bd, bdm, cur_e = nd, ndm, e
-            tL[:] = sL[:]
+            for i in range(nl):
+                tL[i] = sL[i]
         else:
             break
-    bd, bdm = _unshrink(kind, x, w, bd, bdm, tsc, tmn, tL)
+    bd, bdm = _unshrink(nsub, sublen, qmax, qoff, x, w, bd, bdm, tsc, tmn, tL)
     dd[0] = f32(bd)
     dd[1] = f32(bdm)
-    sc[:] = tsc
-    mn[:] = tmn
+    for j in range(nsub):
+        sc[j] = tsc[j]
+        mn[j] = tmn[j]
     for i in range(nl):
         L[i] = int(tL[i])
 
 
-@njit(cache=True, fastmath=FAST)
-def _unshrink(kind, x, w, d, dm, sc, mn, L):
+@njit(inline="always", fastmath=FAST)
+def _unshrink(nsub, sublen, qmax, qoff, x, w, d, dm, sc, mn, L):
     """Scale (d, dm) so that the block is not shrunk along x: sum w·x̂·x = sum w·x² (least squares leaves
     x̂ ⟂ error, i.e. x̂·x = (1 - relerr²)·x·x: every output shrinks coherently). Scaling the least-squares
     (d, dm) is the least-squares fit under that constraint. Codes L [bs] f32 re-fitted to the f16 scales;
     returns (d, dm)."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
+    if sublen <= 0 or nsub <= 0:
+        return d, dm
     fo = f32(qoff)
     sxx32 = f32(0.0)
     for i in range(x.shape[0]):
@@ -1023,14 +1015,11 @@ def _unshrink(kind, x, w, d, dm, sc, mn, L):
         sxy = 0.0
         for j in range(nsub):
             o = sublen * j
-            xs = x[o:o + sublen]
-            ws = w[o:o + sublen]
-            ls = L[o:o + sublen]
             s_xl = f32(0.0)
             s_x = f32(0.0)
-            for i in range(sublen):
-                wx = ws[i] * xs[i]
-                s_xl += wx * (ls[i] - fo)
+            for i in range(o, o + sublen):
+                wx = w[i] * x[i]
+                s_xl += wx * (L[i] - fo)
                 s_x += wx
             sxy += d * sc[j] * float(s_xl) - dm * mn[j] * float(s_x)
         if sxy <= 0.0 or sxx <= 0.0:
@@ -1043,8 +1032,22 @@ def _unshrink(kind, x, w, d, dm, sc, mn, L):
         d, dm = nd, ndm
         for j in range(nsub):
             o = sublen * j
-            _kcodes(x[o:o + sublen], w[o:o + sublen], qmax, qoff, d * sc[j], dm * mn[j], L[o:o + sublen])
+            _kcodes(x, w, o, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
     return d, dm
+
+
+def _ours_k_for(name: str):
+    """_ours_k compiled for one K type, its layout and NGRID as constants."""
+    nsub, sublen, qmax, qoff, slo, shi, has_min = (int(v) for v in LAYOUT[KIND[name], :7])
+    ngrid = NGRID[name]
+
+    @njit(cache=True, fastmath=FAST)
+    def ours(x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
+        _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
+    return ours
+
+
+_ours_q2_k, _ours_q3_k, _ours_q4_k, _ours_q5_k, _ours_q6_k = (_ours_k_for(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1230,7 +1233,7 @@ def _pack(kind, dd, sc, mn, L, out):
 # ---------------------------------------------------------------- the driver
 
 @njit(cache=True, parallel=True)
-def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
+def quantize_rows(kind, x, imp, has_imp, search, out):
     """x [R, C] float32 -> out [R, C/bs*type_size] uint8; imp [C] float32 (used when has_imp).
 
     search False: llama.cpp's quantizer (the port) alone; True: per block the better of it and ours.
@@ -1251,9 +1254,11 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
         w32 = np.ones(bs, f32)
-        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D)
-        wi = np.empty(2 * nsub, np.int64)
-        wc = np.empty(2 * bs, f32)
+        fw = np.empty((FW_ROWS, FW_COLS))
+        tsc = np.empty(nsub, np.int64)
+        tmn = np.empty(nsub, np.int64)
+        tL = np.empty(bs, f32)
+        sL = np.empty(bs, f32)
         xr = x[r]
         sigma2 = f32(0.0)
         if has_imp:
@@ -1273,8 +1278,16 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
                 sc2[:] = sc
                 mn2[:] = mn
                 L2[:] = L
-                if bs == QK_K:
-                    _ours_k(kind, xb, w32, dd2, sc2, mn2, L2, fa, fb, ngrid, wf, wi, wc)
+                if kind == Q2_K:
+                    _ours_q2_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q3_K:
+                    _ours_q3_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q4_K:
+                    _ours_q4_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q5_K:
+                    _ours_q5_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q6_K:
+                    _ours_q6_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 else:
                     _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
@@ -1296,5 +1309,5 @@ def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = No
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)
     imp = np.ones(x.shape[1], np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-    quantize_rows(kind, x, imp, importance is not None, search, NGRID.get(name, 0), out)
+    quantize_rows(kind, x, imp, importance is not None, search, out)
     return out
