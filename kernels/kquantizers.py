@@ -118,6 +118,8 @@ def _ni(v) -> int:
 @njit(cache=True)
 def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
     """make_qx_quants: symmetric codes L = nmax + clamp(l, -nmax, nmax-1); returns the scale."""
+    if rmse_type == 1:
+        return _make_qx(x, 0, n, nmax, L, qw, has_qw, np.empty((3, NQX), f32))
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
@@ -130,14 +132,38 @@ def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
             L[i] = 0
         return f32(0.0)
     iscale = f32(-nmax) / mx
-    if rmse_type == 0:
-        for i in range(n):
-            l = _ni(iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
-        return f32(1.0) / iscale
+    for i in range(n):
+        l = _ni(iscale * x[i])
+        L[i] = nmax + max(-nmax, min(nmax - 1, l))
+    return f32(1.0) / iscale
+
+
+NQX = 18          # make_qx_quants' trial scales: -(nmax + 0.1·s)/max, s = -9..9 but 0
+
+
+@njit(cache=True)
+def _make_qx(x, o, n, nmax, L, qw, has_qw, tw):
+    """make_qx_quants with rmse_type 1 on x[o:o+n] (weights qw[o:o+n], or x²), codes into L[o:o+n]; returns
+    the scale. Its 18 trial scales are independent: they run side by side (lanes of tw), each
+    trial's sums in llama.cpp's order over i, then llama.cpp's sequential choice among them. tw [3, NQX] f32."""
+    if o < 0 or n <= 0:                           # offsets >= 0: no index wrap-around
+        return f32(0.0)
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(o, o + n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(o, o + n):
+            L[i] = 0
+        return f32(0.0)
+    fmax = f32(nmax)
+    iscale = f32(-nmax) / mx
     sumlx = f32(0.0)
     suml2 = f32(0.0)
-    for i in range(n):
+    for i in range(o, o + n):
         l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
         L[i] = l + nmax
         w = qw[i] if has_qw else x[i] * x[i]
@@ -146,22 +172,29 @@ def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
         suml2 += w * fl * fl
     scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
     best = scale * sumlx
-    for s in range(-9, 10):
-        if s == 0:
-            continue
-        iscale = -(f32(nmax) + f32(0.1) * f32(s)) / mx
-        sumlx = f32(0.0)
-        suml2 = f32(0.0)
-        for i in range(n):
-            fl = f32(max(-nmax, min(nmax - 1, _ni(iscale * x[i]))))
-            w = qw[i] if has_qw else x[i] * x[i]
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
+    for t in range(NQX):
+        s = t - 9 if t < 9 else t - 8
+        tw[0, t] = f32(0.0)
+        tw[1, t] = f32(0.0)
+        tw[2, t] = -(fmax + f32(0.1) * f32(s)) / mx
+    for i in range(o, o + n):
+        xi = x[i]
+        w = qw[i] if has_qw else xi * xi
+        wx = w * xi
+        for t in range(NQX):
+            fl = max(-fmax, min(fmax - f32(1.0), np.rint(tw[2, t] * xi)))
+            tw[0, t] += wx * fl
+            tw[1, t] += w * fl * fl
+    bt = -1
+    for t in range(NQX):
+        if tw[1, t] > 0 and tw[0, t] * tw[0, t] > best * tw[1, t]:
+            scale = tw[0, t] / tw[1, t]
+            best = scale * tw[0, t]
+            bt = t
+    if bt >= 0:
+        iscale = tw[2, bt]
+        for i in range(o, o + n):
+            L[i] = nmax + max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
     return scale
 
 
@@ -534,14 +567,13 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
 
 
 @njit(cache=True)
-def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
+def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
     mn[:] = 0
     dd[1] = f32(0.0)
     max_scale = f32(0.0)
     max_abs = f32(0.0)
     for j in range(16):
-        s = _make_qx_quants(16, 32, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1,
-                            qw[16 * j:16 * j + 16], has_qw)
+        s = _make_qx(x, 16 * j, 16, 32, L, qw, has_qw, tw)
         fa[j] = s
         fb[j] = f32(0.0)
         if abs(s) > max_abs:
@@ -626,8 +658,9 @@ def _trunc8(v) -> int:
 
 
 @njit(cache=True)
-def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb):
-    """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation."""
+def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb, tw):
+    """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation.
+    tw [3, NQX] f32 is scratch."""
     if kind == Q2_K:
         _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
     elif kind == Q3_K:
@@ -637,7 +670,7 @@ def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb):
     elif kind == Q5_K:
         _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31)
     elif kind == Q6_K:
-        _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+        _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     else:
         _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb)
 
@@ -1254,6 +1287,7 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
         w32 = np.ones(bs, f32)
+        tw = np.empty((3, NQX), f32)
         fw = np.empty((FW_ROWS, FW_COLS))
         tsc = np.empty(nsub, np.int64)
         tmn = np.empty(nsub, np.int64)
@@ -1268,7 +1302,7 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         for b in range(nb):
             xb = xr[b * bs:(b + 1) * bs]
             qb = imp[b * bs:(b + 1) * bs]
-            port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb)
+            port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb, tw)
             if search:
                 if has_imp:
                     for i in range(bs):
