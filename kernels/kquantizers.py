@@ -247,68 +247,123 @@ def _make_q3_quants(n, nmax, x, L):
 @njit(cache=True)
 def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
     """make_qkx2_quants (v3 False) / make_qkx3_quants (v3 True): codes 0..nmax; returns (scale, -min)."""
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
+    return _make_qkx_at(x, 0, n, nmax, weights, 0, L, rmin, rdelta, nstep, use_mad, v3, np.empty((8, NTRIAL), f32))
+
+
+NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
+
+
+@njit(inline="always")
+def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3, tw):
+    """_make_qkx on x[o:o+n], weights[wo:wo+n], codes into L[o:o+n]; tw [8, NTRIAL] f32 scratch.
+
+    llama.cpp tries nstep + 1 scales in turn, and a trial that wins moves the min the later ones start from.
+    Here the trials from the current min run side by side (lanes of tw), each one's float32 sums in llama.cpp's
+    order over i; walking them in order, the first that wins is taken and the trials after it rerun from its
+    min. So every trial sees llama.cpp's min and its arithmetic: the same bits."""
+    nl = (nstep + 8) // 8 * 8                       # lanes: the trials, padded to whole vectors
+    if o < 0 or wo < 0 or n <= 0 or nstep < 0 or nl > NTRIAL:  # offsets >= 0: no index wrap-around
+        return f32(0.0), f32(0.0)
+    mn = x[o]
+    mx = x[o]
+    sum_w = weights[wo]
+    sum_x = sum_w * x[o]
     for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
+        xi = x[o + i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        w = weights[wo + i]
         sum_w += w
-        sum_x += w * x[i]
+        sum_x += w * xi
     if mn > 0:
         mn = f32(0.0)
     if (mx <= mn) if v3 else (mx == mn):
-        for i in range(n):
+        for i in range(o, o + n):
             L[i] = 0
         return f32(0.0), -mn
-    iscale = f32(nmax) / (mx - mn)
+    fmax = f32(nmax)
+    iscale = fmax / (mx - mn)
     scale = f32(1.0) / iscale
     best_error = f32(0.0)
     for i in range(n):
-        l = _ni(iscale * (x[i] - mn))
-        L[i] = max(0, min(nmax, l))
-        diff = scale * f32(L[i]) + mn - x[i]
+        l = _ni(iscale * (x[o + i] - mn))
+        L[o + i] = max(0, min(nmax, l))
+        diff = scale * f32(L[o + i]) + mn - x[o + i]
         diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    for s in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(s) + f32(nmax)) / (mx - mn)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
+        best_error += weights[wo + i] * diff
+    ISC, SL, SL2, SXL, TSC, TMN, CUR, OK = 0, 1, 2, 3, 4, 5, 6, 7
+    win_isc = f32(0.0)                               # the last winner's scale and the min its codes came from
+    win_mn = f32(0.0)
+    won_any = False
+    s0 = 0
+    while s0 <= nstep:
+        for t in range(nl):                        # all lanes (a loop of known length); only s0..nstep are used
+            tw[ISC, t] = (rmin + rdelta * f32(t) + fmax) / (mx - mn)
+            tw[SL, t] = f32(0.0)
+            tw[SL2, t] = f32(0.0)
+            tw[SXL, t] = f32(0.0)
+            tw[CUR, t] = f32(0.0)
         for i in range(n):
-            if v3:
-                v = iscale * (x[i] - mn)
-                l = _ni(min(v, f32(nmax))) if v > 0 else 0
-            else:
-                l = max(0, min(nmax, _ni(iscale * (x[i] - mn))))
-            Laux[i] = l
-            w = weights[i]
-            fl = f32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            xi = x[o + i]
+            xm = xi - mn
+            w = weights[wo + i]
+            for t in range(nl):
+                v = tw[ISC, t] * xm
+                if v3:
+                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
+                else:
+                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                wl = w * fl
+                tw[SL, t] += wl
+                tw[SL2, t] += wl * fl
+                tw[SXL, t] += wl * xi
+        for t in range(nl):
+            sl, sl2, sxl = tw[SL, t], tw[SL2, t], tw[SXL, t]
+            D = sum_w * sl2 - sl * sl
+            tw[OK, t] = f32(1.0) if D > 0 else f32(0.0)
+            this_scale = (sum_w * sxl - sum_x * sl) / D if D > 0 else f32(0.0)
+            this_min = (sl2 * sum_x - sl * sxl) / D if D > 0 else f32(0.0)
             if this_min > 0:
                 this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur = f32(0.0)
-            for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                this_scale = sxl / sl2
+            tw[TSC, t] = this_scale
+            tw[TMN, t] = this_min
+        for i in range(n):
+            xi = x[o + i]
+            xm = xi - mn
+            w = weights[wo + i]
+            for t in range(nl):
+                v = tw[ISC, t] * xm
+                if v3:
+                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
+                else:
+                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                diff = tw[TSC, t] * fl + tw[TMN, t] - xi
                 diff = abs(diff) if use_mad else diff * diff
-                cur += weights[i] * diff
-            if cur < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur
-                scale = this_scale
-                mn = this_min
+                tw[CUR, t] += w * diff
+        won = -1
+        for t in range(s0, nstep + 1):
+            if tw[OK, t] > 0 and tw[CUR, t] < best_error:
+                won = t
+                break
+        if won < 0:
+            break
+        best_error = tw[CUR, won]
+        scale = tw[TSC, won]
+        win_isc = tw[ISC, won]
+        win_mn = mn
+        won_any = True
+        mn = tw[TMN, won]
+        s0 = won + 1
+    if won_any:
+        for i in range(n):
+            v = win_isc * (x[o + i] - win_mn)
+            if v3:
+                L[o + i] = _ni(min(v, fmax)) if v > 0 else 0
+            else:
+                L[o + i] = max(0, min(nmax, _ni(v)))
     return scale, -mn
 
 
@@ -401,8 +456,7 @@ def _requant_sym(x, sublen, nsub, qoff, dd, sc, L):
 
 
 @njit(cache=True)
-def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
-    Laux = np.empty(16, np.int64)
+def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
     wt = np.empty(16, f32)
     if not has_qw:                                   # quantize_row_q2_K_ref
         max_scale = f32(0.0)
@@ -410,8 +464,7 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
         for j in range(16):
             for l in range(16):
                 wt[l] = abs(x[16 * j + l])
-            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
-                             f32(-0.5), f32(0.1), 15, True, False)
+            s, m = _make_qkx_at(x, 16 * j, 16, 3, wt, 0, L, f32(-0.5), f32(0.1), 15, True, False, tw)
             fa[j] = s
             fb[j] = m
             max_scale = max(max_scale, s)
@@ -443,8 +496,7 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
             for l in range(16):
                 sw[j] += wt[l]
-            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
-                             f32(-0.9), f32(0.05), 36, False, True)
+            s, m = _make_qkx_at(x, 16 * j, 16, 3, wt, 0, L, f32(-0.9), f32(0.05), 36, False, True, tw)
             fa[j] = s
             fb[j] = m
         Ls = np.empty(16, np.int64)
@@ -506,9 +558,8 @@ def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
 
 
 @njit(cache=True)
-def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
+def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax, tw):
     """Q4_K (nmax 15) and Q5_K (nmax 31), ref and impl."""
-    Laux = np.empty(32, np.int64)
     wt = np.empty(32, f32)
     if not has_qw:
         max_scale = f32(0.0)
@@ -521,11 +572,9 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
             for l in range(32):
                 wt[l] = av_x + abs(x[32 * j + l])
             if nmax == 15:
-                s, m = _make_qkx(32, 15, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                                 f32(-1.0), f32(0.1), 20, False, False)
+                s, m = _make_qkx_at(x, 32 * j, 32, 15, wt, 0, L, f32(-1.0), f32(0.1), 20, False, False, tw)
             else:
-                s, m = _make_qkx(32, 31, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                                 f32(-0.5), f32(0.1), 15, False, False)
+                s, m = _make_qkx_at(x, 32 * j, 32, 31, wt, 0, L, f32(-0.5), f32(0.1), 15, False, False, tw)
             fa[j] = s
             fb[j] = m
             max_scale = max(max_scale, s)
@@ -552,8 +601,7 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
             for l in range(32):
                 sumw += wt[l]
             sw[j] = sumw
-            s, m = _make_qkx(32, nmax, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                             f32(-0.9), f32(0.05), 36, False, True)
+            s, m = _make_qkx_at(x, 32 * j, 32, nmax, wt, 0, L, f32(-0.9), f32(0.05), 36, False, True, tw)
             fa[j] = s
             fb[j] = m
         d_block = _make_qp_quants(8, 63, fa, Ls, sw)
@@ -660,15 +708,15 @@ def _trunc8(v) -> int:
 @njit(cache=True)
 def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb, tw):
     """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation.
-    tw [3, NQX] f32 is scratch."""
+    tw [8, NTRIAL] f32 is scratch."""
     if kind == Q2_K:
-        _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+        _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     elif kind == Q3_K:
         _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
     elif kind == Q4_K:
-        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 15)
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 15, tw)
     elif kind == Q5_K:
-        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31)
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31, tw)
     elif kind == Q6_K:
         _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     else:
@@ -1287,7 +1335,7 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
         w32 = np.ones(bs, f32)
-        tw = np.empty((3, NQX), f32)
+        tw = np.empty((8, NTRIAL), f32)
         fw = np.empty((FW_ROWS, FW_COLS))
         tsc = np.empty(nsub, np.int64)
         tmn = np.empty(nsub, np.int64)
