@@ -29,13 +29,16 @@ from numba import njit, prange
 f32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)
-# candidate scales per sub-block in our search, by type: 11 gained under 0.1 % RMSE over these (0.14 % on Q6_K
-# over 7) at 20-45 % more time (RESULTS.md, Quantizer)
+# Our sub-block fits, by type: NGRID candidate scales, N_OFF offsets of the lowest value tried per scale (types
+# with mins), NIT rounds of codes then least squares from each of the N_KEEP best starts. NGRID 11 gained under
+# 0.1 % RMSE over these (0.14 % on Q6_K over 7) at 20-45 % more time (RESULTS.md, Quantizer); Q2_K's N_OFF 2 and
+# NIT 1 cost it 0.05 % of its 9.3 % RMSE reduction, Q6_K's NIT 1, N_KEEP 2 0.04 % of its 5.4 % and Q3_K's NIT 1
+# 0.01 % of its 3.8 %, for 8-25 % of their time (gaussian 128 x 4096): the time they lacked of half llama.cpp's speed.
 NGRID = {"q2_k": 5, "q3_k": 5, "q4_k": 5, "q5_k": 5, "q6_k": 7}
-T_LO, T_HI = -1.0, 1.5     # their range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
-N_OFF = 4                  # offsets of the lowest value tried per scale (types with mins)
-NIT = 2                    # rounds of codes then least squares from each of the N_KEEP best starts
-N_KEEP = 3
+N_OFF = {"q2_k": 2, "q3_k": 1, "q4_k": 4, "q5_k": 4, "q6_k": 1}
+NIT = {"q2_k": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 1}
+N_KEEP = {"q2_k": 3, "q3_k": 3, "q4_k": 3, "q5_k": 3, "q6_k": 2}
+T_LO, T_HI = -1.0, 1.5     # the candidate scales' range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
 N_D, D_STEP = 9, 0.25      # super-block scale candidates: the largest sub-block scale maps to 63, 62.75, ...
 N_FULL = 3                 # of the (d, dmin) pairs ranked by the quadratic model, how many are evaluated
 N_UNSHRINK = 2             # rounds of scaling (d, dmin) against the shrink along x, then codes
@@ -764,7 +767,7 @@ def _codes(x, w, o, n, qmax, qoff, dl, m, L):
 # rows of the search's float64 scratch fw [FW_ROWS, FW_COLS]: per sub-block fits a, b and sums of their codes;
 # (d, dmin) candidates and their ranks; dmin values; _fit_sub's kept starts
 _A, _B, _HVV, _HV, _HW, _CD, _CDM, _CE, _CDMK, _KA, _KB, _KE = range(12)
-FW_ROWS, FW_COLS = 12, max(16, N_KEEP, N_FULL, N_D)
+FW_ROWS, FW_COLS = 12, max(16, *N_KEEP.values(), N_FULL, N_D)
 
 # The search's functions are inlined (Numba IR) into one compiled search per type (_ours_k_for), which passes the
 # type's layout as constants: loops of known length (16 or 32) vectorise whole; on runtime lengths they ran
@@ -798,11 +801,11 @@ def _kcodes(x, w, o, n, qmax, qoff, dl, m, L):
 
 
 @njit(inline="always", fastmath=FAST)
-def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, fw):
+def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, noff, nit, nkeep, fw):
     """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
     weighted squared error; x[o:o+n], w f32. Starts: llama.cpp's fit, and ngrid scales over the range (the
-    extreme mapped to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a
-    step); one round of codes then least squares from each, NIT more from the N_KEEP best (rows _KA, _KB, _KE
+    extreme mapped to qmax + T_LO .. qmax + T_HI) times noff offsets of the lowest value (-0.5 .. 0.5 of a
+    step; 1 without mins); one round of codes then least squares from each, nit more from the nkeep best (rows _KA, _KB, _KE
     of the scratch fw). Returns (a, b, error); L[o:o+n] f32 holds the codes."""
     if o < 0 or n <= 0:
         return float(a), float(b), 0.0
@@ -825,16 +828,15 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, fw):
     if vmax == 0.0:
         _kcodes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
         return 0.0, 0.0, 0.0
-    # one round from every start; NIT rounds more from the N_KEEP best
-    for q in range(N_KEEP):
+    # one round from every start; nit rounds more from the nkeep best
+    for q in range(nkeep):
         fw[_KE, q] = math.inf
     best_e = math.inf
     best_a, best_b = float(a), float(b)
-    noff = N_OFF if has_min else 1
     nstart = 1 + ngrid * noff
     fq = f32(qmax)
     fo = f32(qoff)
-    for k in range(nstart + N_KEEP):
+    for k in range(nstart + nkeep):
         if k == 0:                                    # llama.cpp's own fit
             ca, cb = float(a), float(b)
         elif k < nstart:
@@ -852,7 +854,7 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, fw):
             if fw[_KE, k - nstart] == math.inf:
                 continue
             ca, cb = fw[_KA, k - nstart], fw[_KB, k - nstart]
-        for _it in range(1 if k < nstart else NIT):
+        for _it in range(1 if k < nstart else nit):
             if ca == 0.0 or not math.isfinite(ca):
                 break
             inv = f32(1.0 / ca)
@@ -887,12 +889,12 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, fw):
             e = sxx - 2.0 * na * sxv + 2.0 * nb * sx + na * na * svv - 2.0 * na * nb * sv + nb * nb * sw
             if e < best_e:
                 best_e, best_a, best_b = e, na, nb
-            if k < nstart:                            # keep the N_KEEP best starts (sorted)
-                p = N_KEEP
+            if k < nstart:                            # keep the nkeep best starts (sorted)
+                p = nkeep
                 while p > 0 and e < fw[_KE, p - 1]:
                     p -= 1
-                if p < N_KEEP:
-                    for q in range(N_KEEP - 1, p, -1):
+                if p < nkeep:
+                    for q in range(nkeep - 1, p, -1):
                         fw[_KA, q], fw[_KB, q], fw[_KE, q] = fw[_KA, q - 1], fw[_KB, q - 1], fw[_KE, q - 1]
                     fw[_KA, p], fw[_KB, p], fw[_KE, p] = na, nb, e
             ca, cb = na, nb
@@ -917,7 +919,7 @@ def _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, d, dm, fw, s
 
 
 @njit(inline="always", fastmath=FAST)
-def _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
+def _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
     Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours; w [bs] f32.
     Scratch (rows, not views: a view costs ~30 ns): fw float64 [FW_ROWS, FW_COLS], tsc, tmn int64 [nsub],
@@ -927,7 +929,8 @@ def _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, x, w, dd, sc, mn
         return
     for j in range(nsub):
         o = sublen * j
-        fw[_A, j], fw[_B, j], _ = _fit_sub(x, w, o, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), tL, ngrid, fw)
+        fw[_A, j], fw[_B, j], _ = _fit_sub(x, w, o, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), tL, ngrid, noff, nit,
+                                 nkeep, fw)
     amax = 0.0
     asg = 0.0
     bmax = 0.0
@@ -1118,13 +1121,13 @@ def _unshrink(nsub, sublen, qmax, qoff, x, w, d, dm, sc, mn, L):
 
 
 def _ours_k_for(name: str):
-    """_ours_k compiled for one K type, its layout and NGRID as constants."""
+    """_ours_k compiled for one K type, its layout and search settings as constants."""
     nsub, sublen, qmax, qoff, slo, shi, has_min = (int(v) for v in LAYOUT[KIND[name], :7])
-    ngrid = NGRID[name]
+    ngrid, noff, nit, nkeep = NGRID[name], N_OFF[name] if has_min else 1, NIT[name], N_KEEP[name]
 
     @njit(cache=True, fastmath=FAST)
     def ours(x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
-        _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
+        _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
     return ours
 
 
