@@ -202,48 +202,51 @@ def _make_qx(x, o, n, nmax, L, qw, has_qw, tw):
 
 
 @njit(cache=True)
-def _make_q3_quants(n, nmax, x, L):
-    """make_q3_quants with do_rmse (x²-weighted, greedy code changes): codes l + nmax; returns the scale."""
+def _make_q3_quants(x, o, n, nmax, L):
+    """make_q3_quants with do_rmse (x²-weighted, greedy code changes) on x[o:o+n]: codes l + nmax into L[o:o+n];
+    returns the scale."""
+    if o < 0 or n <= 0:                           # offsets >= 0: no index wrap-around
+        return f32(0.0)
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
-        ax = abs(x[i])
+        ax = abs(x[o + i])
         if ax > amax:
             amax = ax
-            mx = x[i]
+            mx = x[o + i]
     if amax < GROUP_MAX_EPS:
         for i in range(n):
-            L[i] = 0
+            L[o + i] = 0
         return f32(0.0)
     iscale = f32(-nmax) / mx
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
-        L[i] = l
-        w = x[i] * x[i]
-        sumlx += w * x[i] * f32(l)
+        l = max(-nmax, min(nmax - 1, _ni(iscale * x[o + i])))
+        L[o + i] = l
+        w = x[o + i] * x[o + i]
+        sumlx += w * x[o + i] * f32(l)
         suml2 += w * f32(l) * f32(l)
     for _ in range(5):
         n_changed = 0
         for i in range(n):
-            w = x[i] * x[i]
-            slx = sumlx - w * x[i] * f32(L[i])
+            w = x[o + i] * x[o + i]
+            slx = sumlx - w * x[o + i] * f32(L[o + i])
             if slx > 0:
-                sl2 = suml2 - w * f32(L[i]) * f32(L[i])
-                new_l = max(-nmax, min(nmax - 1, _ni(x[i] * sl2 / slx)))
-                if new_l != L[i]:
-                    slx += w * x[i] * f32(new_l)
+                sl2 = suml2 - w * f32(L[o + i]) * f32(L[o + i])
+                new_l = max(-nmax, min(nmax - 1, _ni(x[o + i] * sl2 / slx)))
+                if new_l != L[o + i]:
+                    slx += w * x[o + i] * f32(new_l)
                     sl2 += w * f32(new_l) * f32(new_l)
                     if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
+                        L[o + i] = new_l
                         sumlx = slx
                         suml2 = sl2
                         n_changed += 1
         if n_changed == 0:
             break
     for i in range(n):
-        L[i] += nmax
+        L[o + i] += nmax
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
@@ -478,7 +481,8 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
                 sc[j] = _ni(iscale * fa[j])
             dd[0] = _f16(max_scale / f32(15.0))
         else:
-            sc[:] = 0
+            for i_ in range(16):
+                sc[i_] = 0
             dd[0] = f32(0.0)
         if max_min > 0:
             iscale = f32(15.0) / max_min
@@ -486,7 +490,8 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
                 mn[j] = _ni(iscale * fb[j])
             dd[1] = _f16(max_min / f32(15.0))
         else:
-            mn[:] = 0
+            for i_ in range(16):
+                mn[i_] = 0
             dd[1] = f32(0.0)
     else:                                            # quantize_row_q2_K_impl
         sw = np.zeros(16, f32)
@@ -516,13 +521,14 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
 
 @njit(cache=True)
 def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
-    mn[:] = 0
+    for i_ in range(16):
+        mn[i_] = 0
     dd[1] = f32(0.0)
     if not has_qw:                                   # quantize_row_q3_K_ref
         max_scale = f32(0.0)
         amax = f32(0.0)
         for j in range(16):
-            s = _make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            s = _make_q3_quants(x, 16 * j, 16, 4, L)
             fa[j] = s
             if abs(s) > amax:
                 amax = abs(s)
@@ -533,7 +539,8 @@ def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 sc[j] = max(-32, min(31, _ni(iscale * fa[j])))
             dd[0] = _f16(f32(1.0) / iscale)
         else:
-            sc[:] = -32
+            for i_ in range(16):
+                sc[i_] = -32
             dd[0] = f32(0.0)
     else:                                            # quantize_row_q3_K_impl
         wt = np.empty(16, f32)
@@ -619,7 +626,8 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax, tw):
 
 @njit(cache=True)
 def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
-    mn[:] = 0
+    for i_ in range(16):
+        mn[i_] = 0
     dd[1] = f32(0.0)
     max_scale = f32(0.0)
     max_abs = f32(0.0)
@@ -632,8 +640,10 @@ def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
             max_scale = s
     if max_abs < GROUP_MAX_EPS:                     # llama.cpp zeroes the block: codes 0, scales 0
         dd[0] = f32(0.0)
-        sc[:] = 0
-        L[:] = 0
+        for i_ in range(16):
+            sc[i_] = 0
+        for i_ in range(256):
+            L[i_] = 0
         return
     iscale = f32(-128.0) / max_scale
     dd[0] = _f16(f32(1.0) / iscale)
@@ -1344,25 +1354,31 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         tmn = np.empty(nsub, np.int64)
         tL = np.empty(bs, f32)
         sL = np.empty(bs, f32)
-        xr = x[r]
+        # the block, its importance and its bytes in buffers of this row's own: a view of x, imp or out would
+        # count a reference on the shared array's header, an atomic both threads contend for (~10 % of the time)
+        xb = np.empty(bs, f32)
+        qb = np.empty(bs, f32)
+        ob = np.empty(tb, np.uint8)
         sigma2 = f32(0.0)
         if has_imp:
             for i in range(C):
-                sigma2 += xr[i] * xr[i]
+                sigma2 += x[r, i] * x[r, i]
             sigma2 = sigma2 / f32(C)
         for b in range(nb):
-            xb = xr[b * bs:(b + 1) * bs]
-            qb = imp[b * bs:(b + 1) * bs]
+            for i in range(bs):
+                xb[i] = x[r, b * bs + i]
+                qb[i] = imp[b * bs + i]
             port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb, tw)
             if search:
                 if has_imp:
                     for i in range(bs):
                         w[i] = qb[i]
                         w32[i] = qb[i]
-                dd2[:] = dd
-                sc2[:] = sc
-                mn2[:] = mn
-                L2[:] = L
+                dd2[0], dd2[1] = dd[0], dd[1]
+                for j in range(nsub):
+                    sc2[j], mn2[j] = sc[j], mn[j]
+                for i in range(bs):
+                    L2[i] = L[i]
                 if kind == Q2_K:
                     _ours_q2_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 elif kind == Q3_K:
@@ -1376,11 +1392,14 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
                 else:
                     _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
-                    dd[:] = dd2
-                    sc[:] = sc2
-                    mn[:] = mn2
-                    L[:] = L2
-            _pack(kind, dd, sc, mn, L, out[r, b * tb:(b + 1) * tb])
+                    dd[0], dd[1] = dd2[0], dd2[1]
+                    for j in range(nsub):
+                        sc[j], mn[j] = sc2[j], mn2[j]
+                    for i in range(bs):
+                        L[i] = L2[i]
+            _pack(kind, dd, sc, mn, L, ob)
+            for i in range(tb):
+                out[r, b * tb + i] = ob[i]
 
 
 def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
