@@ -780,8 +780,8 @@ _A, _B, _HVV, _HV, _HW, _CD, _CDM, _CE, _CDMK, _KA, _KB, _KE = range(12)
 FW_ROWS, FW_COLS = 12, max(16, *N_KEEP.values(), N_FULL, N_D)
 
 # The search's functions are inlined (Numba IR) into one compiled search per type (_ours_k_for), which passes the
-# type's layout as constants: loops of known length (16 or 32) vectorise whole; on runtime lengths they ran
-# their 4-wide remainder loops and took ~6x longer.
+# type's layout and settings as constants, all but the sub-block length: loops over a known 16 or 32 were unrolled
+# into scalar chains; on a runtime length (and offsets known >= 0) they vectorise.
 
 @njit(inline="always", fastmath=FAST)
 def _kcodes(x, w, o, n, qmax, qoff, dl, m, L):
@@ -1137,7 +1137,10 @@ def _ours_k_for(name: str):
 
     @njit(cache=True, fastmath=FAST)
     def ours(x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
-        _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
+        # the sub-block length as a runtime value: a known 16 or 32 is unrolled whole into scalar chains before
+        # the loop vectoriser sees it
+        sublen_ = x.shape[0] // nsub
+        _ours_k(nsub, sublen_, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
     return ours
 
 
