@@ -264,7 +264,7 @@ def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
 NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3, tw):
     """_make_qkx on x[o:o+n], weights[wo:wo+n], codes into L[o:o+n]; tw [8, NTRIAL] f32 scratch.
 
