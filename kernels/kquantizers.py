@@ -29,17 +29,25 @@ from numba import njit, prange
 f32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)
-# candidate scales per sub-block in our search, by type: 11 gained under 0.1 % RMSE over these (0.14 % on Q6_K
-# over 7) at 20-45 % more time (RESULTS.md, Quantizer)
+# Our sub-block fits, by type: NGRID candidate scales, N_OFF offsets of the lowest value tried per scale (types
+# with mins), NIT rounds of codes then least squares from each of the N_KEEP best starts. NGRID 11 gained under
+# 0.1 % RMSE over these (0.14 % on Q6_K over 7) at 20-45 % more time (RESULTS.md, Quantizer); Q2_K's N_OFF 2 and
+# NIT 1 cost it 0.05 % of its 9.3 % RMSE reduction, Q6_K's NIT 1, N_KEEP 2 0.04 % of its 5.4 % and Q3_K's NIT 1
+# 0.01 % of its 3.8 %, for 8-25 % of their time (gaussian 128 x 4096): the time they lacked of half llama.cpp's speed.
 NGRID = {"q2_k": 5, "q3_k": 5, "q4_k": 5, "q5_k": 5, "q6_k": 7}
-T_LO, T_HI = -1.0, 1.5     # their range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
-N_OFF = 4                  # offsets of the lowest value tried per scale (types with mins)
-NIT = 2                    # rounds of codes then least squares from each of the N_KEEP best starts
-N_KEEP = 3
-N_D, D_STEP = 9, 0.25      # super-block scale candidates: the largest sub-block scale maps to 63, 62.75, ...
-N_FULL = 3                 # of the (d, dmin) pairs ranked by the quadratic model, how many are evaluated
+N_OFF = {"q2_k": 2, "q3_k": 1, "q4_k": 4, "q5_k": 4, "q6_k": 1}
+NIT = {"q2_k": 1, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 1}
+N_KEEP = {"q2_k": 3, "q3_k": 3, "q4_k": 3, "q5_k": 3, "q6_k": 2}
+T_LO, T_HI = -1.0, 1.5     # the candidate scales' range: the sub-block's extreme maps to qmax + T_LO .. qmax + T_HI
+# Super-block scales, by type: N_D candidates (the largest sub-block scale maps to 63, 62.75, ...), of whose
+# (d, dmin) pairs ranked by the quadratic model N_FULL are evaluated, then N_REFINE rounds of integer-scale
+# neighbours and least-squares (d, dmin). Q3_K's 3, 2, 1 (from 9, 3, 2) cost 0.03 % of its 3.75 % RMSE reduction
+# and took it from 0.24 to 0.27 of llama.cpp's speed (`benchmarks.quantize speed`).
+N_D = {"q2_k": 9, "q3_k": 3, "q4_k": 9, "q5_k": 9, "q6_k": 9}
+N_FULL = {"q2_k": 3, "q3_k": 2, "q4_k": 3, "q5_k": 3, "q6_k": 3}
+N_REFINE = {"q2_k": 2, "q3_k": 1, "q4_k": 2, "q5_k": 2, "q6_k": 2}
+D_STEP = 0.25
 N_UNSHRINK = 2             # rounds of scaling (d, dmin) against the shrink along x, then codes
-N_REFINE = 2               # rounds of integer-scale neighbours and least-squares (d, dmin)
 # The search only ranks candidates: reductions may be reordered (vectorised); no assumption of finite values.
 FAST = {"reassoc", "contract"}
 F16_MAX = 65504.0
@@ -118,6 +126,8 @@ def _ni(v) -> int:
 @njit(cache=True)
 def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
     """make_qx_quants: symmetric codes L = nmax + clamp(l, -nmax, nmax-1); returns the scale."""
+    if rmse_type == 1:
+        return _make_qx(x, 0, n, nmax, L, qw, has_qw, np.empty((3, NQX), f32))
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
@@ -130,14 +140,38 @@ def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
             L[i] = 0
         return f32(0.0)
     iscale = f32(-nmax) / mx
-    if rmse_type == 0:
-        for i in range(n):
-            l = _ni(iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
-        return f32(1.0) / iscale
+    for i in range(n):
+        l = _ni(iscale * x[i])
+        L[i] = nmax + max(-nmax, min(nmax - 1, l))
+    return f32(1.0) / iscale
+
+
+NQX = 18          # make_qx_quants' trial scales: -(nmax + 0.1·s)/max, s = -9..9 but 0
+
+
+@njit(cache=True)
+def _make_qx(x, o, n, nmax, L, qw, has_qw, tw):
+    """make_qx_quants with rmse_type 1 on x[o:o+n] (weights qw[o:o+n], or x²), codes into L[o:o+n]; returns
+    the scale. Its 18 trial scales are independent: they run side by side (lanes of tw), each
+    trial's sums in llama.cpp's order over i, then llama.cpp's sequential choice among them. tw [3, NQX] f32."""
+    if o < 0 or n <= 0:                           # offsets >= 0: no index wrap-around
+        return f32(0.0)
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(o, o + n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(o, o + n):
+            L[i] = 0
+        return f32(0.0)
+    fmax = f32(nmax)
+    iscale = f32(-nmax) / mx
     sumlx = f32(0.0)
     suml2 = f32(0.0)
-    for i in range(n):
+    for i in range(o, o + n):
         l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
         L[i] = l + nmax
         w = qw[i] if has_qw else x[i] * x[i]
@@ -146,136 +180,201 @@ def _make_qx_quants(n, nmax, x, L, rmse_type, qw, has_qw):
         suml2 += w * fl * fl
     scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
     best = scale * sumlx
-    for s in range(-9, 10):
-        if s == 0:
-            continue
-        iscale = -(f32(nmax) + f32(0.1) * f32(s)) / mx
-        sumlx = f32(0.0)
-        suml2 = f32(0.0)
-        for i in range(n):
-            fl = f32(max(-nmax, min(nmax - 1, _ni(iscale * x[i]))))
-            w = qw[i] if has_qw else x[i] * x[i]
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
+    for t in range(NQX):
+        s = t - 9 if t < 9 else t - 8
+        tw[0, t] = f32(0.0)
+        tw[1, t] = f32(0.0)
+        tw[2, t] = -(fmax + f32(0.1) * f32(s)) / mx
+    for i in range(o, o + n):
+        xi = x[i]
+        w = qw[i] if has_qw else xi * xi
+        wx = w * xi
+        for t in range(NQX):
+            fl = max(-fmax, min(fmax - f32(1.0), np.rint(tw[2, t] * xi)))
+            tw[0, t] += wx * fl
+            tw[1, t] += w * fl * fl
+    bt = -1
+    for t in range(NQX):
+        if tw[1, t] > 0 and tw[0, t] * tw[0, t] > best * tw[1, t]:
+            scale = tw[0, t] / tw[1, t]
+            best = scale * tw[0, t]
+            bt = t
+    if bt >= 0:
+        iscale = tw[2, bt]
+        for i in range(o, o + n):
+            L[i] = nmax + max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
     return scale
 
 
 @njit(cache=True)
-def _make_q3_quants(n, nmax, x, L):
-    """make_q3_quants with do_rmse (x²-weighted, greedy code changes): codes l + nmax; returns the scale."""
+def _make_q3_quants(x, o, n, nmax, L):
+    """make_q3_quants with do_rmse (x²-weighted, greedy code changes) on x[o:o+n]: codes l + nmax into L[o:o+n];
+    returns the scale."""
+    if o < 0 or n <= 0:                           # offsets >= 0: no index wrap-around
+        return f32(0.0)
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
-        ax = abs(x[i])
+        ax = abs(x[o + i])
         if ax > amax:
             amax = ax
-            mx = x[i]
+            mx = x[o + i]
     if amax < GROUP_MAX_EPS:
         for i in range(n):
-            L[i] = 0
+            L[o + i] = 0
         return f32(0.0)
     iscale = f32(-nmax) / mx
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, _ni(iscale * x[i])))
-        L[i] = l
-        w = x[i] * x[i]
-        sumlx += w * x[i] * f32(l)
+        l = max(-nmax, min(nmax - 1, _ni(iscale * x[o + i])))
+        L[o + i] = l
+        w = x[o + i] * x[o + i]
+        sumlx += w * x[o + i] * f32(l)
         suml2 += w * f32(l) * f32(l)
     for _ in range(5):
         n_changed = 0
         for i in range(n):
-            w = x[i] * x[i]
-            slx = sumlx - w * x[i] * f32(L[i])
+            w = x[o + i] * x[o + i]
+            slx = sumlx - w * x[o + i] * f32(L[o + i])
             if slx > 0:
-                sl2 = suml2 - w * f32(L[i]) * f32(L[i])
-                new_l = max(-nmax, min(nmax - 1, _ni(x[i] * sl2 / slx)))
-                if new_l != L[i]:
-                    slx += w * x[i] * f32(new_l)
+                sl2 = suml2 - w * f32(L[o + i]) * f32(L[o + i])
+                new_l = max(-nmax, min(nmax - 1, _ni(x[o + i] * sl2 / slx)))
+                if new_l != L[o + i]:
+                    slx += w * x[o + i] * f32(new_l)
                     sl2 += w * f32(new_l) * f32(new_l)
                     if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
+                        L[o + i] = new_l
                         sumlx = slx
                         suml2 = sl2
                         n_changed += 1
         if n_changed == 0:
             break
     for i in range(n):
-        L[i] += nmax
+        L[o + i] += nmax
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
 @njit(cache=True)
 def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
     """make_qkx2_quants (v3 False) / make_qkx3_quants (v3 True): codes 0..nmax; returns (scale, -min)."""
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
+    return _make_qkx_at(x, 0, n, nmax, weights, 0, L, rmin, rdelta, nstep, use_mad, v3, np.empty((8, NTRIAL), f32))
+
+
+NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
+
+
+@njit(cache=True)
+def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3, tw):
+    """_make_qkx on x[o:o+n], weights[wo:wo+n], codes into L[o:o+n]; tw [8, NTRIAL] f32 scratch.
+
+    llama.cpp tries nstep + 1 scales in turn, and a trial that wins moves the min the later ones start from.
+    Here the trials from the current min run side by side (lanes of tw), each one's float32 sums in llama.cpp's
+    order over i; walking them in order, the first that wins is taken and the trials after it rerun from its
+    min. So every trial sees llama.cpp's min and its arithmetic: the same bits."""
+    nl = (nstep + 8) // 8 * 8                       # lanes: the trials, padded to whole vectors
+    if o < 0 or wo < 0 or n <= 0 or nstep < 0 or nl > NTRIAL:  # offsets >= 0: no index wrap-around
+        return f32(0.0), f32(0.0)
+    mn = x[o]
+    mx = x[o]
+    sum_w = weights[wo]
+    sum_x = sum_w * x[o]
     for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
+        xi = x[o + i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        w = weights[wo + i]
         sum_w += w
-        sum_x += w * x[i]
+        sum_x += w * xi
     if mn > 0:
         mn = f32(0.0)
     if (mx <= mn) if v3 else (mx == mn):
-        for i in range(n):
+        for i in range(o, o + n):
             L[i] = 0
         return f32(0.0), -mn
-    iscale = f32(nmax) / (mx - mn)
+    fmax = f32(nmax)
+    iscale = fmax / (mx - mn)
     scale = f32(1.0) / iscale
     best_error = f32(0.0)
     for i in range(n):
-        l = _ni(iscale * (x[i] - mn))
-        L[i] = max(0, min(nmax, l))
-        diff = scale * f32(L[i]) + mn - x[i]
+        l = _ni(iscale * (x[o + i] - mn))
+        L[o + i] = max(0, min(nmax, l))
+        diff = scale * f32(L[o + i]) + mn - x[o + i]
         diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    for s in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(s) + f32(nmax)) / (mx - mn)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
+        best_error += weights[wo + i] * diff
+    ISC, SL, SL2, SXL, TSC, TMN, CUR, OK = 0, 1, 2, 3, 4, 5, 6, 7
+    win_isc = f32(0.0)                               # the last winner's scale and the min its codes came from
+    win_mn = f32(0.0)
+    won_any = False
+    s0 = 0
+    while s0 <= nstep:
+        for t in range(nl):                        # all lanes (a loop of known length); only s0..nstep are used
+            tw[ISC, t] = (rmin + rdelta * f32(t) + fmax) / (mx - mn)
+            tw[SL, t] = f32(0.0)
+            tw[SL2, t] = f32(0.0)
+            tw[SXL, t] = f32(0.0)
+            tw[CUR, t] = f32(0.0)
         for i in range(n):
-            if v3:
-                v = iscale * (x[i] - mn)
-                l = _ni(min(v, f32(nmax))) if v > 0 else 0
-            else:
-                l = max(0, min(nmax, _ni(iscale * (x[i] - mn))))
-            Laux[i] = l
-            w = weights[i]
-            fl = f32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            xi = x[o + i]
+            xm = xi - mn
+            w = weights[wo + i]
+            for t in range(nl):
+                v = tw[ISC, t] * xm
+                if v3:
+                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
+                else:
+                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                wl = w * fl
+                tw[SL, t] += wl
+                tw[SL2, t] += wl * fl
+                tw[SXL, t] += wl * xi
+        for t in range(nl):
+            sl, sl2, sxl = tw[SL, t], tw[SL2, t], tw[SXL, t]
+            D = sum_w * sl2 - sl * sl
+            tw[OK, t] = f32(1.0) if D > 0 else f32(0.0)
+            this_scale = (sum_w * sxl - sum_x * sl) / D if D > 0 else f32(0.0)
+            this_min = (sl2 * sum_x - sl * sxl) / D if D > 0 else f32(0.0)
             if this_min > 0:
                 this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur = f32(0.0)
-            for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                this_scale = sxl / sl2
+            tw[TSC, t] = this_scale
+            tw[TMN, t] = this_min
+        for i in range(n):
+            xi = x[o + i]
+            xm = xi - mn
+            w = weights[wo + i]
+            for t in range(nl):
+                v = tw[ISC, t] * xm
+                if v3:
+                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
+                else:
+                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                diff = tw[TSC, t] * fl + tw[TMN, t] - xi
                 diff = abs(diff) if use_mad else diff * diff
-                cur += weights[i] * diff
-            if cur < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur
-                scale = this_scale
-                mn = this_min
+                tw[CUR, t] += w * diff
+        won = -1
+        for t in range(s0, nstep + 1):
+            if tw[OK, t] > 0 and tw[CUR, t] < best_error:
+                won = t
+                break
+        if won < 0:
+            break
+        best_error = tw[CUR, won]
+        scale = tw[TSC, won]
+        win_isc = tw[ISC, won]
+        win_mn = mn
+        won_any = True
+        mn = tw[TMN, won]
+        s0 = won + 1
+    if won_any:
+        for i in range(n):
+            v = win_isc * (x[o + i] - win_mn)
+            if v3:
+                L[o + i] = _ni(min(v, fmax)) if v > 0 else 0
+            else:
+                L[o + i] = max(0, min(nmax, _ni(v)))
     return scale, -mn
 
 
@@ -368,8 +467,7 @@ def _requant_sym(x, sublen, nsub, qoff, dd, sc, L):
 
 
 @njit(cache=True)
-def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
-    Laux = np.empty(16, np.int64)
+def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
     wt = np.empty(16, f32)
     if not has_qw:                                   # quantize_row_q2_K_ref
         max_scale = f32(0.0)
@@ -377,8 +475,7 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
         for j in range(16):
             for l in range(16):
                 wt[l] = abs(x[16 * j + l])
-            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
-                             f32(-0.5), f32(0.1), 15, True, False)
+            s, m = _make_qkx_at(x, 16 * j, 16, 3, wt, 0, L, f32(-0.5), f32(0.1), 15, True, False, tw)
             fa[j] = s
             fb[j] = m
             max_scale = max(max_scale, s)
@@ -389,7 +486,8 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 sc[j] = _ni(iscale * fa[j])
             dd[0] = _f16(max_scale / f32(15.0))
         else:
-            sc[:] = 0
+            for i_ in range(16):
+                sc[i_] = 0
             dd[0] = f32(0.0)
         if max_min > 0:
             iscale = f32(15.0) / max_min
@@ -397,7 +495,8 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 mn[j] = _ni(iscale * fb[j])
             dd[1] = _f16(max_min / f32(15.0))
         else:
-            mn[:] = 0
+            for i_ in range(16):
+                mn[i_] = 0
             dd[1] = f32(0.0)
     else:                                            # quantize_row_q2_K_impl
         sw = np.zeros(16, f32)
@@ -410,8 +509,7 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
             for l in range(16):
                 sw[j] += wt[l]
-            s, m = _make_qkx(16, 3, x[16 * j:16 * j + 16], wt, L[16 * j:16 * j + 16], Laux,
-                             f32(-0.9), f32(0.05), 36, False, True)
+            s, m = _make_qkx_at(x, 16 * j, 16, 3, wt, 0, L, f32(-0.9), f32(0.05), 36, False, True, tw)
             fa[j] = s
             fb[j] = m
         Ls = np.empty(16, np.int64)
@@ -428,13 +526,14 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
 
 @njit(cache=True)
 def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
-    mn[:] = 0
+    for i_ in range(16):
+        mn[i_] = 0
     dd[1] = f32(0.0)
     if not has_qw:                                   # quantize_row_q3_K_ref
         max_scale = f32(0.0)
         amax = f32(0.0)
         for j in range(16):
-            s = _make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            s = _make_q3_quants(x, 16 * j, 16, 4, L)
             fa[j] = s
             if abs(s) > amax:
                 amax = abs(s)
@@ -445,7 +544,8 @@ def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
                 sc[j] = max(-32, min(31, _ni(iscale * fa[j])))
             dd[0] = _f16(f32(1.0) / iscale)
         else:
-            sc[:] = -32
+            for i_ in range(16):
+                sc[i_] = -32
             dd[0] = f32(0.0)
     else:                                            # quantize_row_q3_K_impl
         wt = np.empty(16, f32)
@@ -473,9 +573,8 @@ def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
 
 
 @njit(cache=True)
-def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
+def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax, tw):
     """Q4_K (nmax 15) and Q5_K (nmax 31), ref and impl."""
-    Laux = np.empty(32, np.int64)
     wt = np.empty(32, f32)
     if not has_qw:
         max_scale = f32(0.0)
@@ -488,11 +587,9 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
             for l in range(32):
                 wt[l] = av_x + abs(x[32 * j + l])
             if nmax == 15:
-                s, m = _make_qkx(32, 15, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                                 f32(-1.0), f32(0.1), 20, False, False)
+                s, m = _make_qkx_at(x, 32 * j, 32, 15, wt, 0, L, f32(-1.0), f32(0.1), 20, False, False, tw)
             else:
-                s, m = _make_qkx(32, 31, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                                 f32(-0.5), f32(0.1), 15, False, False)
+                s, m = _make_qkx_at(x, 32 * j, 32, 31, wt, 0, L, f32(-0.5), f32(0.1), 15, False, False, tw)
             fa[j] = s
             fb[j] = m
             max_scale = max(max_scale, s)
@@ -519,8 +616,7 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
             for l in range(32):
                 sumw += wt[l]
             sw[j] = sumw
-            s, m = _make_qkx(32, nmax, x[32 * j:32 * j + 32], wt, L[32 * j:32 * j + 32], Laux,
-                             f32(-0.9), f32(0.05), 36, False, True)
+            s, m = _make_qkx_at(x, 32 * j, 32, nmax, wt, 0, L, f32(-0.9), f32(0.05), 36, False, True, tw)
             fa[j] = s
             fb[j] = m
         d_block = _make_qp_quants(8, 63, fa, Ls, sw)
@@ -534,14 +630,14 @@ def _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, nmax):
 
 
 @njit(cache=True)
-def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
-    mn[:] = 0
+def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
+    for i_ in range(16):
+        mn[i_] = 0
     dd[1] = f32(0.0)
     max_scale = f32(0.0)
     max_abs = f32(0.0)
     for j in range(16):
-        s = _make_qx_quants(16, 32, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1,
-                            qw[16 * j:16 * j + 16], has_qw)
+        s = _make_qx(x, 16 * j, 16, 32, L, qw, has_qw, tw)
         fa[j] = s
         fb[j] = f32(0.0)
         if abs(s) > max_abs:
@@ -549,8 +645,10 @@ def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
             max_scale = s
     if max_abs < GROUP_MAX_EPS:                     # llama.cpp zeroes the block: codes 0, scales 0
         dd[0] = f32(0.0)
-        sc[:] = 0
-        L[:] = 0
+        for i_ in range(16):
+            sc[i_] = 0
+        for i_ in range(256):
+            L[i_] = 0
         return
     iscale = f32(-128.0) / max_scale
     dd[0] = _f16(f32(1.0) / iscale)
@@ -626,18 +724,19 @@ def _trunc8(v) -> int:
 
 
 @njit(cache=True)
-def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb):
-    """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation."""
+def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb, tw):
+    """llama.cpp's quantizer on one block x [bs] (importance qw [bs] when has_qw): fills the representation.
+    tw [8, NTRIAL] f32 is scratch."""
     if kind == Q2_K:
-        _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+        _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     elif kind == Q3_K:
         _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
     elif kind == Q4_K:
-        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 15)
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 15, tw)
     elif kind == Q5_K:
-        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31)
+        _port_q45_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, 31, tw)
     elif kind == Q6_K:
-        _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb)
+        _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     else:
         _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb)
 
@@ -680,43 +779,79 @@ def _codes(x, w, o, n, qmax, qoff, dl, m, L):
     return e
 
 
-@njit(cache=True, fastmath=FAST)
-def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
-    """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
-    weighted squared error. Starts: llama.cpp's fit, and ngrid scales over the range (the extreme mapped
-    to qmax + T_LO .. qmax + T_HI) times N_OFF offsets of the lowest value (-0.5 .. 0.5 of a step);
-    one round of codes then least squares from each, NIT more from the N_KEEP best. kw [3·N_KEEP] is
-    scratch. Returns (a, b, error); L[o:o+n] holds the codes."""
-    lo = 0.0
-    hi = 0.0
-    amax = 0.0
-    vmax = 0.0
-    sw = 0.0
-    sx = 0.0
-    sxx = 0.0
+# rows of the search's float64 scratch fw [FW_ROWS, FW_COLS]: per sub-block fits a, b and sums of their codes;
+# (d, dmin) candidates and their ranks; dmin values; _fit_sub's kept starts
+_A, _B, _HVV, _HV, _HW, _CD, _CDM, _CE, _CDMK, _KA, _KB, _KE = range(12)
+FW_ROWS, FW_COLS = 12, max(16, *N_KEEP.values(), *N_FULL.values(), *N_D.values())
+
+# The search's functions are inlined (Numba IR) into one compiled search per type (_ours_k_for), which passes the
+# type's layout and settings as constants, all but the sub-block length: loops over a known 16 or 32 were unrolled
+# into scalar chains; on a runtime length (and offsets known >= 0) they vectorise.
+
+@njit(inline="always", fastmath=FAST)
+def _kcodes(x, w, o, n, qmax, qoff, dl, m, L):
+    """Best codes for x[o:o+n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), as float32 into
+    L[o:o+n]; returns the error sum w (x - x̂)². float32 throughout, so that the loop vectorises."""
+    if o < 0 or n <= 0:                           # lets LLVM drop the negative-index wrap-around (a gather)
+        return 0.0
+    fq = f32(qmax)
+    fo = f32(qoff)
+    m32 = f32(m)
+    e = f32(0.0)
+    if dl == 0.0:
+        for i in range(o, o + n):
+            L[i] = fo
+            r = x[i] + m32
+            e += w[i] * r * r
+        return float(e)
+    inv = f32(1.0 / dl)
+    c = f32(m / dl + (qoff + 0.5))
+    d32 = f32(dl)
     for i in range(o, o + n):
-        xi = float(x[i])
-        lo = min(lo, xi)
-        hi = max(hi, xi)
-        if abs(xi) > amax:
-            amax = abs(xi)
-            vmax = xi
-        sw += w[i]
-        sx += w[i] * xi
-        sxx += w[i] * xi * xi
-    if amax == 0.0:
-        _codes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
+        q = min(fq, max(f32(0.0), np.floor(x[i] * inv + c)))
+        L[i] = q
+        r = x[i] - d32 * (q - fo) + m32
+        e += w[i] * r * r
+    return float(e)
+
+
+@njit(inline="always", fastmath=FAST)
+def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, noff, nit, nkeep, fw):
+    """Refine one sub-block's float fit x ≈ a·(L - qoff) - b (b >= 0 with mins, b = 0 without) to the
+    weighted squared error; x[o:o+n], w f32. Starts: llama.cpp's fit, and ngrid scales over the range (the
+    extreme mapped to qmax + T_LO .. qmax + T_HI) times noff offsets of the lowest value (-0.5 .. 0.5 of a
+    step; 1 without mins); one round of codes then least squares from each, nit more from the nkeep best (rows _KA, _KB, _KE
+    of the scratch fw). Returns (a, b, error); L[o:o+n] f32 holds the codes."""
+    if o < 0 or n <= 0:
+        return float(a), float(b), 0.0
+    lo32 = f32(0.0)
+    hi32 = f32(0.0)
+    sw32 = f32(0.0)
+    sx32 = f32(0.0)
+    sxx32 = f32(0.0)
+    for i in range(o, o + n):
+        xi = x[i]
+        lo32 = min(lo32, xi)
+        hi32 = max(hi32, xi)
+        wx = w[i] * xi
+        sw32 += w[i]
+        sx32 += wx
+        sxx32 += wx * xi
+    lo, hi = float(lo32), float(hi32)
+    sw, sx, sxx = float(sw32), float(sx32), float(sxx32)
+    vmax = hi if hi >= -lo else lo                # the value of largest magnitude
+    if vmax == 0.0:
+        _kcodes(x, w, o, n, qmax, qoff, 0.0, 0.0, L)
         return 0.0, 0.0, 0.0
-    # one round from every start; NIT rounds more from the N_KEEP best
-    ka_ = kw[:N_KEEP]
-    kb_ = kw[N_KEEP:2 * N_KEEP]
-    ke_ = kw[2 * N_KEEP:3 * N_KEEP]
-    ke_[:] = math.inf
+    # one round from every start; nit rounds more from the nkeep best
+    for q in range(nkeep):
+        fw[_KE, q] = math.inf
     best_e = math.inf
     best_a, best_b = float(a), float(b)
-    noff = N_OFF if has_min else 1
     nstart = 1 + ngrid * noff
-    for k in range(nstart + N_KEEP):
+    fq = f32(qmax)
+    fo = f32(qoff)
+    for k in range(nstart + nkeep):
         if k == 0:                                    # llama.cpp's own fit
             ca, cb = float(a), float(b)
         elif k < nstart:
@@ -731,23 +866,24 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
                 ca = vmax / (-(qoff + t)) if ka % 2 == 0 else vmax / (qmax - qoff - t)
                 cb = 0.0
         else:
-            if ke_[k - nstart] == math.inf:
+            if fw[_KE, k - nstart] == math.inf:
                 continue
-            ca, cb = ka_[k - nstart], kb_[k - nstart]
-        for _it in range(1 if k < nstart else NIT):
+            ca, cb = fw[_KA, k - nstart], fw[_KB, k - nstart]
+        for _it in range(1 if k < nstart else nit):
             if ca == 0.0 or not math.isfinite(ca):
                 break
-            sv = 0.0
-            svv = 0.0
-            sxv = 0.0
-            inv = 1.0 / ca
+            inv = f32(1.0 / ca)
+            c = f32(cb / ca + (qoff + 0.5))
+            sv32 = f32(0.0)
+            svv32 = f32(0.0)
+            sxv32 = f32(0.0)
             for i in range(o, o + n):
-                xi = float(x[i])
-                v = float(min(qmax, max(0, int((xi + cb) * inv + (qoff + 0.5)))) - qoff)
-                wi = w[i]
-                sv += wi * v
-                svv += wi * v * v
-                sxv += wi * xi * v
+                v = min(fq, max(f32(0.0), np.floor(x[i] * inv + c))) - fo
+                wv = w[i] * v
+                sv32 += wv
+                svv32 += wv * v
+                sxv32 += wv * x[i]
+            sv, svv, sxv = float(sv32), float(svv32), float(sxv32)
             if svv <= 0.0:
                 break
             if has_min:
@@ -768,89 +904,82 @@ def _fit_sub(x, w, o, n, qmax, qoff, has_min, a, b, L, ngrid, kw):
             e = sxx - 2.0 * na * sxv + 2.0 * nb * sx + na * na * svv - 2.0 * na * nb * sv + nb * nb * sw
             if e < best_e:
                 best_e, best_a, best_b = e, na, nb
-            if k < nstart:                            # keep the N_KEEP best starts (sorted)
-                p = N_KEEP
-                while p > 0 and e < ke_[p - 1]:
+            if k < nstart:                            # keep the nkeep best starts (sorted)
+                p = nkeep
+                while p > 0 and e < fw[_KE, p - 1]:
                     p -= 1
-                if p < N_KEEP:
-                    for q in range(N_KEEP - 1, p, -1):
-                        ka_[q], kb_[q], ke_[q] = ka_[q - 1], kb_[q - 1], ke_[q - 1]
-                    ka_[p], kb_[p], ke_[p] = na, nb, e
+                if p < nkeep:
+                    for q in range(nkeep - 1, p, -1):
+                        fw[_KA, q], fw[_KB, q], fw[_KE, q] = fw[_KA, q - 1], fw[_KB, q - 1], fw[_KE, q - 1]
+                    fw[_KA, p], fw[_KB, p], fw[_KE, p] = na, nb, e
             ca, cb = na, nb
     if best_a == 0.0 or best_e == math.inf:
-        return float(a), float(b), _codes(x, w, o, n, qmax, qoff, float(a), float(b), L)
-    return best_a, best_b, _codes(x, w, o, n, qmax, qoff, best_a, best_b, L)
+        return float(a), float(b), _kcodes(x, w, o, n, qmax, qoff, float(a), float(b), L)
+    return best_a, best_b, _kcodes(x, w, o, n, qmax, qoff, best_a, best_b, L)
 
 
-@njit(cache=True, fastmath=FAST)
-def _eval_scales(kind, x, w, d, dm, fa, fb, sc, mn, L, bound):
-    """Integer sub-block scales nearest fa/d and fb/dm, their codes (into sc, mn, L) and the block's error;
-    inf as soon as the error passes bound (a candidate that cannot win)."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
-    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
+@njit(inline="always", fastmath=FAST)
+def _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, d, dm, fw, sc, mn, L, bound):
+    """Integer sub-block scales nearest a/d and b/dm (the fits, rows _A, _B of fw), their codes (into sc, mn, L [bs] f32) and the block's
+    error; inf as soon as the error passes bound (a candidate that cannot win)."""
     e = 0.0
     for j in range(nsub):
-        sc[j] = min(shi, max(slo, int(np.rint(fa[j] / d)))) if d != 0.0 else 0
-        mn[j] = min(shi, max(0, int(np.rint(fb[j] / dm)))) if (has_min and dm != 0.0) else 0
-        e += _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+        o = sublen * j
+        sc[j] = min(shi, max(slo, int(np.rint(fw[_A, j] / d)))) if d != 0.0 else 0
+        mn[j] = min(shi, max(0, int(np.rint(fw[_B, j] / dm)))) if (has_min and dm != 0.0) else 0
+        e += _kcodes(x, w, o, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
         if e >= bound:
             return math.inf
     return e
 
 
-@njit(cache=True, fastmath=FAST)
-def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
+@njit(inline="always", fastmath=FAST)
+def _ours_k(nsub, sublen, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, nd, nfull, nrefine,
+            x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
     """Our K-quant block: better sub-block fits, f16 and integer scales searched jointly, least-squares refit.
-    Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours.
-    Scratch: wf float64 [5·nsub + 3·N_KEEP + 3·N_FULL + N_D], wi int64 [2·nsub + 2·bs]."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
-    slo, shi, has_min = LAYOUT[kind, 4], LAYOUT[kind, 5], LAYOUT[kind, 6]
+    Starts from llama.cpp's result in (dd, sc, mn, L, fa, fb) and overwrites it with ours; w [bs] f32.
+    Scratch (rows, not views: a view costs ~30 ns): fw float64 [FW_ROWS, FW_COLS], tsc, tmn int64 [nsub],
+    tL, sL float32 [bs] (codes)."""
     nl = L.shape[0]
-    a = wf[:nsub]
-    b = wf[nsub:2 * nsub]
-    kw = wf[2 * nsub:2 * nsub + 3 * N_KEEP]
+    if sublen <= 0 or nsub <= 0:                      # offsets o = sublen·j >= 0: no index wrap-around
+        return
     for j in range(nsub):
-        a[j], b[j], _ = _fit_sub(x, w, sublen * j, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), L, ngrid, kw)
+        o = sublen * j
+        fw[_A, j], fw[_B, j], _ = _fit_sub(x, w, o, sublen, qmax, qoff, has_min, float(fa[j]), float(fb[j]), tL, ngrid, noff, nit,
+                                 nkeep, fw)
     amax = 0.0
     asg = 0.0
     bmax = 0.0
     for j in range(nsub):
-        if abs(a[j]) > amax:
-            amax = abs(a[j])
-            asg = a[j]
-        bmax = max(bmax, b[j])
+        if abs(fw[_A, j]) > amax:
+            amax = abs(fw[_A, j])
+            asg = fw[_A, j]
+        bmax = max(bmax, fw[_B, j])
     if amax == 0.0:
         return
-    tsc = wi[:nsub]
-    tmn = wi[nsub:2 * nsub]
-    tL = wi[2 * nsub:2 * nsub + nl]
-    sL = wi[2 * nsub + nl:2 * nsub + 2 * nl]
     # super-block scales (d, dm): the largest sub-block scale (min) maps to shi - t (or slo + t: signed
-    # scales), N_D values of t each. With the fits' codes fixed, a sub-block's error grows by the quadratic
+    # scales), nd values of t each. With the fits' codes fixed, a sub-block's error grows by the quadratic
     # q_j(A - a_j, B - b_j) (sums over its codes) when its scale and min become A = d·s_j, B = dm·m_j: every
-    # pair is ranked by that, the N_FULL best are evaluated with their best codes.
-    hvv = wf[2 * nsub + 3 * N_KEEP:3 * nsub + 3 * N_KEEP]
-    hv = wf[3 * nsub + 3 * N_KEEP:4 * nsub + 3 * N_KEEP]
-    hw = wf[4 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP]
+    # pair is ranked by that, the nfull best are evaluated with their best codes.
+    fo = f32(qoff)
     for j in range(nsub):
-        s_vv = 0.0
-        s_v = 0.0
-        s_w = 0.0
-        for i in range(sublen * j, sublen * (j + 1)):
-            v = float(L[i] - qoff)
-            s_vv += w[i] * v * v
-            s_v += w[i] * v
+        o = sublen * j
+        s_vv = f32(0.0)
+        s_v = f32(0.0)
+        s_w = f32(0.0)
+        for i in range(o, o + sublen):
+            v = tL[i] - fo
+            wv = w[i] * v
+            s_vv += wv * v
+            s_v += wv
             s_w += w[i]
-        hvv[j], hv[j], hw[j] = s_vv, s_v, s_w
-    nd_ = N_D if has_min else 2 * N_D
-    ndm_ = N_D if (has_min and bmax > 0.0) else 1
-    c_d = wf[5 * nsub + 3 * N_KEEP:5 * nsub + 3 * N_KEEP + N_FULL]
-    c_dm = wf[5 * nsub + 3 * N_KEEP + N_FULL:5 * nsub + 3 * N_KEEP + 2 * N_FULL]
-    c_e = wf[5 * nsub + 3 * N_KEEP + 2 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL]
-    c_e[:] = math.inf
-    c_dmk = wf[5 * nsub + 3 * N_KEEP + 3 * N_FULL:5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D]
+        fw[_HVV, j], fw[_HV, j], fw[_HW, j] = s_vv, s_v, s_w
+    nd_ = nd if has_min else 2 * nd
+    ndm_ = nd if (has_min and bmax > 0.0) else 1
+    for r in range(nfull):
+        fw[_CE, r] = math.inf
     for km in range(ndm_):
-        c_dmk[km] = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
+        fw[_CDMK, km] = f16_finite(bmax / (shi - D_STEP * km)) if ndm_ > 1 else (f16_finite(bmax / shi) if has_min else 0.0)
     for k in range(nd_):
         t = D_STEP * (k if has_min else k // 2)
         if has_min:
@@ -860,37 +989,38 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         if dk == 0.0:
             continue
         for km in range(ndm_):
-            dmk = c_dmk[km]
+            dmk = fw[_CDMK, km]
             q = 0.0
             for j in range(nsub):
-                dA = dk * min(shi, max(slo, int(np.rint(a[j] / dk)))) - a[j]
-                dB = (dmk * min(shi, max(0, int(np.rint(b[j] / dmk)))) - b[j]) if dmk != 0.0 else -b[j]
-                q += hvv[j] * dA * dA - 2.0 * hv[j] * dA * dB + hw[j] * dB * dB
-            p = N_FULL
-            while p > 0 and q < c_e[p - 1]:
+                dA = dk * min(shi, max(slo, int(np.rint(fw[_A, j] / dk)))) - fw[_A, j]
+                dB = (dmk * min(shi, max(0, int(np.rint(fw[_B, j] / dmk)))) - fw[_B, j]) if dmk != 0.0 else -fw[_B, j]
+                q += fw[_HVV, j] * dA * dA - 2.0 * fw[_HV, j] * dA * dB + fw[_HW, j] * dB * dB
+            p = nfull
+            while p > 0 and q < fw[_CE, p - 1]:
                 p -= 1
-            if p < N_FULL:
-                for r in range(N_FULL - 1, p, -1):
-                    c_d[r], c_dm[r], c_e[r] = c_d[r - 1], c_dm[r - 1], c_e[r - 1]
-                c_d[p], c_dm[p], c_e[p] = dk, dmk, q
+            if p < nfull:
+                for r in range(nfull - 1, p, -1):
+                    fw[_CD, r], fw[_CDM, r], fw[_CE, r] = fw[_CD, r - 1], fw[_CDM, r - 1], fw[_CE, r - 1]
+                fw[_CD, p], fw[_CDM, p], fw[_CE, p] = dk, dmk, q
     best_e = math.inf
     bd = 0.0
     bdm = 0.0
-    for r in range(N_FULL):
-        if c_e[r] == math.inf:
+    for r in range(nfull):
+        if fw[_CE, r] == math.inf:
             break
-        e = _eval_scales(kind, x, w, c_d[r], c_dm[r], a, b, tsc, tmn, tL, best_e)
+        e = _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, fw[_CD, r], fw[_CDM, r], fw, tsc, tmn, tL,
+                         best_e)
         if e < best_e:
-            best_e, bd, bdm = e, c_d[r], c_dm[r]
+            best_e, bd, bdm = e, fw[_CD, r], fw[_CDM, r]
     if best_e == math.inf:
         return
-    cur_e = _eval_scales(kind, x, w, bd, bdm, a, b, tsc, tmn, tL, math.inf)
-    for _ in range(N_REFINE):
+    cur_e = _eval_scales(nsub, sublen, qmax, qoff, slo, shi, has_min, x, w, bd, bdm, fw, tsc, tmn, tL, math.inf)
+    for _ in range(nrefine):
         # each sub-block's integer scale and min: the 3x3 neighbours (3 without mins), with their best codes
         cur_e = 0.0
         for j in range(nsub):
             o = sublen * j
-            be = _codes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
+            be = _kcodes(x, w, o, sublen, qmax, qoff, bd * tsc[j], bdm * tmn[j], tL)
             s0, m0 = tsc[j], tmn[j]
             for ds in range(-1, 2):
                 for dmi in range(-1 if has_min else 0, 2 if has_min else 1):
@@ -898,11 +1028,12 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
                     m1 = m0 + dmi
                     if (ds == 0 and dmi == 0) or s1 < slo or s1 > shi or m1 < 0 or m1 > shi:
                         continue
-                    e = _codes(x, w, o, sublen, qmax, qoff, bd * s1, bdm * m1, sL)
+                    e = _kcodes(x, w, o, sublen, qmax, qoff, bd * s1, bdm * m1, sL)
                     if e < be:
                         be = e
                         tsc[j], tmn[j] = s1, m1
-                        tL[o:o + sublen] = sL[o:o + sublen]
+                        for i in range(o, o + sublen):
+                            tL[i] = sL[i]
             cur_e += be
         # least squares for (d, dm) on these codes and integer scales: x ≈ d·u - dm·v, u = sc·(L - qoff), v = mn
         suu = 0.0
@@ -911,16 +1042,27 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
         sxu = 0.0
         sxv = 0.0
         for j in range(nsub):
+            o = sublen * j
+            s_ll = f32(0.0)
+            s_l = f32(0.0)
+            s_w = f32(0.0)
+            s_xl = f32(0.0)
+            s_x = f32(0.0)
+            for i in range(o, o + sublen):
+                li = tL[i] - fo
+                wl = w[i] * li
+                s_ll += wl * li
+                s_l += wl
+                s_w += w[i]
+                s_xl += wl * x[i]
+                s_x += w[i] * x[i]
+            u = float(tsc[j])
             v = float(tmn[j])
-            for ii in range(sublen):
-                i = sublen * j + ii
-                u = float(tsc[j] * (tL[i] - qoff))
-                wi = w[i]
-                suu += wi * u * u
-                suv += wi * u * v
-                svv += wi * v * v
-                sxu += wi * x[i] * u
-                sxv += wi * x[i] * v
+            suu += u * u * s_ll
+            suv += u * v * s_l
+            svv += v * v * s_w
+            sxu += u * s_xl
+            sxv += v * s_x
         if has_min and svv > 0.0:
             D = suu * svv - suv * suv
             if D <= 0.0:
@@ -938,37 +1080,48 @@ def _ours_k(kind, x, w, dd, sc, mn, L, fa, fb, ngrid, wf, wi):
             break
         e = 0.0
         for j in range(nsub):
-            e += _codes(x, w, sublen * j, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], sL)
+            o = sublen * j
+            e += _kcodes(x, w, o, sublen, qmax, qoff, nd * tsc[j], ndm * tmn[j], sL)
         if e < cur_e:
             bd, bdm, cur_e = nd, ndm, e
-            tL[:] = sL[:]
+            for i in range(nl):
+                tL[i] = sL[i]
         else:
             break
-    bd, bdm = _unshrink(kind, x, w, bd, bdm, tsc, tmn, tL)
+    bd, bdm = _unshrink(nsub, sublen, qmax, qoff, x, w, bd, bdm, tsc, tmn, tL)
     dd[0] = f32(bd)
     dd[1] = f32(bdm)
-    sc[:] = tsc
-    mn[:] = tmn
-    L[:] = tL
+    for j in range(nsub):
+        sc[j] = tsc[j]
+        mn[j] = tmn[j]
+    for i in range(nl):
+        L[i] = int(tL[i])
 
 
-@njit(cache=True, fastmath=FAST)
-def _unshrink(kind, x, w, d, dm, sc, mn, L):
+@njit(inline="always", fastmath=FAST)
+def _unshrink(nsub, sublen, qmax, qoff, x, w, d, dm, sc, mn, L):
     """Scale (d, dm) so that the block is not shrunk along x: sum w·x̂·x = sum w·x² (least squares leaves
     x̂ ⟂ error, i.e. x̂·x = (1 - relerr²)·x·x: every output shrinks coherently). Scaling the least-squares
-    (d, dm) is the least-squares fit under that constraint. Codes re-fitted to the f16 scales; returns (d, dm)."""
-    nsub, sublen, qmax, qoff = LAYOUT[kind, 0], LAYOUT[kind, 1], LAYOUT[kind, 2], LAYOUT[kind, 3]
+    (d, dm) is the least-squares fit under that constraint. Codes L [bs] f32 re-fitted to the f16 scales;
+    returns (d, dm)."""
+    if sublen <= 0 or nsub <= 0:
+        return d, dm
+    fo = f32(qoff)
+    sxx32 = f32(0.0)
+    for i in range(x.shape[0]):
+        sxx32 += w[i] * x[i] * x[i]
+    sxx = float(sxx32)
     for _ in range(N_UNSHRINK):
-        sxx = 0.0
         sxy = 0.0
         for j in range(nsub):
-            dl = d * sc[j]
-            m = dm * mn[j]
-            for ii in range(sublen):
-                i = sublen * j + ii
-                xi = float(x[i])
-                sxx += w[i] * xi * xi
-                sxy += w[i] * xi * (dl * (L[i] - qoff) - m)
+            o = sublen * j
+            s_xl = f32(0.0)
+            s_x = f32(0.0)
+            for i in range(o, o + sublen):
+                wx = w[i] * x[i]
+                s_xl += wx * (L[i] - fo)
+                s_x += wx
+            sxy += d * sc[j] * float(s_xl) - dm * mn[j] * float(s_x)
         if sxy <= 0.0 or sxx <= 0.0:
             break
         k = sxx / sxy
@@ -978,8 +1131,28 @@ def _unshrink(kind, x, w, d, dm, sc, mn, L):
             break
         d, dm = nd, ndm
         for j in range(nsub):
-            _codes(x, w, sublen * j, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
+            o = sublen * j
+            _kcodes(x, w, o, sublen, qmax, qoff, d * sc[j], dm * mn[j], L)
     return d, dm
+
+
+def _ours_k_for(name: str):
+    """_ours_k compiled for one K type, its layout and search settings as constants."""
+    nsub, sublen, qmax, qoff, slo, shi, has_min = (int(v) for v in LAYOUT[KIND[name], :7])
+    ngrid, noff, nit, nkeep = NGRID[name], N_OFF[name] if has_min else 1, NIT[name], N_KEEP[name]
+    nd, nfull, nrefine = N_D[name], N_FULL[name], N_REFINE[name]
+
+    @njit(cache=True, fastmath=FAST)
+    def ours(x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL):
+        # the sub-block length as a runtime value: a known 16 or 32 is unrolled whole into scalar chains before
+        # the loop vectoriser sees it
+        sublen_ = x.shape[0] // nsub
+        _ours_k(nsub, sublen_, qmax, qoff, slo, shi, has_min, ngrid, noff, nit, nkeep, nd, nfull, nrefine,
+                x, w, dd, sc, mn, L, fa, fb, fw, tsc, tmn, tL, sL)
+    return ours
+
+
+_ours_q2_k, _ours_q3_k, _ours_q4_k, _ours_q5_k, _ours_q6_k = (_ours_k_for(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1165,7 +1338,7 @@ def _pack(kind, dd, sc, mn, L, out):
 # ---------------------------------------------------------------- the driver
 
 @njit(cache=True, parallel=True)
-def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
+def quantize_rows(kind, x, imp, has_imp, search, out):
     """x [R, C] float32 -> out [R, C/bs*type_size] uint8; imp [C] float32 (used when has_imp).
 
     search False: llama.cpp's quantizer (the port) alone; True: per block the better of it and ours.
@@ -1185,36 +1358,59 @@ def quantize_rows(kind, x, imp, has_imp, search, ngrid, out):
         mn2 = np.empty(nsub, np.int64)
         L2 = np.empty(bs, np.int64)
         w = np.ones(bs)
-        wf = np.empty(5 * nsub + 3 * N_KEEP + 3 * N_FULL + N_D)
-        wi = np.empty(2 * nsub + 2 * bs, np.int64)
-        xr = x[r]
+        w32 = np.ones(bs, f32)
+        tw = np.empty((8, NTRIAL), f32)
+        fw = np.empty((FW_ROWS, FW_COLS))
+        tsc = np.empty(nsub, np.int64)
+        tmn = np.empty(nsub, np.int64)
+        tL = np.empty(bs, f32)
+        sL = np.empty(bs, f32)
+        # the block, its importance and its bytes in buffers of this row's own: a view of x, imp or out would
+        # count a reference on the shared array's header, an atomic both threads contend for (~10 % of the time)
+        xb = np.empty(bs, f32)
+        qb = np.empty(bs, f32)
+        ob = np.empty(tb, np.uint8)
         sigma2 = f32(0.0)
         if has_imp:
             for i in range(C):
-                sigma2 += xr[i] * xr[i]
+                sigma2 += x[r, i] * x[r, i]
             sigma2 = sigma2 / f32(C)
         for b in range(nb):
-            xb = xr[b * bs:(b + 1) * bs]
-            qb = imp[b * bs:(b + 1) * bs]
-            port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb)
+            for i in range(bs):
+                xb[i] = x[r, b * bs + i]
+                qb[i] = imp[b * bs + i]
+            port_block(kind, xb, qb, has_imp, sigma2, dd, sc, mn, L, fa, fb, tw)
             if search:
                 if has_imp:
                     for i in range(bs):
                         w[i] = qb[i]
-                dd2[:] = dd
-                sc2[:] = sc
-                mn2[:] = mn
-                L2[:] = L
-                if bs == QK_K:
-                    _ours_k(kind, xb, w, dd2, sc2, mn2, L2, fa, fb, ngrid, wf, wi)
+                        w32[i] = qb[i]
+                dd2[0], dd2[1] = dd[0], dd[1]
+                for j in range(nsub):
+                    sc2[j], mn2[j] = sc[j], mn[j]
+                for i in range(bs):
+                    L2[i] = L[i]
+                if kind == Q2_K:
+                    _ours_q2_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q3_K:
+                    _ours_q3_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q4_K:
+                    _ours_q4_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q5_K:
+                    _ours_q5_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                elif kind == Q6_K:
+                    _ours_q6_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 else:
                     _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
-                    dd[:] = dd2
-                    sc[:] = sc2
-                    mn[:] = mn2
-                    L[:] = L2
-            _pack(kind, dd, sc, mn, L, out[r, b * tb:(b + 1) * tb])
+                    dd[0], dd[1] = dd2[0], dd2[1]
+                    for j in range(nsub):
+                        sc[j], mn[j] = sc2[j], mn2[j]
+                    for i in range(bs):
+                        L[i] = L2[i]
+            _pack(kind, dd, sc, mn, L, ob)
+            for i in range(tb):
+                out[r, b * tb + i] = ob[i]
 
 
 def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
@@ -1228,5 +1424,5 @@ def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = No
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)
     imp = np.ones(x.shape[1], np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-    quantize_rows(kind, x, imp, importance is not None, search, NGRID.get(name, 0), out)
+    quantize_rows(kind, x, imp, importance is not None, search, out)
     return out
