@@ -1,7 +1,8 @@
-"""Block quantizers for the K-quants (Q2_K..Q6_K) and the 32-weight Q4_0, Q4_1, Q5_0, Q5_1, optionally
-weighted by an importance vector (llama.cpp's imatrix: one float per column).
+"""Block quantizers for the K-quants (Q2_K..Q6_K), optionally weighted by an importance vector (llama.cpp's
+imatrix: one float per column), and the port of llama.cpp's quantizer for the 32-weight Q4_0, Q4_1, Q5_0, Q5_1
+too (their search is kernels.quantizers', which takes the port's importance-weighted fits as its guard).
 
-Every block is quantized twice:
+Every K block is quantized twice:
   1. by a port of llama.cpp's own quantizer (ggml-quants.c: quantize_row_qN_K_ref without importance,
      quantize_row_qN_K_impl with it), float32 operation for operation, so its bytes are llama.cpp's
      (tests/test_quantizers.py holds them against `ggml_quantize_chunk`, the function `llama_model_quantize` runs);
@@ -658,7 +659,7 @@ def _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
 
 
 @njit(cache=True)
-def _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb):
+def _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb, tw):
     """Q4_0, Q4_1, Q5_0, Q5_1: quantize_row_qN_ref without importance, quantize_row_qN_impl with it."""
     sc[0] = 1
     if kind == Q4_0 or kind == Q5_0:
@@ -669,7 +670,7 @@ def _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb):
             wt = np.empty(32, f32)
             for j in range(32):
                 wt[j] = qw[j] * f32(math.sqrt(sigma2 + x[j] * x[j]))
-            d = _make_qx_quants(32, half, x, L, 1, wt, True)
+            d = _make_qx(x, 0, 32, half, L, wt, True, tw)
             dd[0] = _f16(d)
             fa[0] = d
         else:
@@ -691,10 +692,9 @@ def _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb):
     mn[0] = -1
     if has_qw:
         wt = np.empty(32, f32)
-        Laux = np.empty(32, np.int64)
         for j in range(32):
             wt[j] = qw[j] * f32(math.sqrt(sigma2 + x[j] * x[j]))
-        d, m = _make_qkx(32, nmax, x, wt, L, Laux, f32(-0.9), f32(0.05), 36, False, True)
+        d, m = _make_qkx_at(x, 0, 32, nmax, wt, 0, L, f32(-0.9), f32(0.05), 36, False, True, tw)
         dd[0] = _f16(d)
         dd[1] = _f16(-m)                             # stored m = min (<= 0); x̂ = d·L + m = d·L - dm·(-1)
         fa[0] = d
@@ -738,7 +738,7 @@ def port_block(kind, x, qw, has_qw, sigma2, dd, sc, mn, L, fa, fb, tw):
     elif kind == Q6_K:
         _port_q6_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw)
     else:
-        _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb)
+        _port_q32(x, qw, has_qw, sigma2, kind, dd, sc, mn, L, fa, fb, tw)
 
 
 # ---------------------------------------------------------------- errors of a representation
@@ -757,26 +757,6 @@ def block_error(kind, x, w, dd, sc, mn, L):
             r = float(x[i]) - float(y)
             e += w[i] * r * r
     return e if e == e else math.inf
-
-
-@njit(cache=True, fastmath=FAST)
-def _codes(x, w, o, n, qmax, qoff, dl, m, L):
-    """Best codes for x[o:o+n] given the effective scale dl and min m (x̂ = dl·(L - qoff) - m), into L; error."""
-    e = 0.0
-    if dl == 0.0:
-        for i in range(o, o + n):
-            L[i] = qoff
-            r = x[i] + m
-            e += w[i] * r * r
-        return e
-    inv = 1.0 / dl
-    for i in range(o, o + n):
-        # int() truncates toward 0, which is floor wherever the clamp to 0 does not decide
-        q = min(qmax, max(0, int((x[i] + m) * inv + (qoff + 0.5))))
-        L[i] = q
-        r = x[i] - dl * (q - qoff) + m
-        e += w[i] * r * r
-    return e
 
 
 # rows of the search's float64 scratch fw [FW_ROWS, FW_COLS]: per sub-block fits a, b and sums of their codes;
@@ -1155,89 +1135,6 @@ def _ours_k_for(name: str):
 _ours_q2_k, _ours_q3_k, _ours_q4_k, _ours_q5_k, _ours_q6_k = (_ours_k_for(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
 
 
-@njit(cache=True, fastmath=FAST)
-def _ours_q32(kind, x, w, dd, sc, mn, L):
-    """Our 32-weight block: a ladder of candidate scales (and mins), each refit by least squares twice and
-    ranked unrounded; the winner's d and m rounded to f16, with the best codes for those."""
-    qmax, qoff, has_min = LAYOUT[kind, 2], LAYOUT[kind, 3], LAYOUT[kind, 6]
-    Lt = np.empty(32, np.int64)
-    lo = 0.0
-    hi = 0.0
-    amax = 0.0
-    vmax = 0.0
-    lo = float(x[0])
-    hi = float(x[0])
-    for i in range(32):
-        lo = min(lo, float(x[i]))
-        hi = max(hi, float(x[i]))
-        if abs(x[i]) > amax:
-            amax = abs(x[i])
-            vmax = float(x[i])
-    if amax == 0.0:
-        return
-    best_e = math.inf
-    bd = 0.0
-    bm = 0.0
-    for k in range(25):
-        t = -1.2 + 0.1 * k
-        if has_min:
-            if hi == lo:
-                break
-            ca = (hi - lo) / (qmax + t)
-            cm = lo                                    # x̂ = d·L + m
-        else:
-            ca = vmax / (-(qoff + t)) if k < 21 else vmax / (qmax - qoff - 0.25 * (k - 21))
-            cm = 0.0
-        for _it in range(2):
-            inv = 1.0 / ca
-            sw = 0.0
-            sv = 0.0
-            svv = 0.0
-            sx = 0.0
-            sxv = 0.0
-            for i in range(32):
-                xi = float(x[i])
-                q = min(qmax, max(0, int(np.rint((xi - cm) * inv)) + qoff))
-                Lt[i] = q
-                v = float(q - qoff)
-                wi = w[i]
-                sw += wi
-                sv += wi * v
-                svv += wi * v * v
-                sx += wi * xi
-                sxv += wi * xi * v
-            if svv <= 0.0:
-                break
-            if has_min:                               # ranked unrounded; the winner is rounded to f16 below
-                D = sw * svv - sv * sv
-                if D <= 0.0:
-                    break
-                nd = (sw * sxv - sx * sv) / D
-                nm = (svv * sx - sv * sxv) / D
-            else:
-                nd = sxv / svv
-                nm = 0.0
-            if nd == 0.0:
-                break
-            e = 0.0
-            for i in range(32):
-                r = float(x[i]) - nd * (Lt[i] - qoff) - nm
-                e += w[i] * r * r
-            if e < best_e:
-                best_e, bd, bm = e, nd, nm
-                L[:] = Lt
-            ca, cm = nd, nm
-    if best_e == math.inf:
-        return
-    bd = f16_finite(bd)
-    bm = f16_finite(bm)
-    _codes(x, w, 0, 32, qmax, qoff, bd, -bm, L)        # the best codes for the f16 values kept
-    dd[0] = f32(bd)
-    dd[1] = f32(bm)
-    sc[0] = 1
-    mn[0] = -1 if has_min else 0
-
-
 # ---------------------------------------------------------------- packing (ggml-common.h's block layouts)
 
 @njit(cache=True)
@@ -1398,10 +1295,8 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
                     _ours_q4_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 elif kind == Q5_K:
                     _ours_q5_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
-                elif kind == Q6_K:
-                    _ours_q6_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 else:
-                    _ours_q32(kind, xb, w, dd2, sc2, mn2, L2)
+                    _ours_q6_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
                     dd[0], dd[1] = dd2[0], dd2[1]
                     for j in range(nsub):
@@ -1417,9 +1312,12 @@ def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = No
     """x [R, C] float32 (C a multiple of the block) -> uint8 [R, C/bs*type_size] of type `name` (a KIND key).
 
     importance [C] float32 or None. search=False gives llama.cpp's quantizer's bytes (quantize_qN_K with
-    the importance as quant_weights), bit for bit; True, per block the better of those and ours.
+    the importance as quant_weights), bit for bit; True, per block the better of those and ours (the K-quants:
+    the 32-weight types' search is kernels.quantizers').
     """
     kind = KIND[name]
+    if search and LAYOUT[kind, 7] != QK_K:
+        raise ValueError(f"{name}'s search is kernels.quantizers.quantize's; here only its port (search=False)")
     bs, tb = int(LAYOUT[kind, 7]), int(LAYOUT[kind, 8])
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)

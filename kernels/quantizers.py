@@ -344,7 +344,9 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
 @njit(cache=True, parallel=True)
 def _llama_fits(x, kind, has_min, w, sigma2, ld, lm):
     """llama.cpp's importance-weighted fit of each block (kernels.kquantizers' port, bit for bit): its f16 d
-    and m into ld, lm [n_blocks]; x [n_blocks, 32], w [nbr, 32], sigma2 [rows]. Not fast-math (see _q32_search)."""
+    and m into ld, lm [n_blocks]; x [n_blocks, 32], w [nbr, 32], sigma2 [rows]. Not fast-math (see _q32_search);
+    each block and its importance copied into buffers of this thread's own (a view of x or w would count
+    references on an array both threads share)."""
     n = x.shape[0]
     nbr = w.shape[0]
     nthr = min(n, 64)
@@ -356,8 +358,14 @@ def _llama_fits(x, kind, has_min, w, sigma2, ld, lm):
         L = np.empty(QK, np.int64)
         fa = np.empty(1, np.float32)
         fb = np.empty(1, np.float32)
+        tw = np.empty((8, kq.NTRIAL), np.float32)
+        xb = np.empty(QK, np.float32)
+        qb = np.empty(QK, np.float32)
         for b in range(t * step, min(n, (t + 1) * step)):
-            kq.port_block(kind, x[b], w[b % nbr], True, sigma2[b // nbr], dd, sc, mn, L, fa, fb)
+            for i in range(QK):
+                xb[i] = x[b, i]
+                qb[i] = w[b % nbr, i]
+            kq.port_block(kind, xb, qb, True, sigma2[b // nbr], dd, sc, mn, L, fa, fb, tw)
             ld[b] = dd[0]
             lm[b] = dd[1] if has_min else np.float32(0.0)
 
