@@ -265,6 +265,14 @@ def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
 NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
 
 
+@njit(cache=True, inline="always")
+def _qkx_level(v, fmax, v3):
+    """A trial's code for x - min scaled by its iscale, as float32: make_qkx3_quants' (v3) or make_qkx2_quants'."""
+    if v3:
+        return np.rint(min(v, fmax)) if v > 0 else f32(0.0)
+    return max(f32(0.0), min(fmax, np.rint(v)))
+
+
 @njit(cache=True)
 def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3, tw):
     """_make_qkx on x[o:o+n], weights[wo:wo+n], codes into L[o:o+n]; tw [8, NTRIAL] f32 scratch.
@@ -322,11 +330,7 @@ def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3
             xm = xi - mn
             w = weights[wo + i]
             for t in range(nl):
-                v = tw[ISC, t] * xm
-                if v3:
-                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
-                else:
-                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                fl = _qkx_level(tw[ISC, t] * xm, fmax, v3)
                 wl = w * fl
                 tw[SL, t] += wl
                 tw[SL2, t] += wl * fl
@@ -347,11 +351,7 @@ def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3
             xm = xi - mn
             w = weights[wo + i]
             for t in range(nl):
-                v = tw[ISC, t] * xm
-                if v3:
-                    fl = np.rint(min(v, fmax)) if v > 0 else f32(0.0)
-                else:
-                    fl = max(f32(0.0), min(fmax, np.rint(v)))
+                fl = _qkx_level(tw[ISC, t] * xm, fmax, v3)
                 diff = tw[TSC, t] * fl + tw[TMN, t] - xi
                 diff = abs(diff) if use_mad else diff * diff
                 tw[CUR, t] += w * diff
