@@ -53,7 +53,7 @@ def _f16(v, fb, ib):
     return fb[0]
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _range(x, b, t):
     """(min, max) of the block. LLVM leaves a min/max reduction a scalar chain (a quarter of the time): the
     four 8-weight quarters are compared element-wise into t [16] float32 scratch (vector min/max), then 8 remain."""
@@ -68,12 +68,12 @@ def _range(x, b, t):
     return lo, hi
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq, w, jw):
     """The best candidate scale of a symmetric block (codes clamp(round(x·inv)) + qoff), by the squared
-    error (weighted by w[jw] [32], when w is not None) of its least-squares scale, unrounded (float32
-    fast-math: it only ranks). sxq, sqq: float32 scratch [candidates] (the sums of every candidate first,
-    then the choice: no branch in the loop over weights)."""
+    error (weighted by w[jw] [32], when w is not None) of its least-squares scale, unrounded (float32).
+    sxq, sqq: float32 scratch [candidates] (the sums of every candidate first, then the choice: no branch in
+    the loop over weights)."""
     lo = np.float32(-qoff)
     hi = np.float32(qmax - qoff)
     tneg = T_NEG if w is None else T_NEG_W
@@ -123,11 +123,11 @@ def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq, w, jw):
     return sxx / a1 if a1 != 0 else d
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq, w, jw):
     """The best candidate (scale, min) of a block with a min (codes clamp(round((x - m)/d)), 0..qmax), by the
     squared error (weighted by w[jw] [32], when w is not None) of its least-squares (d, m), unrounded
-    (float32 fast-math: it only ranks). sq, sqq, sxq: float32 scratch [candidates]."""
+    (float32). sq, sqq, sxq: float32 scratch [candidates]."""
     sx = np.float32(0.0)
     n = np.float32(0.0)
     for i in range(QK):
@@ -210,10 +210,10 @@ def _code(xi, inv, m, qmax, qoff):
     return min(np.float32(qmax), max(np.float32(0.0), np.floor((xi - m) * inv + np.float32(qoff + 0.5))))
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _error(x, b, d, m, qmax, qoff, w, jw):
     """The block's squared error with the stored (f16) d and m and the best codes for them (weighted by w[jw],
-    when w is not None), in float32 fast-math: every term is positive, so it is within ~1e-6 of its value."""
+    when w is not None), summed in float32: every term is positive, so it is within ~1e-6 of its value."""
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     e = np.float32(0.0)
     for i in range(QK):
@@ -260,7 +260,7 @@ def _pack(x, b, d, m, qmax, qoff, q, out, fb, ib):
         out[b, o + j] = (q[j] & np.uint8(15)) | (q[j + 16] << np.uint8(4))
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, ld, lm):
     """Block b's two candidates as f16 values: (d, m) of our best, and of llama.cpp's quantizer: without an
     importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) ld[b], lm[b]
@@ -296,7 +296,7 @@ def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, ld, lm):
 TILE = 64    # blocks per tile: each stage of the search runs over a tile, as its own simple loop
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     """x [n_blocks, 32] float32 (rows of C = 32·nbr weights, one after another) -> out [n_blocks, type_size]
     uint8 (_pack's layout); w: None, or the importance [nbr, 32] with llama.cpp's f16 d and m for it, ld, lm
@@ -304,9 +304,10 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     llama.cpp's, each with the best codes for its f16 values: llama.cpp's own codes are those for its
     unrounded values, so no block is worse than llama.cpp makes it (near ties, within the float32 sums'
     accuracy, go to llama.cpp's). The helpers are inlined: a call that passes arrays costs atomic
-    reference counts, which took a third of the time. Nothing here calls a non-inlined function: Numba
-    compiles a callee first reached from a fast-math caller with fast-math, and caches it so (the port then
-    no longer matched llama.cpp's bytes)."""
+    reference counts, which took a third of the time. No fast-math: with reassociated sums the ranking
+    depended on the vector width (the arm64 build chose other candidates in near ties, other bytes than
+    x86's), and a plain function first compiled from a fast-math caller is compiled fast-math (the port
+    then lost its bit-exactness); in IEEE order every machine writes the same bytes, at ~0.3x the speed."""
     n = x.shape[0]
     nbr = 1 if w is None else w.shape[0]
     ntile = (n + TILE - 1) // TILE
@@ -344,7 +345,7 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
 @njit(cache=True, parallel=True)
 def _llama_fits(x, kind, has_min, w, sigma2, ld, lm):
     """llama.cpp's importance-weighted fit of each block (kernels.kquantizers' port, bit for bit): its f16 d
-    and m into ld, lm [n_blocks]; x [n_blocks, 32], w [nbr, 32], sigma2 [rows]. Not fast-math (see _q32_search);
+    and m into ld, lm [n_blocks]; x [n_blocks, 32], w [nbr, 32], sigma2 [rows]. Not fast-math, as _q32_search;
     each block and its importance copied into buffers of this thread's own (a view of x or w would count
     references on an array both threads share)."""
     n = x.shape[0]
