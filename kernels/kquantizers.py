@@ -256,12 +256,6 @@ def _make_q3_quants(x, o, n, nmax, L):
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
-@njit(cache=True)
-def _make_qkx(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, v3):
-    """make_qkx2_quants (v3 False) / make_qkx3_quants (v3 True): codes 0..nmax; returns (scale, -min)."""
-    return _make_qkx_at(x, 0, n, nmax, weights, 0, L, rmin, rdelta, nstep, use_mad, v3, np.empty((8, NTRIAL), f32))
-
-
 NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
 
 
@@ -275,7 +269,8 @@ def _qkx_level(v, fmax, v3):
 
 @njit(cache=True)
 def _make_qkx_at(x, o, n, nmax, weights, wo, L, rmin, rdelta, nstep, use_mad, v3, tw):
-    """_make_qkx on x[o:o+n], weights[wo:wo+n], codes into L[o:o+n]; tw [8, NTRIAL] f32 scratch.
+    """make_qkx2_quants (v3 False) / make_qkx3_quants (v3 True) on x[o:o+n], weights[wo:wo+n]: codes 0..nmax
+    into L[o:o+n]; returns (scale, -min). tw [8, NTRIAL] f32 scratch.
 
     llama.cpp tries nstep + 1 scales in turn, and a trial that wins moves the min the later ones start from.
     Here the trials from the current min run side by side (lanes of tw), each one's float32 sums in llama.cpp's
