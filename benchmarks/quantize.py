@@ -155,7 +155,7 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
 
 
 def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: int = 5, seed: int = 0) -> list[dict]:
-    """Per type: Mw/s of ours, the port alone and llama.cpp's quantizer (2 x trials interleaved, median; all on
+    """Per type: Mw/s of ours, the port alone and llama.cpp's quantizer (trials interleaved, median; all on
     os.cpu_count() threads), without and with a lognormal importance vector, and the RMSE reductions."""
     import gguf
 
