@@ -27,6 +27,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from lazymoe.kernels import klanes
+from lazymoe.kernels.f16 import f16_bits, f16_finite
+from lazymoe.kernels.f16 import f16_f32 as _f16
+
 f32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)
@@ -51,7 +55,6 @@ D_STEP = 0.25
 N_UNSHRINK = 2             # rounds of scaling (d, dmin) against the shrink along x, then codes
 # The search only ranks candidates: reductions may be reordered (vectorised); no assumption of finite values.
 FAST = {"reassoc", "contract"}
-F16_MAX = 65504.0
 
 # Per type: (sub-blocks per block, sub-block length, largest code, code offset, smallest and largest
 # sub-block scale, whether it has mins). Kind ids index the rows.
@@ -72,49 +75,6 @@ LAYOUT = np.array([[16, 16, 3, 0, 0, 15, 1, 256, 84],       # q2_k
 
 
 # ---------------------------------------------------------------- scalar helpers (llama.cpp's arithmetic)
-
-@njit(cache=True)
-def f16_round(x: float) -> float:
-    """The float16 value nearest to x (round half to even), as a float; inf beyond f16's range (as F16C)."""
-    ax = abs(x)
-    if ax != ax:
-        return x
-    if ax >= 65520.0:
-        return math.inf if x > 0 else -math.inf
-    if ax < 6.103515625e-05:                     # subnormal f16: quantum 2^-24
-        return round(x * 16777216.0) / 16777216.0
-    m, e = math.frexp(x)                         # x = m·2^e, 0.5 <= |m| < 1: 11 significant bits
-    return math.ldexp(round(m * 2048.0) / 2048.0, e)
-
-
-@njit(cache=True)
-def _f16(x):
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x)) for a float32 x, as float32."""
-    return f32(f16_round(float(x)))
-
-
-@njit(cache=True)
-def f16_finite(x: float) -> float:
-    """Our scales: the nearest f16 value, clamped to f16's finite range (a huge block keeps a finite scale)."""
-    return f16_round(min(F16_MAX, max(-F16_MAX, x)))
-
-
-@njit(cache=True)
-def f16_bits(v: float) -> int:
-    """The IEEE half bits of v, which must be an f16 value (f16_round's output), inf or nan."""
-    s = 0x8000 if (v < 0 or (v == 0 and math.copysign(1.0, v) < 0)) else 0
-    a = abs(v)
-    if a != a:
-        return 0x7e00
-    if a == math.inf:
-        return s | 0x7c00
-    if a == 0:
-        return s
-    if a < 6.103515625e-05:
-        return s | int(round(a * 16777216.0))
-    m, e = math.frexp(a)                          # a = m·2^e, mantissa 2m - 1 in 10 bits
-    return s | ((e + 14) << 10) | int(round((m * 2.0 - 1.0) * 1024.0))
-
 
 @njit(cache=True)
 def _ni(v) -> int:
@@ -1130,6 +1090,11 @@ def _ours_k_for(name: str):
 _ours_q2_k, _ours_q3_k, _ours_q4_k, _ours_q5_k, _ours_q6_k = (_ours_k_for(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
 
 
+# Q3_K's and Q6_K's search with their sub-blocks as lanes (kernels.klanes), the same settings
+_lanes_q3_k, _lanes_q6_k = (klanes.search_for(LAYOUT[KIND[n]], NGRID[n], NIT[n], N_KEEP[n], N_D[n], N_FULL[n],
+                                              N_REFINE[n], N_UNSHRINK, T_LO, T_HI, D_STEP) for n in ("q3_k", "q6_k"))
+
+
 # ---------------------------------------------------------------- packing (ggml-common.h's block layouts)
 
 @njit(cache=True)
@@ -1262,6 +1227,10 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         xb = np.empty(bs, f32)
         qb = np.empty(bs, f32)
         ob = np.empty(tb, np.uint8)
+        if search and (kind == Q3_K or kind == Q6_K):
+            F, B, H = klanes.scratch()
+            _row_sym16(kind, x, r, imp, has_imp, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out)
+            continue
         sigma2 = f32(0.0)
         if has_imp:
             for i in range(C):
@@ -1301,6 +1270,60 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
             _pack(kind, dd, sc, mn, L, ob)
             for i in range(tb):
                 out[r, b * tb + i] = ob[i]
+
+
+@njit(cache=True)
+def _row_sym16(kind, x, r, imp, has_imp, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out):
+    """Row r of a Q3_K or Q6_K matrix with the search, klanes.G blocks at a time: the port (Q3_K without
+    importance: in lanes too, else per block), our search in lanes, per block the better of the two; into
+    out[r]."""
+    nb = x.shape[1] // QK_K
+    tb = LAYOUT[kind, 8]
+    NL = klanes.NL
+    RS = klanes.RS
+    for b0 in range(0, nb, klanes.G):
+        ng = min(klanes.G, nb - b0)
+        nl = 16 * ng
+        for jl in range(nl):
+            for i in range(16):
+                c = QK_K * b0 + 16 * jl + i
+                F[(klanes.XT + i) * RS + jl] = x[r, c]
+                F[(klanes.WT + i) * RS + jl] = imp[c] if has_imp else f32(1.0)
+        if kind == Q3_K and not has_imp:
+            klanes.q3_port(F, nl, B)
+        else:
+            for g in range(ng):
+                for i in range(QK_K):
+                    xb[i] = x[r, QK_K * (b0 + g) + i]
+                    qb[i] = imp[QK_K * (b0 + g) + i]
+                port_block(kind, xb, qb, has_imp, f32(0.0), dd, sc, mn, L, fa, fb, tw)
+                B[klanes.DP, g] = dd[0]
+                for j in range(16):
+                    F[klanes.SCP * RS + 16 * g + j] = sc[j]
+                    F[klanes.FA * RS + 16 * g + j] = fa[j]
+                    for i in range(16):
+                        F[(klanes.LP + i) * RS + 16 * g + j] = L[16 * j + i]
+        if kind == Q3_K:
+            _lanes_q3_k(F, nl, B)
+        else:
+            _lanes_q6_k(F, nl, B)
+        klanes.errors(F, nl, B, H, LAYOUT[kind, 3])
+        for g in range(ng):
+            ep = 0.0
+            eo = 0.0
+            for j in range(16):
+                ep += H[16 * g + j]
+                eo += H[NL + 16 * g + j]
+            ours = B[klanes.OK, g] != 0 and eo < ep
+            rs, rl = (klanes.SC, klanes.LT) if ours else (klanes.SCP, klanes.LP)
+            dd[0], dd[1] = f32(B[klanes.D, g]) if ours else f32(B[klanes.DP, g]), f32(0.0)
+            for j in range(16):
+                sc[j], mn[j] = int(F[rs * RS + 16 * g + j]), 0
+                for i in range(16):
+                    L[16 * j + i] = int(F[(rl + i) * RS + 16 * g + j])
+            _pack(kind, dd, sc, mn, L, ob)
+            for i in range(tb):
+                out[r, (b0 + g) * tb + i] = ob[i]
 
 
 def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
