@@ -167,55 +167,6 @@ def _make_qx(x, o, n, nmax, L, qw, has_qw, tw):
     return scale
 
 
-@njit(cache=True)
-def _make_q3_quants(x, o, n, nmax, L):
-    """make_q3_quants with do_rmse (x²-weighted, greedy code changes) on x[o:o+n]: codes l + nmax into L[o:o+n];
-    returns the scale."""
-    if o < 0 or n <= 0:                           # offsets >= 0: no index wrap-around
-        return f32(0.0)
-    mx = f32(0.0)
-    amax = f32(0.0)
-    for i in range(n):
-        ax = abs(x[o + i])
-        if ax > amax:
-            amax = ax
-            mx = x[o + i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[o + i] = 0
-        return f32(0.0)
-    iscale = f32(-nmax) / mx
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
-    for i in range(n):
-        l = max(-nmax, min(nmax - 1, _ni(iscale * x[o + i])))
-        L[o + i] = l
-        w = x[o + i] * x[o + i]
-        sumlx += w * x[o + i] * f32(l)
-        suml2 += w * f32(l) * f32(l)
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            w = x[o + i] * x[o + i]
-            slx = sumlx - w * x[o + i] * f32(L[o + i])
-            if slx > 0:
-                sl2 = suml2 - w * f32(L[o + i]) * f32(L[o + i])
-                new_l = max(-nmax, min(nmax - 1, _ni(x[o + i] * sl2 / slx)))
-                if new_l != L[o + i]:
-                    slx += w * x[o + i] * f32(new_l)
-                    sl2 += w * f32(new_l) * f32(new_l)
-                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[o + i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    for i in range(n):
-        L[o + i] += nmax
-    return sumlx / suml2 if suml2 > 0 else f32(0.0)
-
-
 NTRIAL = 40       # the most trial scales of a port function (make_qkx3_quants' 37), padded to whole vectors
 
 
@@ -482,47 +433,31 @@ def _port_q2_k(x, qw, has_qw, dd, sc, mn, L, fa, fb, tw):
 
 @njit(cache=True)
 def _port_q3_k(x, qw, has_qw, dd, sc, mn, L, fa, fb):
+    """quantize_row_q3_K_impl; without importance (quantize_row_q3_K_ref) the port is klanes.q3_port."""
+    if not has_qw:
+        raise ValueError("Q3_K's port without importance is klanes.q3_port")
     for i_ in range(16):
         mn[i_] = 0
     dd[1] = f32(0.0)
-    if not has_qw:                                   # quantize_row_q3_K_ref
-        max_scale = f32(0.0)
-        amax = f32(0.0)
-        for j in range(16):
-            s = _make_q3_quants(x, 16 * j, 16, 4, L)
-            fa[j] = s
-            if abs(s) > amax:
-                amax = abs(s)
-                max_scale = s
-        if max_scale != 0:
-            iscale = f32(-32.0) / max_scale
-            for j in range(16):
-                sc[j] = max(-32, min(31, _ni(iscale * fa[j])))
-            dd[0] = _f16(f32(1.0) / iscale)
-        else:
-            for i_ in range(16):
-                sc[i_] = -32
-            dd[0] = f32(0.0)
-    else:                                            # quantize_row_q3_K_impl
-        wt = np.empty(16, f32)
-        sw = np.empty(16, f32)
-        Ls = np.empty(16, np.int64)
-        sumx2 = f32(0.0)
-        for j in range(256):
-            sumx2 += x[j] * x[j]
-        sigma2 = f32(2.0) * sumx2 / f32(256.0)
-        for j in range(16):
-            for l in range(16):
-                wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
-            sumw = f32(0.0)
-            for l in range(16):
-                sumw += wt[l]
-            sw[j] = sumw
-            fa[j] = _make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, wt, True)
-        d_block = _make_qx_quants(16, 32, fa, Ls, 1, sw, True)
-        for j in range(16):
-            sc[j] = (Ls[j] & 63) - 32
-        dd[0] = _f16(d_block)
+    wt = np.empty(16, f32)
+    sw = np.empty(16, f32)
+    Ls = np.empty(16, np.int64)
+    sumx2 = f32(0.0)
+    for j in range(256):
+        sumx2 += x[j] * x[j]
+    sigma2 = f32(2.0) * sumx2 / f32(256.0)
+    for j in range(16):
+        for l in range(16):
+            wt[l] = qw[16 * j + l] * f32(math.sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]))
+        sumw = f32(0.0)
+        for l in range(16):
+            sumw += wt[l]
+        sw[j] = sumw
+        fa[j] = _make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, wt, True)
+    d_block = _make_qx_quants(16, 32, fa, Ls, 1, sw, True)
+    for j in range(16):
+        sc[j] = (Ls[j] & 63) - 32
+    dd[0] = _f16(d_block)
     for j in range(16):
         fb[j] = f32(0.0)
     _requant_sym(x, 16, 16, 4, dd, sc, L)
@@ -1227,9 +1162,9 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         xb = np.empty(bs, f32)
         qb = np.empty(bs, f32)
         ob = np.empty(tb, np.uint8)
-        if search and (kind == Q3_K or kind == Q6_K):
+        if kind == Q3_K or kind == Q6_K:
             F, B, H = klanes.scratch()
-            _row_sym16(kind, x, r, imp, has_imp, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out)
+            _row_sym16(kind, x, r, imp, has_imp, search, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out)
             continue
         sigma2 = f32(0.0)
         if has_imp:
@@ -1273,10 +1208,9 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
 
 
 @njit(cache=True)
-def _row_sym16(kind, x, r, imp, has_imp, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out):
-    """Row r of a Q3_K or Q6_K matrix with the search, klanes.G blocks at a time: the port (Q3_K without
-    importance: in lanes too, else per block), our search in lanes, per block the better of the two; into
-    out[r]."""
+def _row_sym16(kind, x, r, imp, has_imp, search, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out):
+    """Row r of a Q3_K or Q6_K matrix, klanes.G blocks at a time: the port (Q3_K without importance in lanes
+    too, else per block), and with search our search in lanes and per block the better of the two; into out[r]."""
     nb = x.shape[1] // QK_K
     tb = LAYOUT[kind, 8]
     NL = klanes.NL
@@ -1303,17 +1237,22 @@ def _row_sym16(kind, x, r, imp, has_imp, F, B, H, dd, sc, mn, L, fa, fb, xb, qb,
                     F[klanes.FA * RS + 16 * g + j] = fa[j]
                     for i in range(16):
                         F[(klanes.LP + i) * RS + 16 * g + j] = L[16 * j + i]
-        if kind == Q3_K:
+        if not search:
+            for g in range(ng):
+                B[klanes.OK, g] = 0.0
+        elif kind == Q3_K:
             _lanes_q3_k(F, nl, B)
         else:
             _lanes_q6_k(F, nl, B)
-        klanes.errors(F, nl, B, H, LAYOUT[kind, 3])
+        if search:
+            klanes.errors(F, nl, B, H, LAYOUT[kind, 3])
         for g in range(ng):
             ep = 0.0
             eo = 0.0
-            for j in range(16):
-                ep += H[16 * g + j]
-                eo += H[NL + 16 * g + j]
+            if B[klanes.OK, g] != 0:
+                for j in range(16):
+                    ep += H[16 * g + j]
+                    eo += H[NL + 16 * g + j]
             ours = B[klanes.OK, g] != 0 and eo < ep
             rs, rl = (klanes.SC, klanes.LT) if ours else (klanes.SCP, klanes.LP)
             dd[0], dd[1] = f32(B[klanes.D, g]) if ours else f32(B[klanes.DP, g]), f32(0.0)

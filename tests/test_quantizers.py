@@ -81,6 +81,24 @@ def test_port_is_llama_cpp_bit_for_bit(name, imatrix):
     assert bad.size == 0, f"{name}: rows {bad.tolist()} differ from llama.cpp's bytes"
 
 
+@pytest.mark.parametrize("name", ["q3_k", "q6_k"])
+@pytest.mark.parametrize("imatrix", [False, True])
+def test_port_in_lanes_is_llama_cpp_on_partial_groups_and_odd_sub_blocks(name, imatrix):
+    """Q3_K and Q6_K run klanes.G blocks at a time: a row of 3 blocks leaves a partial group; zero, tiny and
+    constant sub-blocks take the ports' special cases."""
+    x = weights("student_t3", 6, 768, 4)
+    x[0, 16:32] = 0
+    x[1, :256] = 0
+    x[2, 32:48] = 1e-30
+    x[3, 48:64] = 0.5
+    x[4, 256:512] *= 1e4
+    imp = np.random.default_rng(5).exponential(size=768).astype(np.float32) if imatrix else None
+    ref = llama_cpp_quantize(x, name, imp)
+    assert (kq.quantize_blocks(x, name, imp, search=False) == ref).all()
+    ours = kq.quantize_blocks(x, name, imp)
+    assert (row_errors(ours, x, name, imp) <= row_errors(ref, x, name, imp)).all()
+
+
 @pytest.mark.parametrize("ftype,name", [("Q4_K_M", "q4_k"), ("Q2_K", "q2_k")])
 def test_chunk_reference_is_what_llama_model_quantize_writes(tmp_path, ftype, name):
     """The reference the other tests call (ggml_quantize_chunk) against llama_model_quantize on a model file."""
