@@ -48,7 +48,7 @@ NB = CE0 + NCAND
 @njit(cache=True)
 def scratch():
     """F, B and H (float64 [2 * NL]: per lane the errors of the port's and our representation) for one thread."""
-    return np.zeros(NROWS * RS, f32), np.zeros((NB, G), np.float64), np.zeros(2 * NL)
+    return np.empty(NROWS * RS, f32), np.empty((NB, G), np.float64), np.empty(2 * NL)
 
 
 # ---------------------------------------------------------------- Q3_K's port (IEEE float32, llama.cpp's order)

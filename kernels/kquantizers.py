@@ -1022,7 +1022,7 @@ def _ours_k_for(name: str):
     return ours
 
 
-_ours_q2_k, _ours_q3_k, _ours_q4_k, _ours_q5_k, _ours_q6_k = (_ours_k_for(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
+_ours_q2_k, _ours_q4_k, _ours_q5_k = (_ours_k_for(n) for n in ("q2_k", "q4_k", "q5_k"))   # Q3_K, Q6_K: klanes
 
 
 # Q3_K's and Q6_K's search with their sub-blocks as lanes (kernels.klanes), the same settings
@@ -1133,7 +1133,8 @@ def _pack(kind, dd, sc, mn, L, out):
 def quantize_rows(kind, x, imp, has_imp, search, out):
     """x [R, C] float32 -> out [R, C/bs*type_size] uint8; imp [C] float32 (used when has_imp).
 
-    search False: llama.cpp's quantizer (the port) alone; True: per block the better of it and ours.
+    search False: llama.cpp's quantizer (the port) alone; True: per block the better of it and ours. Every type
+    but Q3_K and Q6_K (quantize_sym16).
     """
     R, C = x.shape
     nsub, bs, tb = LAYOUT[kind, 0], LAYOUT[kind, 7], LAYOUT[kind, 8]
@@ -1162,10 +1163,6 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
         xb = np.empty(bs, f32)
         qb = np.empty(bs, f32)
         ob = np.empty(tb, np.uint8)
-        if kind == Q3_K or kind == Q6_K:
-            F, B, H = klanes.scratch()
-            _row_sym16(kind, x, r, imp, has_imp, search, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out)
-            continue
         sigma2 = f32(0.0)
         if has_imp:
             for i in range(C):
@@ -1188,14 +1185,10 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
                     L2[i] = L[i]
                 if kind == Q2_K:
                     _ours_q2_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
-                elif kind == Q3_K:
-                    _ours_q3_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 elif kind == Q4_K:
                     _ours_q4_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
-                elif kind == Q5_K:
-                    _ours_q5_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 else:
-                    _ours_q6_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
+                    _ours_q5_k(xb, w32, dd2, sc2, mn2, L2, fa, fb, fw, tsc, tmn, tL, sL)
                 if block_error(kind, xb, w, dd2, sc2, mn2, L2) < block_error(kind, xb, w, dd, sc, mn, L):
                     dd[0], dd[1] = dd2[0], dd2[1]
                     for j in range(nsub):
@@ -1207,62 +1200,83 @@ def quantize_rows(kind, x, imp, has_imp, search, out):
                 out[r, b * tb + i] = ob[i]
 
 
-@njit(cache=True)
-def _row_sym16(kind, x, r, imp, has_imp, search, F, B, H, dd, sc, mn, L, fa, fb, xb, qb, ob, tw, out):
-    """Row r of a Q3_K or Q6_K matrix, klanes.G blocks at a time: the port (Q3_K without importance in lanes
-    too, else per block), and with search our search in lanes and per block the better of the two; into out[r]."""
-    nb = x.shape[1] // QK_K
+CHUNK = 32                 # blocks per parallel task of the lanes driver (scratch allocated once per task)
+
+
+@njit(cache=True, parallel=True)
+def quantize_sym16(kind, x, imp, has_imp, search, out):
+    """quantize_rows for Q3_K and Q6_K: the matrix's blocks in row-major order, klanes.G at a time (across rows:
+    a row of one block fills the lanes too); the port (Q3_K without importance in lanes too, else per block),
+    and with search our search in lanes and per block the better of the two."""
+    R, C = x.shape
+    nb = C // QK_K
     tb = LAYOUT[kind, 8]
     NL = klanes.NL
     RS = klanes.RS
-    for b0 in range(0, nb, klanes.G):
-        ng = min(klanes.G, nb - b0)
-        nl = 16 * ng
-        for jl in range(nl):
-            for i in range(16):
-                c = QK_K * b0 + 16 * jl + i
-                F[(klanes.XT + i) * RS + jl] = x[r, c]
-                F[(klanes.WT + i) * RS + jl] = imp[c] if has_imp else f32(1.0)
-        if kind == Q3_K and not has_imp:
-            klanes.q3_port(F, nl, B)
-        else:
+    total = R * nb
+    for t in prange((total + CHUNK - 1) // CHUNK):
+        F, B, H = klanes.scratch()
+        dd = np.empty(2, f32)
+        sc = np.empty(16, np.int64)
+        mn = np.zeros(16, np.int64)
+        L = np.empty(QK_K, np.int64)
+        fa = np.empty(16, f32)
+        fb = np.empty(16, f32)
+        tw = np.empty((8, NTRIAL), f32)
+        xb = np.empty(QK_K, f32)
+        qb = np.empty(QK_K, f32)
+        ob = np.empty(tb, np.uint8)
+        for k0 in range(CHUNK * t, min(total, CHUNK * (t + 1)), klanes.G):
+            ng = min(klanes.G, total - k0, CHUNK * (t + 1) - k0)
+            nl = 16 * ng
             for g in range(ng):
-                for i in range(QK_K):
-                    xb[i] = x[r, QK_K * (b0 + g) + i]
-                    qb[i] = imp[QK_K * (b0 + g) + i]
-                port_block(kind, xb, qb, has_imp, f32(0.0), dd, sc, mn, L, fa, fb, tw)
-                B[klanes.DP, g] = dd[0]
+                r, c0 = (k0 + g) // nb, QK_K * ((k0 + g) % nb)
                 for j in range(16):
-                    F[klanes.SCP * RS + 16 * g + j] = sc[j]
-                    F[klanes.FA * RS + 16 * g + j] = fa[j]
                     for i in range(16):
-                        F[(klanes.LP + i) * RS + 16 * g + j] = L[16 * j + i]
-        if not search:
+                        F[(klanes.XT + i) * RS + 16 * g + j] = x[r, c0 + 16 * j + i]
+                        F[(klanes.WT + i) * RS + 16 * g + j] = imp[c0 + 16 * j + i] if has_imp else f32(1.0)
+            if kind == Q3_K and not has_imp:
+                klanes.q3_port(F, nl, B)
+            else:
+                for g in range(ng):
+                    r, c0 = (k0 + g) // nb, QK_K * ((k0 + g) % nb)
+                    for i in range(QK_K):
+                        xb[i] = x[r, c0 + i]
+                        qb[i] = imp[c0 + i]
+                    port_block(kind, xb, qb, has_imp, f32(0.0), dd, sc, mn, L, fa, fb, tw)
+                    B[klanes.DP, g] = dd[0]
+                    for j in range(16):
+                        F[klanes.SCP * RS + 16 * g + j] = sc[j]
+                        F[klanes.FA * RS + 16 * g + j] = fa[j]
+                        for i in range(16):
+                            F[(klanes.LP + i) * RS + 16 * g + j] = L[16 * j + i]
+            if not search:
+                for g in range(ng):
+                    B[klanes.OK, g] = 0.0
+            elif kind == Q3_K:
+                _lanes_q3_k(F, nl, B)
+            else:
+                _lanes_q6_k(F, nl, B)
+            if search:
+                klanes.errors(F, nl, B, H, LAYOUT[kind, 3])
             for g in range(ng):
-                B[klanes.OK, g] = 0.0
-        elif kind == Q3_K:
-            _lanes_q3_k(F, nl, B)
-        else:
-            _lanes_q6_k(F, nl, B)
-        if search:
-            klanes.errors(F, nl, B, H, LAYOUT[kind, 3])
-        for g in range(ng):
-            ep = 0.0
-            eo = 0.0
-            if B[klanes.OK, g] != 0:
+                ep = 0.0
+                eo = 0.0
+                if B[klanes.OK, g] != 0:
+                    for j in range(16):
+                        ep += H[16 * g + j]
+                        eo += H[NL + 16 * g + j]
+                ours = B[klanes.OK, g] != 0 and eo < ep
+                rs, rl = (klanes.SC, klanes.LT) if ours else (klanes.SCP, klanes.LP)
+                dd[0], dd[1] = f32(B[klanes.D, g]) if ours else f32(B[klanes.DP, g]), f32(0.0)
                 for j in range(16):
-                    ep += H[16 * g + j]
-                    eo += H[NL + 16 * g + j]
-            ours = B[klanes.OK, g] != 0 and eo < ep
-            rs, rl = (klanes.SC, klanes.LT) if ours else (klanes.SCP, klanes.LP)
-            dd[0], dd[1] = f32(B[klanes.D, g]) if ours else f32(B[klanes.DP, g]), f32(0.0)
-            for j in range(16):
-                sc[j], mn[j] = int(F[rs * RS + 16 * g + j]), 0
-                for i in range(16):
-                    L[16 * j + i] = int(F[(rl + i) * RS + 16 * g + j])
-            _pack(kind, dd, sc, mn, L, ob)
-            for i in range(tb):
-                out[r, (b0 + g) * tb + i] = ob[i]
+                    sc[j] = int(F[rs * RS + 16 * g + j])
+                    for i in range(16):
+                        L[16 * j + i] = int(F[(rl + i) * RS + 16 * g + j])
+                _pack(kind, dd, sc, mn, L, ob)
+                r, b = (k0 + g) // nb, (k0 + g) % nb
+                for i in range(tb):
+                    out[r, b * tb + i] = ob[i]
 
 
 def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = None, search: bool = True) -> np.ndarray:
@@ -1279,5 +1293,8 @@ def quantize_blocks(x: np.ndarray, name: str, importance: np.ndarray | None = No
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], x.shape[1] // bs * tb), np.uint8)
     imp = np.ones(x.shape[1], np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-    quantize_rows(kind, x, imp, importance is not None, search, out)
+    if kind == Q3_K or kind == Q6_K:
+        quantize_sym16(kind, x, imp, importance is not None, search, out)
+    else:
+        quantize_rows(kind, x, imp, importance is not None, search, out)
     return out
