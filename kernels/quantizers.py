@@ -43,9 +43,10 @@ F16_MAX = np.float32(65504.0)
 # The search runs on NL consecutive blocks at once, block j of the group in column j of a thread's scratch: every
 # step is a loop over the lanes j that carries nothing from one lane to the next, and each lane does the float32
 # operations of one block searched alone, in the same order (sums over the weights in order i = 0..31), so LLVM
-# vectorises across the blocks without reassociating anything: the bytes are the same on every machine.
+# vectorises across the blocks without reassociating anything: the bytes are the same on every machine. 32
+# lanes: 16 ran at ~0.6x their speed (each group's fixed costs), 48 and 64 within the noise of 32.
 NL = 32
-NC = 16                  # candidates at most (T_NEG_W + T_POS_W, T_RANGE_W)
+NC = max(T_NEG.size + T_POS.size, T_RANGE.size, T_NEG_W.size + T_POS_W.size, T_RANGE_W.size)   # candidates at most
 # Rows of the scratch [NR, NL] float32: one array, so LLVM sees every access at a constant offset from one base
 # and needs no run-time alias checks between the rows.
 R_X = 0                  # [32] the group's weights: weight i of lane j at [R_X + i, j]
@@ -53,7 +54,8 @@ R_W = R_X + QK           # [32] their importance (with one)
 R_Q = R_W + QK           # [32] the codes
 R_S = R_Q + QK           # [3 * NC] each candidate's sums
 R_T = R_S + 3 * NC       # [16] temporaries of one step
-R_V = R_T + 16           # [12] values per lane: lo, hi, vmax, da, ma, db, mb, ...
+R_V = R_T + 16           # one value per lane each: the range, the two candidates (d, m), scratch
+V_LO, V_HI, V_VMAX, V_DA, V_MA, V_DB, V_MB, V_T, V_INV, V_F16, V_HD, V_HM = range(R_V, R_V + 12)
 NR = R_V + 12
 
 
@@ -259,8 +261,8 @@ def _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv):
     """The group's two candidates per block as f16 values, into the rows of sc: (d, m) of our best, and of
     llama.cpp's quantizer without an importance (max/-offset, or (max - min)/qmax with min m; with one the
     caller puts _llama_fits' there)."""
-    lo, hi, vmax, da, ma, db, mb = sc[R_V], sc[R_V + 1], sc[R_V + 2], sc[R_V + 3], sc[R_V + 4], sc[R_V + 5], sc[R_V + 6]
-    t = sc[R_V + 7]
+    lo, hi, vmax, da, ma, db, mb = sc[V_LO], sc[V_HI], sc[V_VMAX], sc[V_DA], sc[V_MA], sc[V_DB], sc[V_MB]
+    t = sc[V_T]
     s1, s2, s3 = sc[R_S:R_S + NC], sc[R_S + NC:R_S + 2 * NC], sc[R_S + 2 * NC:R_S + 3 * NC]
     tmp = sc[R_T:R_T + 16]
     _range(xt, lo, hi)
@@ -304,7 +306,7 @@ def _keep_better(xt, wt, w, qmax, qoff, sc):
     """Per block, (da, ma) <- (db, mb) where those dequantize as close or closer, each with the best codes for
     its f16 values (squared error weighted by wt [32, NL] when w is not None, summed in float32: every term is
     positive, so it is within ~1e-6 of its value)."""
-    da, ma, db, mb = sc[R_V + 3], sc[R_V + 4], sc[R_V + 5], sc[R_V + 6]
+    da, ma, db, mb = sc[V_DA], sc[V_MA], sc[V_DB], sc[V_MB]
     ia, ib, ea, eb = sc[R_T], sc[R_T + 1], sc[R_T + 2], sc[R_T + 3]
     fo = np.float32(qoff)
     for j in range(NL):
@@ -329,10 +331,10 @@ def _pack(xt, qmax, qoff, sc, si, out, b0, nb):
     """Blocks b0 .. b0+nb-1's bytes (ggml-common.h) from (da, ma) of sc: f16 d, f16 m with a min, 32 high bits
     for 5-bit codes, then nibbles (byte j = q[j] & 15 | (q[j+16] & 15) << 4), codes the best for the stored d
     and m; si: sc's int32 view."""
-    d, m, inv = sc[R_V + 3], sc[R_V + 4], sc[R_V + 8]
+    d, m, inv = sc[V_DA], sc[V_MA], sc[V_INV]
     q = sc[R_Q:R_Q + QK]
-    fv, iv = sc[R_V + 9], si[R_V + 9]
-    hd, hm, qh = si[R_V + 10], si[R_V + 11], si[R_T]
+    fv, iv = sc[V_F16], si[V_F16]
+    hd, hm, qh = si[V_HD], si[V_HM], si[R_T]
     nib = si[R_S:R_S + 16]                                      # the sums are done with
     for j in range(NL):
         inv[j] = np.float32(1.0) / d[j] if d[j] != 0 else np.float32(0.0)
@@ -390,8 +392,8 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
         sc = np.empty((NR, NL), np.float32)
         si = sc.view(np.int32)
         xt, wt = sc[R_X:R_X + QK], sc[R_W:R_W + QK]
-        db, mb = sc[R_V + 5], sc[R_V + 6]
-        fv, iv = sc[R_V + 9], si[R_V + 9]
+        db, mb = sc[V_DB], sc[V_MB]
+        fv, iv = sc[V_F16], si[V_F16]
         for g in range(t * step, min(ngroup, (t + 1) * step)):
             b0 = g * NL
             nb = min(NL, n - b0)
