@@ -3,7 +3,7 @@
     python -m lazymoe.benchmarks.quantize error [--types q4_k,q6_k] [--json]
     python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--type q4_0] [--expert-type T] [--json]
     python -m lazymoe.benchmarks.quantize part [--type q4_k] [--json]
-    python -m lazymoe.benchmarks.quantize speed [--types q4_k,q6_k] [--threads N] [--json]
+    python -m lazymoe.benchmarks.quantize speed [--types q4_k,q6_k] [--json]
 
 `error`: for each block type, RMSE of ours and of llama.cpp's quantizer (llama-cpp-python's libggml,
 `ggml_quantize_chunk`: what `llama_model_quantize` runs per chunk of rows) on gaussian and Student-t(3)
@@ -154,19 +154,12 @@ def bench_error(rows: int = 256, cols: int = 4096, seed: int = 0, trials: int = 
     return out
 
 
-def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: int = 5, seed: int = 0,
-                threads: int | None = None) -> list[dict]:
+def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: int = 5, seed: int = 0) -> list[dict]:
     """Per type: Mw/s of ours, the port alone and llama.cpp's quantizer (trials interleaved, median; all on
-    `threads` threads, default os.cpu_count(): Numba's and llama.cpp's alike), without and with a lognormal
-    importance vector, and the RMSE reductions."""
+    os.cpu_count() threads), without and with a lognormal importance vector, and the RMSE reductions."""
     import gguf
-    import numba
 
     from lazymoe.kernels.quantizers import quantize
-
-    if threads:
-        threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(threads)
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, cols)).astype(np.float32)
@@ -175,9 +168,9 @@ def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: in
     for name in types:
         t = gguf.GGMLQuantizationType[name.upper()]
         runs = {"ours": lambda n=name: quantize(x, n), "port": lambda n=name: quantize(x, n, search=False),
-                "llama_cpp": lambda n=name: llama_cpp_quantize(x, n, threads=threads),
+                "llama_cpp": lambda n=name: llama_cpp_quantize(x, n),
                 "ours_imatrix": lambda n=name: quantize(x, n, imp),
-                "llama_cpp_imatrix": lambda n=name: llama_cpp_quantize(x, n, imp, threads=threads)}
+                "llama_cpp_imatrix": lambda n=name: llama_cpp_quantize(x, n, imp)}
         for f in runs.values():                                                   # JIT warm-up
             f()
         secs: dict[str, list[float]] = {k: [] for k in runs}
@@ -322,8 +315,6 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error` and `speed`")
     ap.add_argument("--float-model", default=None, metavar="GGUF",
                     help="error: also every matrix of this float GGUF (e.g. the F32 demo model train_demo re-makes)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="speed: threads for ours (Numba) and llama.cpp's alike (default: every core)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
@@ -344,7 +335,7 @@ def main(argv=None) -> int:
                   f"{r['port_mweights_per_s'] / r['llama_cpp_mweights_per_s']:10.2f}")
         return 0
     if a.what == "speed":
-        rows = bench_speed([t.strip().lower() for t in a.types.split(",") if t.strip()], threads=a.threads)
+        rows = bench_speed([t.strip().lower() for t in a.types.split(",") if t.strip()])
         if a.json:
             print(json.dumps({"machine": machine, "speed": rows}))
             return 0
