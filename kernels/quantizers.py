@@ -369,7 +369,46 @@ def _pack(xt, qmax, qoff, sc, si, out, b0, nb):
             out[b, o + i] = nib[i, j]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
+def _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, g0, g1):
+    """_q32_search's groups g0 .. g1-1 (NL blocks each), on one thread with a scratch of its own. A function of
+    its own, not the prange body: Numba's parallel passes copy and propagate through a loop body, and this
+    one (the helpers inlined) took them 15 s more to compile than the search runs in a minute. error_model
+    numpy: a division checked for zero is a branch that no loop vectorises (every division is guarded or its
+    lane's result discarded)."""
+    n = x.shape[0]
+    nbr = 1 if w is None else w.shape[0]
+    sc = np.empty((NR, NL), np.float32)
+    si = sc.view(np.int32)
+    xt, wt = sc[R_X:R_X + QK], sc[R_W:R_W + QK]
+    db, mb = sc[V_DB], sc[V_MB]
+    fv, iv = sc[V_F16], si[V_F16]
+    for g in range(g0, g1):
+        b0 = g * NL
+        nb = min(NL, n - b0)
+        for j in range(nb):
+            for i in range(QK):
+                xt[i, j] = x[b0 + j, i]
+        for j in range(nb, NL):
+            for i in range(QK):
+                xt[i, j] = np.float32(0.0)
+        if w is not None:
+            for j in range(nb):
+                for i in range(QK):
+                    wt[i, j] = w[(b0 + j) % nbr, i]
+            for j in range(nb, NL):
+                for i in range(QK):
+                    wt[i, j] = np.float32(0.0)
+        _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv)
+        if w is not None:
+            for j in range(nb):
+                db[j] = ld[b0 + j]
+                mb[j] = lm[b0 + j]
+        _keep_better(xt, wt, w, qmax, qoff, sc)
+        _pack(xt, qmax, qoff, sc, si, out, b0, nb)
+
+
+@njit(cache=True, parallel=True)
 def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     """x [n_blocks, 32] float32 (rows of C = 32·nbr weights, one after another) -> out [n_blocks, type_size]
     uint8 (_pack's layout); w: None, or the importance [nbr, 32] with llama.cpp's f16 d and m for it, ld, lm
@@ -380,43 +419,12 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     padded with zeros). The helpers are inlined: a call that passes arrays costs atomic reference counts.
     No fast-math: with reassociated sums the ranking depended on the vector width (the arm64 build chose
     other candidates in near ties, other bytes than x86's), and a plain function first compiled from a
-    fast-math caller is compiled fast-math; in IEEE order every machine writes the same bytes. error_model
-    numpy: a division checked for zero is a branch that no loop vectorises (every division is guarded or
-    its lane's result discarded)."""
-    n = x.shape[0]
-    nbr = 1 if w is None else w.shape[0]
-    ngroup = (n + NL - 1) // NL
+    fast-math caller is compiled fast-math; in IEEE order every machine writes the same bytes."""
+    ngroup = (x.shape[0] + NL - 1) // NL
     nthr = min(ngroup, 64)
     step = (ngroup + nthr - 1) // nthr
     for t in prange(nthr):
-        sc = np.empty((NR, NL), np.float32)
-        si = sc.view(np.int32)
-        xt, wt = sc[R_X:R_X + QK], sc[R_W:R_W + QK]
-        db, mb = sc[V_DB], sc[V_MB]
-        fv, iv = sc[V_F16], si[V_F16]
-        for g in range(t * step, min(ngroup, (t + 1) * step)):
-            b0 = g * NL
-            nb = min(NL, n - b0)
-            for j in range(nb):
-                for i in range(QK):
-                    xt[i, j] = x[b0 + j, i]
-            for j in range(nb, NL):
-                for i in range(QK):
-                    xt[i, j] = np.float32(0.0)
-            if w is not None:
-                for j in range(nb):
-                    for i in range(QK):
-                        wt[i, j] = w[(b0 + j) % nbr, i]
-                for j in range(nb, NL):
-                    for i in range(QK):
-                        wt[i, j] = np.float32(0.0)
-            _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv)
-            if w is not None:
-                for j in range(nb):
-                    db[j] = ld[b0 + j]
-                    mb[j] = lm[b0 + j]
-            _keep_better(xt, wt, w, qmax, qoff, sc)
-            _pack(xt, qmax, qoff, sc, si, out, b0, nb)
+        _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, t * step, min(ngroup, (t + 1) * step))
 
 
 @njit(cache=True, parallel=True)
