@@ -55,37 +55,38 @@ R_Q = R_W + QK           # [32] the codes
 R_S = R_Q + QK           # [3 * NC] each candidate's sums
 R_T = R_S + 3 * NC       # [16] temporaries of one step
 R_V = R_T + 16           # one value per lane each: the range, the two candidates (d, m), scratch
-V_LO, V_HI, V_VMAX, V_DA, V_MA, V_DB, V_MB, V_T, V_INV, V_F16, V_HD, V_HM = range(R_V, R_V + 12)
-NR = R_V + 12
+V_LO, V_HI, V_VMAX, V_DA, V_MA, V_DB, V_MB, V_INV, V_F16, V_HD, V_HM = range(R_V, R_V + 11)
+NR = R_V + 11
 
 
 @njit(cache=True, inline="always")
-def _f16(v, r, fv, iv):
-    """r [NL] <- the nearest f16 value to the float32 v [NL] (round half to even, as F16C), clamped to f16's
-    finite range, as float32; fv [NL] float32 and iv, its int32 view, are scratch: the rounding is done on v's
-    bits. r may be v."""
-    for j in range(NL):
-        fv[j] = min(F16_MAX, max(-F16_MAX, v[j]))
-    for j in range(NL):
-        u = iv[j]
-        iv[j] = (u + 0xFFF + ((u >> 13) & 1)) & -8192             # 23 -> 10 mantissa bits, ties to even
-    for j in range(NL):
-        c = min(F16_MAX, max(-F16_MAX, v[j]))
-        sub = np.float32(np.rint(np.float64(c) * 16777216.0) / 16777216.0)   # f16 subnormals: multiples of 2^-24
-        r[j] = sub if abs(c) < np.float32(6.103515625e-05) else fv[j]
+def _f16(sc, si, r0, r1):
+    """Rows r0 .. r1-1 of sc [NR, NL] <- the nearest f16 values (round half to even, as F16C), clamped to f16's
+    finite range, as float32, in place; si: sc's int32 view (the rounding is done on the bits, in row V_F16)."""
+    fv, iv = sc[V_F16], si[V_F16]
+    for r in range(r0, r1):
+        for j in range(NL):
+            fv[j] = min(F16_MAX, max(-F16_MAX, sc[r, j]))
+        for j in range(NL):
+            u = iv[j]
+            iv[j] = (u + 0xFFF + ((u >> 13) & 1)) & -8192         # 23 -> 10 mantissa bits, ties to even
+        for j in range(NL):
+            c = min(F16_MAX, max(-F16_MAX, sc[r, j]))
+            sub = np.float32(np.rint(np.float64(c) * 16777216.0) / 16777216.0)   # f16 subnormals: 2^-24 steps
+            sc[r, j] = sub if abs(c) < np.float32(6.103515625e-05) else fv[j]
 
 
 @njit(cache=True, inline="always")
-def _f16_bits(v, fv, iv, h):
-    """h [NL] int32 <- the IEEE half bits of the f16-exact float32 v [NL]; fv, iv as _f16."""
-    for j in range(NL):
-        fv[j] = v[j]
-    for j in range(NL):
-        u = iv[j]
-        a = u & 0x7FFFFFFF
-        hn = ((a >> 13) - (112 << 10)) & 0x7FFF                   # normal f16: rebias the exponent 127 -> 15
-        hs = int(abs(np.float64(fv[j])) * 16777216.0)            # subnormal f16 (or 0): multiples of 2^-24
-        h[j] = (hn if a >= 0x38800000 else hs) | ((u >> 16) & 0x8000)
+def _f16_bits(sc, si, r0, n, h0):
+    """Rows h0 .. h0+n-1 of si <- the IEEE half bits of the f16-exact float32 rows r0 .. r0+n-1 of sc (si: sc's
+    int32 view)."""
+    for k in range(n):
+        for j in range(NL):
+            u = si[r0 + k, j]
+            a = u & 0x7FFFFFFF
+            hn = ((a >> 13) - (112 << 10)) & 0x7FFF               # normal f16: rebias the exponent 127 -> 15
+            hs = int(abs(np.float64(sc[r0 + k, j])) * 16777216.0)   # subnormal f16 (or 0): 2^-24 steps
+            si[h0 + k, j] = (hn if a >= 0x38800000 else hs) | ((u >> 16) & 0x8000)
 
 
 @njit(cache=True, inline="always")
@@ -257,28 +258,19 @@ def _code(xi, inv, m, qmax, qoff):
 
 
 @njit(cache=True, inline="always")
-def _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv):
-    """The group's two candidates per block as f16 values, into the rows of sc: (d, m) of our best, and of
-    llama.cpp's quantizer without an importance (max/-offset, or (max - min)/qmax with min m; with one the
-    caller puts _llama_fits' there)."""
+def _candidates(xt, wt, w, qmax, qoff, has_min, sc, si):
+    """The group's two candidates per block as f16 values, into rows V_DA .. V_MB of sc: (d, m) of our best,
+    and of llama.cpp's quantizer without an importance (max/-offset, or (max - min)/qmax with min m; with one
+    the caller puts _llama_fits' there); si: sc's int32 view."""
     lo, hi, vmax, da, ma, db, mb = sc[V_LO], sc[V_HI], sc[V_VMAX], sc[V_DA], sc[V_MA], sc[V_DB], sc[V_MB]
-    t = sc[V_T]
     s1, s2, s3 = sc[R_S:R_S + NC], sc[R_S + NC:R_S + 2 * NC], sc[R_S + 2 * NC:R_S + 3 * NC]
     tmp = sc[R_T:R_T + 16]
     _range(xt, lo, hi)
     if has_min:
         _rank_min(xt, wt, w, lo, hi, qmax, s1, s2, s3, tmp, da, ma)
-        _f16(da, da, fv, iv)
-        _f16(ma, ma, fv, iv)
         for j in range(NL):
-            t[j] = (hi[j] - lo[j]) / np.float32(qmax)
-        _f16(t, db, fv, iv)
-        _f16(lo, mb, fv, iv)
-        for j in range(NL):                                     # constant block: d 0, m its value (to f16)
-            flat = hi[j] == lo[j]
-            da[j] = np.float32(0.0) if flat else da[j]
-            ma[j] = mb[j] if flat else ma[j]
-            db[j] = np.float32(0.0) if flat else db[j]
+            db[j] = (hi[j] - lo[j]) / np.float32(qmax)
+            mb[j] = lo[j]
     else:
         tie = False
         for j in range(NL):
@@ -290,15 +282,21 @@ def _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv):
                     first = (hi[j] == -lo[j]) & (abs(xt[i, j]) == hi[j])
                     vmax[j] = xt[i, j] if first else vmax[j]
         _rank_sym(xt, wt, w, vmax, qmax, qoff, s1, s2, tmp, da)
-        _f16(da, da, fv, iv)
         for j in range(NL):
-            t[j] = vmax[j] / np.float32(-qoff)
-        _f16(t, db, fv, iv)
+            db[j] = vmax[j] / np.float32(-qoff)
+            ma[j] = mb[j] = np.float32(0.0)
+    _f16(sc, si, V_DA, V_MB + 1)                                # da, ma, db, mb, one after another
+    if has_min:
+        for j in range(NL):                                     # constant block: d 0, m its value (to f16)
+            flat = hi[j] == lo[j]
+            da[j] = np.float32(0.0) if flat else da[j]
+            ma[j] = mb[j] if flat else ma[j]
+            db[j] = np.float32(0.0) if flat else db[j]
+    else:
         for j in range(NL):
             zero = vmax[j] == 0
             da[j] = np.float32(0.0) if zero else da[j]
             db[j] = np.float32(0.0) if zero else db[j]
-            ma[j] = mb[j] = np.float32(0.0)
 
 
 @njit(cache=True, inline="always")
@@ -333,7 +331,6 @@ def _pack(xt, qmax, qoff, sc, si, out, b0, nb):
     and m; si: sc's int32 view."""
     d, m, inv = sc[V_DA], sc[V_MA], sc[V_INV]
     q = sc[R_Q:R_Q + QK]
-    fv, iv = sc[V_F16], si[V_F16]
     hd, hm, qh = si[V_HD], si[V_HM], si[R_T]
     nib = si[R_S:R_S + 16]                                      # the sums are done with
     for j in range(NL):
@@ -341,8 +338,7 @@ def _pack(xt, qmax, qoff, sc, si, out, b0, nb):
     for i in range(QK):
         for j in range(NL):
             q[i, j] = _code(xt[i, j], inv[j], m[j], qmax, qoff)
-    _f16_bits(d, fv, iv, hd)
-    _f16_bits(m, fv, iv, hm)
+    _f16_bits(sc, si, V_DA, 2, V_HD)                            # d, m -> hd, hm
     for i in range(16):
         for j in range(NL):
             nib[i, j] = (np.int32(q[i, j]) & 15) | (np.int32(q[i + 16, j]) << 4)
@@ -382,7 +378,6 @@ def _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, g0, g1):
     si = sc.view(np.int32)
     xt, wt = sc[R_X:R_X + QK], sc[R_W:R_W + QK]
     db, mb = sc[V_DB], sc[V_MB]
-    fv, iv = sc[V_F16], si[V_F16]
     for g in range(g0, g1):
         b0 = g * NL
         nb = min(NL, n - b0)
@@ -399,7 +394,7 @@ def _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, g0, g1):
             for j in range(nb, NL):
                 for i in range(QK):
                     wt[i, j] = np.float32(0.0)
-        _candidates(xt, wt, w, qmax, qoff, has_min, sc, fv, iv)
+        _candidates(xt, wt, w, qmax, qoff, has_min, sc, si)
         if w is not None:
             for j in range(nb):
                 db[j] = ld[b0 + j]
