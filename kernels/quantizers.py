@@ -40,168 +40,215 @@ T_RANGE_W = np.array([-1.2, -1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.
 F16_MAX = np.float32(65504.0)
 
 
-@njit(cache=True, inline="always")
-def _f16(v, fb, ib):
-    """The nearest f16 value to the float32 v (round half to even, as F16C), clamped to f16's finite range; as
-    float32. fb float32 [1] and ib = fb.view(int32) are scratch: the rounding is done on v's bits."""
-    v = min(F16_MAX, max(-F16_MAX, v))
-    if abs(v) < np.float32(6.103515625e-05):                  # f16 subnormals: multiples of 2^-24
-        return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
-    fb[0] = v
-    u = ib[0]
-    ib[0] = (u + 0xFFF + ((u >> 13) & 1)) & -8192               # 23 -> 10 mantissa bits, ties to even
-    return fb[0]
+# The search runs on NL consecutive blocks at once, block j of the group in column j of a thread's scratch: every
+# step is a loop over the lanes j that carries nothing from one lane to the next, and each lane does the float32
+# operations of one block searched alone, in the same order (sums over the weights in order i = 0..31), so LLVM
+# vectorises across the blocks without reassociating anything: the bytes are the same on every machine. 32
+# lanes: 16 ran at ~0.6x their speed (each group's fixed costs), 48 and 64 within the noise of 32.
+NL = 32
+NC = max(T_NEG.size + T_POS.size, T_RANGE.size, T_NEG_W.size + T_POS_W.size, T_RANGE_W.size)   # candidates at most
+# Rows of the scratch [NR, NL] float32: one array, so LLVM sees every access at a constant offset from one base
+# and needs no run-time alias checks between the rows.
+R_X = 0                  # [32] the group's weights: weight i of lane j at [R_X + i, j]
+R_W = R_X + QK           # [32] their importance (with one)
+R_Q = R_W + QK           # [32] the codes
+R_S = R_Q + QK           # [3 * NC] each candidate's sums
+R_T = R_S + 3 * NC       # [16] temporaries of one step
+R_V = R_T + 16           # one value per lane each: the range, the two candidates (d, m), scratch
+V_LO, V_HI, V_VMAX, V_DA, V_MA, V_DB, V_MB, V_INV, V_F16, V_HD, V_HM = range(R_V, R_V + 11)
+NR = R_V + 11
 
 
 @njit(cache=True, inline="always")
-def _range(x, b, t):
-    """(min, max) of the block. LLVM leaves a min/max reduction a scalar chain (a quarter of the time): the
-    four 8-weight quarters are compared element-wise into t [16] float32 scratch (vector min/max), then 8 remain."""
-    for i in range(8):
-        t[i] = min(min(x[b, i], x[b, i + 8]), min(x[b, i + 16], x[b, i + 24]))
-        t[i + 8] = max(max(x[b, i], x[b, i + 8]), max(x[b, i + 16], x[b, i + 24]))
-    lo = t[0]
-    hi = t[8]
+def _f16(sc, si, r0, r1):
+    """Rows r0 .. r1-1 of sc [NR, NL] <- the nearest f16 values (round half to even, as F16C), clamped to f16's
+    finite range, as float32, in place; si: sc's int32 view (the rounding is done on the bits, in row V_F16)."""
+    fv, iv = sc[V_F16], si[V_F16]
+    for r in range(r0, r1):
+        for j in range(NL):
+            fv[j] = min(F16_MAX, max(-F16_MAX, sc[r, j]))
+        for j in range(NL):
+            u = iv[j]
+            iv[j] = (u + 0xFFF + ((u >> 13) & 1)) & -8192         # 23 -> 10 mantissa bits, ties to even
+        for j in range(NL):
+            c = min(F16_MAX, max(-F16_MAX, sc[r, j]))
+            sub = np.float32(np.rint(np.float64(c) * 16777216.0) / 16777216.0)   # f16 subnormals: 2^-24 steps
+            sc[r, j] = sub if abs(c) < np.float32(6.103515625e-05) else fv[j]
+
+
+@njit(cache=True, inline="always")
+def _f16_bits(sc, si, r0, n, h0):
+    """Rows h0 .. h0+n-1 of si <- the IEEE half bits of the f16-exact float32 rows r0 .. r0+n-1 of sc (si: sc's
+    int32 view)."""
+    for k in range(n):
+        for j in range(NL):
+            u = si[r0 + k, j]
+            a = u & 0x7FFFFFFF
+            hn = ((a >> 13) - (112 << 10)) & 0x7FFF               # normal f16: rebias the exponent 127 -> 15
+            hs = int(abs(np.float64(sc[r0 + k, j])) * 16777216.0)   # subnormal f16 (or 0): 2^-24 steps
+            si[h0 + k, j] = (hn if a >= 0x38800000 else hs) | ((u >> 16) & 0x8000)
+
+
+@njit(cache=True, inline="always")
+def _range(xt, lo, hi):
+    """lo, hi [NL] <- each block's (min, max), compared in a fixed order (the four 8-weight quarters element-wise,
+    then those 8 in order): min and max are exact, but which zero of -0 and 0 they return follows the order."""
+    for j in range(NL):
+        lo[j] = min(min(xt[0, j], xt[8, j]), min(xt[16, j], xt[24, j]))
+        hi[j] = max(max(xt[0, j], xt[8, j]), max(xt[16, j], xt[24, j]))
     for i in range(1, 8):
-        lo = min(lo, t[i])
-        hi = max(hi, t[i + 8])
-    return lo, hi
+        for j in range(NL):
+            lo[j] = min(lo[j], min(min(xt[i, j], xt[i + 8, j]), min(xt[i + 16, j], xt[i + 24, j])))
+            hi[j] = max(hi[j], max(max(xt[i, j], xt[i + 8, j]), max(xt[i + 16, j], xt[i + 24, j])))
 
 
 @njit(cache=True, inline="always")
-def _rank_sym(x, b, vmax, qmax, qoff, sxq, sqq, w, jw):
-    """The best candidate scale of a symmetric block (codes clamp(round(x·inv)) + qoff), by the squared
-    error (weighted by w[jw] [32], when w is not None) of its least-squares scale, unrounded (float32).
-    sxq, sqq: float32 scratch [candidates] (the sums of every candidate first, then the choice: no branch in
-    the loop over weights)."""
+def _rank_sym(xt, wt, w, vmax, qmax, qoff, sxq, sqq, tmp, d):
+    """d [NL] <- each symmetric block's best candidate scale (codes clamp(round(x·inv)) + qoff), by the squared
+    error (weighted by wt [32, NL] when w is not None) of its least-squares scale, unrounded (float32); garbage
+    where vmax is 0 (the caller's). sxq, sqq [candidates, NL], tmp [8, NL]: scratch rows."""
     lo = np.float32(-qoff)
     hi = np.float32(qmax - qoff)
     tneg = T_NEG if w is None else T_NEG_W
     tpos = T_POS if w is None else T_POS_W
     nn = tneg.shape[0]
     nk = nn + tpos.shape[0]
+    inv1, inv2, a1, c1, a2, c2, bx, bq = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7]
     for k in range(0, nk, 2):                                   # two candidates per pass over the weights
         k2 = min(k + 1, nk - 1)
-        inv1 = (-(np.float32(qoff) + tneg[k]) if k < nn else hi - tpos[k - nn]) / vmax
-        inv2 = (-(np.float32(qoff) + tneg[k2]) if k2 < nn else hi - tpos[k2 - nn]) / vmax
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        c1 = np.float32(0.0)
-        c2 = np.float32(0.0)
+        n1 = -(np.float32(qoff) + tneg[k]) if k < nn else hi - tpos[k - nn]
+        n2 = -(np.float32(qoff) + tneg[k2]) if k2 < nn else hi - tpos[k2 - nn]
+        for j in range(NL):
+            inv1[j] = n1 / vmax[j]
+            inv2[j] = n2 / vmax[j]
+            a1[j] = c1[j] = a2[j] = c2[j] = np.float32(0.0)
         for i in range(QK):
-            xi = x[b, i]
-            wi = np.float32(1.0) if w is None else w[jw, i]
-            v1 = min(hi, max(lo, np.floor(xi * inv1 + np.float32(0.5))))
-            v2 = min(hi, max(lo, np.floor(xi * inv2 + np.float32(0.5))))
-            a1 += wi * xi * v1
-            c1 += wi * v1 * v1
-            a2 += wi * xi * v2
-            c2 += wi * v2 * v2
-        sxq[k] = a1
-        sqq[k] = c1
-        sxq[k2] = a2
-        sqq[k2] = c2
-    best = 0                                                    # error - Sxx = -Sxq² / Sqq: the largest Sxq²/Sqq
+            for j in range(NL):
+                xi = xt[i, j]
+                wi = np.float32(1.0) if w is None else wt[i, j]
+                v1 = min(hi, max(lo, np.floor(xi * inv1[j] + np.float32(0.5))))
+                v2 = min(hi, max(lo, np.floor(xi * inv2[j] + np.float32(0.5))))
+                a1[j] += wi * xi * v1
+                c1[j] += wi * v1 * v1
+                a2[j] += wi * xi * v2
+                c2[j] += wi * v2 * v2
+        for j in range(NL):
+            sxq[k, j] = a1[j]
+            sqq[k, j] = c1[j]
+            sxq[k2, j] = a2[j]
+            sqq[k2, j] = c2[j]
+    for j in range(NL):                                         # error - Sxx = -Sxq² / Sqq: the largest Sxq²/Sqq
+        bx[j] = sxq[0, j]
+        bq[j] = sqq[0, j]
     for k in range(1, nk):
-        if sxq[k] * sxq[k] * sqq[best] > sxq[best] * sxq[best] * sqq[k]:
-            best = k
-    if not sqq[best] > 0:
-        return np.float32(0.0)
-    d = sxq[best] / sqq[best]
+        for j in range(NL):
+            better = sxq[k, j] * sxq[k, j] * bq[j] > bx[j] * bx[j] * sqq[k, j]
+            bx[j] = sxq[k, j] if better else bx[j]
+            bq[j] = sqq[k, j] if better else bq[j]
     # the nearest codes for d, their least-squares scale, then that scaled so that the block is not shrunk
     # along x (x̂·x = x·x; least squares leaves x̂·x = (1 - relerr²)·x·x, and every output of the matrix
     # shrinks coherently: see kernels.kquantizers._unshrink)
-    inv = np.float32(1.0) / d
-    a1 = np.float32(0.0)
-    sxx = np.float32(0.0)
+    for j in range(NL):
+        d[j] = bx[j] / bq[j]
+        inv1[j] = np.float32(1.0) / d[j]
+        a1[j] = c1[j] = np.float32(0.0)
     for i in range(QK):
-        xi = x[b, i]
-        wi = np.float32(1.0) if w is None else w[jw, i]
-        v1 = min(hi, max(lo, np.floor(xi * inv + np.float32(0.5))))
-        a1 += wi * xi * v1
-        sxx += wi * xi * xi
-    return sxx / a1 if a1 != 0 else d
+        for j in range(NL):
+            xi = xt[i, j]
+            wi = np.float32(1.0) if w is None else wt[i, j]
+            v1 = min(hi, max(lo, np.floor(xi * inv1[j] + np.float32(0.5))))
+            a1[j] += wi * xi * v1
+            c1[j] += wi * xi * xi
+    for j in range(NL):
+        r = c1[j] / a1[j] if a1[j] != 0 else d[j]
+        d[j] = r if bq[j] > 0 else np.float32(0.0)
 
 
 @njit(cache=True, inline="always")
-def _rank_min(x, b, lo, hi, qmax, sq, sqq, sxq, w, jw):
-    """The best candidate (scale, min) of a block with a min (codes clamp(round((x - m)/d)), 0..qmax), by the
-    squared error (weighted by w[jw] [32], when w is not None) of its least-squares (d, m), unrounded
-    (float32). sq, sqq, sxq: float32 scratch [candidates]."""
-    sx = np.float32(0.0)
-    n = np.float32(0.0)
+def _rank_min(xt, wt, w, lo, hi, qmax, sq, sqq, sxq, tmp, d, m):
+    """d, m [NL] <- each block's best candidate (scale, min) (codes clamp(round((x - m)/d)), 0..qmax), by the
+    squared error (weighted by wt [32, NL] when w is not None) of its least-squares (d, m), unrounded (float32);
+    garbage where hi == lo (the caller's). sq, sqq, sxq [candidates, NL], tmp [16, NL]: scratch rows."""
+    sx, n, found = tmp[0], tmp[1], tmp[2]
+    inv1, o1, a1, b1, c1, inv2, o2, a2, b2, c2 = tmp[3], tmp[4], tmp[5], tmp[6], tmp[7], tmp[8], tmp[9], tmp[10], tmp[11], tmp[12]
+    for j in range(NL):
+        sx[j] = n[j] = np.float32(0.0)
     for i in range(QK):
-        wi = np.float32(1.0) if w is None else w[jw, i]
-        sx += wi * x[b, i]
-        n += wi
+        for j in range(NL):
+            wi = np.float32(1.0) if w is None else wt[i, j]
+            sx[j] += wi * xt[i, j]
+            n[j] += wi
     fq = np.float32(qmax)
     trange = T_RANGE if w is None else T_RANGE_W
     nk = trange.shape[0]
     for k in range(0, nk, 2):                                   # two candidates per pass over the weights
         k2 = min(k + 1, nk - 1)
-        inv1 = (fq + trange[k]) / (hi - lo)
-        inv2 = (fq + trange[k2]) / (hi - lo)
-        o1 = np.float32(0.5) - lo * inv1
-        o2 = np.float32(0.5) - lo * inv2
-        a1 = np.float32(0.0)
-        b1 = np.float32(0.0)
-        c1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        b2 = np.float32(0.0)
-        c2 = np.float32(0.0)
+        for j in range(NL):
+            inv1[j] = (fq + trange[k]) / (hi[j] - lo[j])
+            inv2[j] = (fq + trange[k2]) / (hi[j] - lo[j])
+            o1[j] = np.float32(0.5) - lo[j] * inv1[j]
+            o2[j] = np.float32(0.5) - lo[j] * inv2[j]
+            a1[j] = b1[j] = c1[j] = a2[j] = b2[j] = c2[j] = np.float32(0.0)
         for i in range(QK):
-            xi = x[b, i]
-            wi = np.float32(1.0) if w is None else w[jw, i]
-            v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv1 + o1)))
-            v2 = min(fq, max(np.float32(0.0), np.floor(xi * inv2 + o2)))
-            a1 += wi * v1
-            b1 += wi * v1 * v1
-            c1 += wi * xi * v1
-            a2 += wi * v2
-            b2 += wi * v2 * v2
-            c2 += wi * xi * v2
-        sq[k], sqq[k], sxq[k] = a1, b1, c1
-        sq[k2], sqq[k2], sxq[k2] = a2, b2, c2
+            for j in range(NL):
+                xi = xt[i, j]
+                wi = np.float32(1.0) if w is None else wt[i, j]
+                v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv1[j] + o1[j])))
+                v2 = min(fq, max(np.float32(0.0), np.floor(xi * inv2[j] + o2[j])))
+                a1[j] += wi * v1
+                b1[j] += wi * v1 * v1
+                c1[j] += wi * xi * v1
+                a2[j] += wi * v2
+                b2[j] += wi * v2 * v2
+                c2[j] += wi * xi * v2
+        for j in range(NL):
+            sq[k, j], sqq[k, j], sxq[k, j] = a1[j], b1[j], c1[j]
+            sq[k2, j], sqq[k2, j], sxq[k2, j] = a2[j], b2[j], c2[j]
     # the least-squares (d, m) of candidate k is (nd_k, nm_k) / den_k, its error - Sxx is -(nd·Sxq + nm·Sx) / den:
     # the best is chosen by cross-multiplied errors, one division for the winner
-    best = -1
-    best_num = np.float32(0.0)
-    best_den = np.float32(1.0)
+    bnum, bden, bsq, bsqq, bsxq = inv2, o2, a2, b2, c2
+    for j in range(NL):
+        found[j] = np.float32(0.0)
+        bnum[j] = np.float32(0.0)
+        bden[j] = np.float32(1.0)
     for k in range(nk):
-        den = n * sqq[k] - sq[k] * sq[k]
-        num = (n * sxq[k] - sx * sq[k]) * sxq[k] + (sqq[k] * sx - sq[k] * sxq[k]) * sx
-        if den > 0 and (best < 0 or num * best_den > best_num * den):
-            best, best_num, best_den = k, num, den
-    if best < 0:
-        return np.float32(0.0), lo
-    best_d = (n * sxq[best] - sx * sq[best]) / best_den
-    best_m = (sqq[best] * sx - sq[best] * sxq[best]) / best_den
-    if not best_d > 0:
-        return best_d, best_m
+        for j in range(NL):
+            den = n[j] * sqq[k, j] - sq[k, j] * sq[k, j]
+            num = (n[j] * sxq[k, j] - sx[j] * sq[k, j]) * sxq[k, j] + (sqq[k, j] * sx[j] - sq[k, j] * sxq[k, j]) * sx[j]
+            take = (den > 0) & ((found[j] == 0) | (num * bden[j] > bnum[j] * den))
+            found[j] = np.float32(1.0) if take else found[j]
+            bnum[j] = num if take else bnum[j]
+            bden[j] = den if take else bden[j]
+            bsq[j] = sq[k, j] if take else bsq[j]
+            bsqq[j] = sqq[k, j] if take else bsqq[j]
+            bsxq[j] = sxq[k, j] if take else bsxq[j]
     # the nearest codes for (d, m), their least squares, then scaled so that x̂·x = x·x (as _rank_sym)
-    inv = np.float32(1.0) / best_d
-    o1 = np.float32(0.5) - best_m * inv
-    a1 = np.float32(0.0)
-    b1 = np.float32(0.0)
-    c1 = np.float32(0.0)
-    sxx = np.float32(0.0)
+    sxx = a2
+    for j in range(NL):
+        d[j] = (n[j] * bsxq[j] - sx[j] * bsq[j]) / bden[j]
+        m[j] = (bsqq[j] * sx[j] - bsq[j] * bsxq[j]) / bden[j]
+        inv1[j] = np.float32(1.0) / d[j]
+        o1[j] = np.float32(0.5) - m[j] * inv1[j]
+        a1[j] = b1[j] = c1[j] = sxx[j] = np.float32(0.0)
     for i in range(QK):
-        xi = x[b, i]
-        wi = np.float32(1.0) if w is None else w[jw, i]
-        v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv + o1)))
-        a1 += wi * v1
-        b1 += wi * v1 * v1
-        c1 += wi * xi * v1
-        sxx += wi * xi * xi
-    den = n * b1 - a1 * a1
-    if den > 0:
-        best_d = (n * c1 - sx * a1) / den
-        best_m = (b1 * sx - a1 * c1) / den
-    sxy = best_d * c1 + best_m * sx
-    if sxy > 0:
-        best_d *= sxx / sxy
-        best_m *= sxx / sxy
-    return best_d, best_m
+        for j in range(NL):
+            xi = xt[i, j]
+            wi = np.float32(1.0) if w is None else wt[i, j]
+            v1 = min(fq, max(np.float32(0.0), np.floor(xi * inv1[j] + o1[j])))
+            a1[j] += wi * v1
+            b1[j] += wi * v1 * v1
+            c1[j] += wi * xi * v1
+            sxx[j] += wi * xi * xi
+    for j in range(NL):
+        den = n[j] * b1[j] - a1[j] * a1[j]
+        d2 = (n[j] * c1[j] - sx[j] * a1[j]) / den if den > 0 else d[j]
+        m2 = (b1[j] * sx[j] - a1[j] * c1[j]) / den if den > 0 else m[j]
+        sxy = d2 * c1[j] + m2 * sx[j]
+        d3 = d2 * (sxx[j] / sxy) if sxy > 0 else d2
+        m3 = m2 * (sxx[j] / sxy) if sxy > 0 else m2
+        refit = d[j] > 0
+        d[j] = (d3 if refit else d[j]) if found[j] != 0 else np.float32(0.0)
+        m[j] = (m3 if refit else m[j]) if found[j] != 0 else lo[j]
 
 
 @njit(cache=True, inline="always")
@@ -211,89 +258,149 @@ def _code(xi, inv, m, qmax, qoff):
 
 
 @njit(cache=True, inline="always")
-def _error(x, b, d, m, qmax, qoff, w, jw):
-    """The block's squared error with the stored (f16) d and m and the best codes for them (weighted by w[jw],
-    when w is not None), summed in float32: every term is positive, so it is within ~1e-6 of its value."""
-    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-    e = np.float32(0.0)
-    for i in range(QK):
-        r = x[b, i] - (d * (_code(x[b, i], inv, m, qmax, qoff) - np.float32(qoff)) + m)
-        e += r * r if w is None else w[jw, i] * r * r
-    return e
-
-
-@njit(cache=True, inline="always")
-def _put_f16(out, b, o, v, fb, ib):
-    """The IEEE half bits of the f16-exact float32 v into out[o:o+2], little-endian."""
-    fb[0] = v
-    u = ib[0]
-    a = u & 0x7FFFFFFF
-    if a >= 0x38800000:                                         # normal f16: rebias the exponent 127 -> 15
-        h = ((a >> 13) - (112 << 10)) & 0x7FFF
-    else:                                                      # subnormal f16 (or 0): multiples of 2^-24
-        h = int(abs(np.float64(v)) * 16777216.0)
-    h |= (u >> 16) & 0x8000
-    out[b, o] = h & 0xFF
-    out[b, o + 1] = h >> 8
-
-
-@njit(cache=True, inline="always")
-def _pack(x, b, d, m, qmax, qoff, q, out, fb, ib):
-    """One block's bytes (ggml-common.h): f16 d, f16 m with a min, 32 high bits for 5-bit codes, then nibbles
-    (byte j = q[j] & 15 | (q[j+16] & 15) << 4), codes the best for the stored d and m. q: uint8 scratch [32]."""
-    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-    for i in range(QK):
-        q[i] = np.uint8(_code(x[b, i], inv, m, qmax, qoff))
-    _put_f16(out, b, 0, d, fb, ib)
-    o = 2
-    if qoff == 0:
-        _put_f16(out, b, 2, m, fb, ib)
-        o = 4
-    if qmax == 31:
-        qh = np.uint32(0)
-        for i in range(QK):
-            qh |= np.uint32(q[i] >> 4) << np.uint32(i)
-        for k in range(4):
-            out[b, o + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
-        o += 4
-    for j in range(16):
-        out[b, o + j] = (q[j] & np.uint8(15)) | (q[j + 16] << np.uint8(4))
-
-
-@njit(cache=True, inline="always")
-def _candidates(x, b, qmax, qoff, has_min, s1, s2, s3, fb, ib, w, jw, ld, lm):
-    """Block b's two candidates as f16 values: (d, m) of our best, and of llama.cpp's quantizer: without an
-    importance its scale max/-offset, or (max - min)/qmax with min m; with one (w not None) ld[b], lm[b]
-    (_llama_fits)."""
-    lo, hi = _range(x, b, s3)
+def _candidates(xt, wt, w, qmax, qoff, has_min, sc, si):
+    """The group's two candidates per block as f16 values, into rows V_DA .. V_MB of sc: (d, m) of our best,
+    and of llama.cpp's quantizer without an importance (max/-offset, or (max - min)/qmax with min m; with one
+    the caller puts _llama_fits' there); si: sc's int32 view."""
+    lo, hi, vmax, da, ma, db, mb = sc[V_LO], sc[V_HI], sc[V_VMAX], sc[V_DA], sc[V_MA], sc[V_DB], sc[V_MB]
+    s1, s2, s3 = sc[R_S:R_S + NC], sc[R_S + NC:R_S + 2 * NC], sc[R_S + 2 * NC:R_S + 3 * NC]
+    tmp = sc[R_T:R_T + 16]
+    _range(xt, lo, hi)
     if has_min:
-        if hi == lo:                              # constant block: d 0, m its value (to f16)
-            m = _f16(lo, fb, ib)
-            da, ma = np.float32(0.0), m
-            db, mb = np.float32(0.0), m
-        else:
-            d, m = _rank_min(x, b, lo, hi, qmax, s1, s2, s3, w, jw)
-            da, ma = _f16(d, fb, ib), _f16(m, fb, ib)
-            db, mb = _f16((hi - lo) / np.float32(qmax), fb, ib), _f16(lo, fb, ib)
+        _rank_min(xt, wt, w, lo, hi, qmax, s1, s2, s3, tmp, da, ma)
+        for j in range(NL):
+            db[j] = (hi[j] - lo[j]) / np.float32(qmax)
+            mb[j] = lo[j]
     else:
-        vmax = hi if hi > -lo else lo
-        if hi == -lo:                             # |max| = |min|: llama.cpp takes the first
+        tie = False
+        for j in range(NL):
+            vmax[j] = hi[j] if hi[j] > -lo[j] else lo[j]
+            tie |= hi[j] == -lo[j]
+        if tie:                                                 # |max| = |min|: llama.cpp takes the first
+            for i in range(QK - 1, -1, -1):
+                for j in range(NL):
+                    first = (hi[j] == -lo[j]) & (abs(xt[i, j]) == hi[j])
+                    vmax[j] = xt[i, j] if first else vmax[j]
+        _rank_sym(xt, wt, w, vmax, qmax, qoff, s1, s2, tmp, da)
+        for j in range(NL):
+            db[j] = vmax[j] / np.float32(-qoff)
+            ma[j] = mb[j] = np.float32(0.0)
+    _f16(sc, si, V_DA, V_MB + 1)                                # da, ma, db, mb, one after another
+    if has_min:
+        for j in range(NL):                                     # constant block: d 0, m its value (to f16)
+            flat = hi[j] == lo[j]
+            da[j] = np.float32(0.0) if flat else da[j]
+            ma[j] = mb[j] if flat else ma[j]
+            db[j] = np.float32(0.0) if flat else db[j]
+    else:
+        for j in range(NL):
+            zero = vmax[j] == 0
+            da[j] = np.float32(0.0) if zero else da[j]
+            db[j] = np.float32(0.0) if zero else db[j]
+
+
+@njit(cache=True, inline="always")
+def _keep_better(xt, wt, w, qmax, qoff, sc):
+    """Per block, (da, ma) <- (db, mb) where those dequantize as close or closer, each with the best codes for
+    its f16 values (squared error weighted by wt [32, NL] when w is not None, summed in float32: every term is
+    positive, so it is within ~1e-6 of its value)."""
+    da, ma, db, mb = sc[V_DA], sc[V_MA], sc[V_DB], sc[V_MB]
+    ia, ib, ea, eb = sc[R_T], sc[R_T + 1], sc[R_T + 2], sc[R_T + 3]
+    fo = np.float32(qoff)
+    for j in range(NL):
+        ia[j] = np.float32(1.0) / da[j] if da[j] != 0 else np.float32(0.0)
+        ib[j] = np.float32(1.0) / db[j] if db[j] != 0 else np.float32(0.0)
+        ea[j] = eb[j] = np.float32(0.0)
+    for i in range(QK):
+        for j in range(NL):
+            xi = xt[i, j]
+            ra = xi - (da[j] * (_code(xi, ia[j], ma[j], qmax, qoff) - fo) + ma[j])
+            rb = xi - (db[j] * (_code(xi, ib[j], mb[j], qmax, qoff) - fo) + mb[j])
+            ea[j] += ra * ra if w is None else wt[i, j] * ra * ra
+            eb[j] += rb * rb if w is None else wt[i, j] * rb * rb
+    for j in range(NL):
+        take = ((da[j] != db[j]) | (ma[j] != mb[j])) & (eb[j] <= ea[j] * np.float32(1.0 + 1e-5))
+        da[j] = db[j] if take else da[j]
+        ma[j] = mb[j] if take else ma[j]
+
+
+@njit(cache=True, inline="always")
+def _pack(xt, qmax, qoff, sc, si, out, b0, nb):
+    """Blocks b0 .. b0+nb-1's bytes (ggml-common.h) from (da, ma) of sc: f16 d, f16 m with a min, 32 high bits
+    for 5-bit codes, then nibbles (byte j = q[j] & 15 | (q[j+16] & 15) << 4), codes the best for the stored d
+    and m; si: sc's int32 view."""
+    d, m, inv = sc[V_DA], sc[V_MA], sc[V_INV]
+    q = sc[R_Q:R_Q + QK]
+    hd, hm, qh = si[V_HD], si[V_HM], si[R_T]
+    nib = si[R_S:R_S + 16]                                      # the sums are done with
+    for j in range(NL):
+        inv[j] = np.float32(1.0) / d[j] if d[j] != 0 else np.float32(0.0)
+    for i in range(QK):
+        for j in range(NL):
+            q[i, j] = _code(xt[i, j], inv[j], m[j], qmax, qoff)
+    _f16_bits(sc, si, V_DA, 2, V_HD)                            # d, m -> hd, hm
+    for i in range(16):
+        for j in range(NL):
+            nib[i, j] = (np.int32(q[i, j]) & 15) | (np.int32(q[i + 16, j]) << 4)
+    if qmax == 31:
+        for j in range(NL):
+            qh[j] = 0
+        for i in range(QK):
+            for j in range(NL):
+                qh[j] |= (np.int32(q[i, j]) >> 4) << i
+    for j in range(nb):
+        b = b0 + j
+        out[b, 0] = hd[j] & 0xFF
+        out[b, 1] = hd[j] >> 8
+        o = 2
+        if qoff == 0:
+            out[b, 2] = hm[j] & 0xFF
+            out[b, 3] = hm[j] >> 8
+            o = 4
+        if qmax == 31:
+            for k in range(4):
+                out[b, o + k] = (qh[j] >> (8 * k)) & 0xFF
+            o += 4
+        for i in range(16):
+            out[b, o + i] = nib[i, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, g0, g1):
+    """_q32_search's groups g0 .. g1-1 (NL blocks each), on one thread with a scratch of its own. A function of
+    its own, not the prange body: Numba's parallel passes copy and propagate through a loop body, and this
+    one (the helpers inlined) took them 15 s more to compile than the search runs in a minute. error_model
+    numpy: a division checked for zero is a branch that no loop vectorises (every division is guarded or its
+    lane's result discarded)."""
+    n = x.shape[0]
+    nbr = 1 if w is None else w.shape[0]
+    sc = np.empty((NR, NL), np.float32)
+    si = sc.view(np.int32)
+    xt, wt = sc[R_X:R_X + QK], sc[R_W:R_W + QK]
+    db, mb = sc[V_DB], sc[V_MB]
+    for g in range(g0, g1):
+        b0 = g * NL
+        nb = min(NL, n - b0)
+        for j in range(nb):
             for i in range(QK):
-                if abs(x[b, i]) == hi:
-                    vmax = x[b, i]
-                    break
-        ma = mb = np.float32(0.0)
-        if vmax == 0:
-            da = db = np.float32(0.0)
-        else:
-            da = _f16(_rank_sym(x, b, vmax, qmax, qoff, s1, s2, w, jw), fb, ib)
-            db = _f16(vmax / np.float32(-qoff), fb, ib)
-    if w is not None:
-        db, mb = ld[b], lm[b]
-    return da, ma, db, mb
-
-
-TILE = 64    # blocks per tile: each stage of the search runs over a tile, as its own simple loop
+                xt[i, j] = x[b0 + j, i]
+        for j in range(nb, NL):
+            for i in range(QK):
+                xt[i, j] = np.float32(0.0)
+        if w is not None:
+            for j in range(nb):
+                for i in range(QK):
+                    wt[i, j] = w[(b0 + j) % nbr, i]
+            for j in range(nb, NL):
+                for i in range(QK):
+                    wt[i, j] = np.float32(0.0)
+        _candidates(xt, wt, w, qmax, qoff, has_min, sc, si)
+        if w is not None:
+            for j in range(nb):
+                db[j] = ld[b0 + j]
+                mb[j] = lm[b0 + j]
+        _keep_better(xt, wt, w, qmax, qoff, sc)
+        _pack(xt, qmax, qoff, sc, si, out, b0, nb)
 
 
 @njit(cache=True, parallel=True)
@@ -303,43 +410,16 @@ def _q32_search(x, qmax, qoff, has_min, w, ld, lm, out):
     [n_blocks] (_llama_fits). Per block the better, as stored (weighted by w), of our best candidate and
     llama.cpp's, each with the best codes for its f16 values: llama.cpp's own codes are those for its
     unrounded values, so no block is worse than llama.cpp makes it (near ties, within the float32 sums'
-    accuracy, go to llama.cpp's). The helpers are inlined: a call that passes arrays costs atomic
-    reference counts, which took a third of the time. No fast-math: with reassociated sums the ranking
-    depended on the vector width (the arm64 build chose other candidates in near ties, other bytes than
-    x86's), and a plain function first compiled from a fast-math caller is compiled fast-math (the port
-    then lost its bit-exactness); in IEEE order every machine writes the same bytes, at ~0.3x the speed."""
-    n = x.shape[0]
-    nbr = 1 if w is None else w.shape[0]
-    ntile = (n + TILE - 1) // TILE
-    nc = max(T_RANGE_W.shape[0], T_NEG_W.shape[0] + T_POS_W.shape[0], T_RANGE.shape[0], T_NEG.shape[0] + T_POS.shape[0])
-    nthr = min(ntile, 64)
-    step = (ntile + nthr - 1) // nthr
+    accuracy, go to llama.cpp's). NL blocks at a time, one per vector lane (the group after the last block
+    padded with zeros). The helpers are inlined: a call that passes arrays costs atomic reference counts.
+    No fast-math: with reassociated sums the ranking depended on the vector width (the arm64 build chose
+    other candidates in near ties, other bytes than x86's), and a plain function first compiled from a
+    fast-math caller is compiled fast-math; in IEEE order every machine writes the same bytes."""
+    ngroup = (x.shape[0] + NL - 1) // NL
+    nthr = min(ngroup, 64)
+    step = (ngroup + nthr - 1) // nthr
     for t in prange(nthr):
-        s1 = np.empty(nc, np.float32)
-        s2 = np.empty(nc, np.float32)
-        s3 = np.empty(max(nc, 16), np.float32)       # also _range's scratch
-        q = np.empty(QK, np.uint8)
-        fb = np.empty(1, np.float32)
-        ib = fb.view(np.int32)
-        da = np.empty(TILE, np.float32)
-        ma = np.empty(TILE, np.float32)
-        db = np.empty(TILE, np.float32)
-        mb = np.empty(TILE, np.float32)
-        for tile in range(t * step, min(ntile, (t + 1) * step)):
-            b0 = tile * TILE
-            nb = min(TILE, n - b0)
-            for j in range(nb):
-                da[j], ma[j], db[j], mb[j] = _candidates(x, b0 + j, qmax, qoff, has_min, s1, s2, s3, fb, ib,
-                                                         w, (b0 + j) % nbr, ld, lm)
-            for j in range(nb):
-                b = b0 + j
-                if (da[j] != db[j] or ma[j] != mb[j]) and (
-                        _error(x, b, db[j], mb[j], qmax, qoff, w, b % nbr)
-                        <= _error(x, b, da[j], ma[j], qmax, qoff, w, b % nbr) * np.float32(1.0 + 1e-5)):
-                    da[j] = db[j]
-                    ma[j] = mb[j]
-            for j in range(nb):
-                _pack(x, b0 + j, da[j], ma[j], qmax, qoff, q, out, fb, ib)
+        _q32_groups(x, qmax, qoff, has_min, w, ld, lm, out, t * step, min(ngroup, (t + 1) * step))
 
 
 @njit(cache=True, parallel=True)
