@@ -20,7 +20,8 @@ from lazymoe.kernels import kquantizers as kq
 from lazymoe.kernels.qtypes import QType, qtype
 
 QK = 32
-ROWS_PER_CHUNK = 256   # rows quantized per call: bounds the float temporaries
+CHUNK_WEIGHTS = 1 << 20   # weights quantized per call (whole rows): bounds the float temporaries. Calls of 256 rows
+                          # of 256 weights ran Q5_0 at 0.47x llama.cpp's speed, 1M-weight calls at 0.62x (fixed costs)
 
 # The 32-weight types without an importance vector: (largest code, code offset, has a min) by name;
 # x̂ = d·(q - offset) (Q4_0, Q5_0) or d·q + m (Q4_1, Q5_1), q in 0..qmax.
@@ -517,8 +518,8 @@ def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = Non
 
     importance [cols] float32 (llama.cpp's imatrix entry for this tensor: mean squared activation per
     column) weights each column's squared error; None weighs all alike. search False: llama.cpp's
-    quantizer's bytes (kernels.kquantizers' port; Q8_0 is that anyway). Works through ROWS_PER_CHUNK
-    rows at a time, so temporaries stay small whatever the size of x. ValueError if cols is not a whole
+    quantizer's bytes (kernels.kquantizers' port; Q8_0 is that anyway). Works through CHUNK_WEIGHTS
+    weights (whole rows) at a time, so temporaries stay small whatever the size of x. ValueError if cols is not a whole
     number of blocks, if the importance has another length or is negative or not finite, or if x holds
     NaN or Inf (llama.cpp's quantizer writes garbage scales for those).
     """
@@ -538,12 +539,13 @@ def quantize(x: np.ndarray, qt: QType | str, importance: np.ndarray | None = Non
         return out
     src = x.reshape(-1, shape[-1])
     dst = out.reshape(src.shape[0], -1)
-    for r in range(0, src.shape[0], ROWS_PER_CHUNK):
-        rows = np.ascontiguousarray(src[r:r + ROWS_PER_CHUNK], dtype=np.float32)
+    step = max(1, CHUNK_WEIGHTS // shape[-1])
+    for r in range(0, src.shape[0], step):
+        rows = np.ascontiguousarray(src[r:r + step], dtype=np.float32)
         if qt.is_block and not np.isfinite(rows).all():
             bad = r + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
             raise ValueError(f"row {bad} holds NaN or Inf; {qt.name} blocks need finite weights")
-        dst[r:r + ROWS_PER_CHUNK] = fn(rows, importance, search)
+        dst[r:r + step] = fn(rows, importance, search)
     return out
 
 
