@@ -7,14 +7,16 @@ Here every step runs for all sub-blocks of the group at once, in loops over lane
 to the next: they vectorise without reordering any lane's sums, so the port still computes llama.cpp's float32
 operations in llama.cpp's order, and each decision is a select per lane.
 
-Per-lane values are rows of one float32 scratch F [NROWS * NL] at constant offsets (row r, lane j: F[r*NL + j]):
+Per-lane values are rows of one float32 scratch F [NROWS * RS] at constant offsets (row r, lane j: F[r*RS + j]):
 LLVM separates such rows by their constant distance. Rows of a 2-D array (a runtime stride) made it fall back to
-its scalar loop (Q3_K's port 1.6x slower than the one-sub-block code).
+its scalar loop (Q3_K's port ~1.5x slower than the one-sub-block code). The row stride RS is NL + 8: with NL
+it put a weight's x and its codes (rows 32 apart) 4 KiB apart, which cost ~20 % (the CPU's load/store
+disambiguation sees false aliases).
 
 The search is kquantizers' _ours_k for symmetric types, lane by lane: each sub-block's fit from llama.cpp's and
 NGRID grid starts, the super-block scale among N_D candidates ranked by the quadratic model, N_REFINE rounds of
-integer-scale neighbours and a least-squares f16 scale, then the unshrink (x̂·x = x·x). It reads a block's port
-result (fits FA, codes, scales) and leaves ours beside it; the caller keeps the better of the two per block.
+integer-scale neighbours and a least-squares f16 scale, then the unshrink (x̂·x = x·x). It starts from the port's
+fits (row FA) and leaves ours beside the port's result; the caller keeps the better of the two per block.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from lazymoe.kernels.f16 import f16_f32, f16_finite
 
 f32 = np.float32
 G = 2                       # blocks per group (32 lanes): G = 1, 2, 4 ran at 0.51, 0.57, 0.49x llama.cpp's Q3_K speed
+                            # (one thread, before the stride pad and the code-free search passes)
 NL = 16 * G
-RS = NL + 8                # row stride of F: rows 4 KiB apart would alias in the load/store disambiguation
+RS = NL + 8                 # row stride of F (see above)
 EPS = f32(1e-15)            # GROUP_MAX_EPS
 FAST = {"reassoc", "contract"}
 
