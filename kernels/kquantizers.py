@@ -1243,7 +1243,10 @@ def quantize_sym16(kind, x, imp, has_imp, search, out):
                     for i in range(QK_K):
                         xb[i] = x[r, c0 + i]
                         qb[i] = imp[c0 + i]
-                    port_block(kind, xb, qb, has_imp, f32(0.0), dd, sc, mn, L, fa, fb, tw)
+                    if kind == Q3_K:
+                        _port_q3_k(xb, qb, has_imp, dd, sc, mn, L, fa, fb)
+                    else:
+                        _port_q6_k(xb, qb, has_imp, dd, sc, mn, L, fa, fb, tw)
                     B[klanes.DP, g] = dd[0]
                     for j in range(16):
                         F[klanes.SCP * RS + 16 * g + j] = sc[j]
