@@ -4,6 +4,7 @@
     python -m lazymoe.benchmarks.quantize stream [--layers 1] [--dir DIR] [--type q4_0] [--expert-type T] [--json]
     python -m lazymoe.benchmarks.quantize part [--type q4_k] [--json]
     python -m lazymoe.benchmarks.quantize speed [--types q4_k,q6_k] [--threads N] [--json]
+    python -m lazymoe.benchmarks.quantize compile [--types q2_k,q3_k] [--json]
 
 `error`: for each block type, RMSE of ours and of llama.cpp's quantizer (llama-cpp-python's libggml,
 `ggml_quantize_chunk`: what `llama_model_quantize` runs per chunk of rows) on gaussian and Student-t(3)
@@ -20,6 +21,10 @@ peak RSS (psutil, sampled every 50 ms) (the target: under 1.5 GB whatever the mo
 `speed`: the quick loop of `error` for one weight set (512 x 4096 gaussian): weights/s of ours, of our port
 alone and of llama.cpp's quantizer, without and with an importance vector, interleaved trials on the same
 threads (median), and the RMSE (importance-weighted RMSE) of ours below llama.cpp's on the same rows.
+
+`compile`: the cold Numba compile of the quantizers: a child process with an empty NUMBA_CACHE_DIR times the
+first quantizations (with and without an importance vector, and the port alone) of each type, in order (a
+type whose driver an earlier type compiled shows only its own share).
 
 `part`: the memory one part of that stream costs in a quantizer: a child process makes one Mixtral 8x7B expert
 matrix (14336 x 4096 float32, 224 MiB), then quantizes it with an importance vector; its peak RSS before and
@@ -193,6 +198,33 @@ def bench_speed(types=ERROR_TYPES, rows: int = 512, cols: int = 4096, trials: in
     return out
 
 
+_COMPILE_CHILD = """
+import json, sys, time
+import numpy as np
+from lazymoe.kernels.quantizers import quantize
+x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+imp = np.ones(512, np.float32)
+out = []
+for name in sys.argv[1].split(","):
+    t0 = time.perf_counter()
+    quantize(x, name), quantize(x, name, imp), quantize(x, name, search=False)
+    out.append({"type": name, "seconds": time.perf_counter() - t0})
+print(json.dumps(out))
+"""
+
+
+def bench_compile(types=("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")) -> list[dict]:
+    """Per type: seconds of its first quantizations in a child process with an empty Numba cache (the JIT
+    compile, once per fresh cache), in the order given."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        res = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, ",".join(types)], env=env, check=True,
+                             capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 MIXTRAL_8X7B = dict(hidden=4096, ffn=14336, heads=32, kv=8, experts=8, used=2, vocab=32000)
 
 
@@ -313,20 +345,30 @@ def bench_part(qtype: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["error", "stream", "part", "speed"])
+    ap.add_argument("what", choices=["error", "stream", "part", "speed", "compile"])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--type", default=None, help="stream: the file type (default q4_0); part: block types, comma-separated")
     ap.add_argument("--expert-type", default=None, help="stream: the experts' block type")
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lazymoe-bench", "mixtral-8x7b-shaped"))
-    ap.add_argument("--types", default=",".join(ERROR_TYPES), help="comma-separated block types for `error` and `speed`")
+    ap.add_argument("--types", default=None, help="comma-separated block types for `error`, `speed` and `compile`")
     ap.add_argument("--float-model", default=None, metavar="GGUF",
                     help="error: also every matrix of this float GGUF (e.g. the F32 demo model train_demo re-makes)")
     ap.add_argument("--threads", type=int, default=None, help="speed: threads of ours and llama.cpp's (default: all)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    types = [t.strip().lower() for t in (a.types or ",".join(ERROR_TYPES)).split(",") if t.strip()]
+    if a.what == "compile":
+        rows = bench_compile(types if a.types else ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
+        if a.json:
+            print(json.dumps({"machine": machine, "compile": rows}))
+            return 0
+        for r in rows:
+            print(f"{r['type']:5} {r['seconds']:6.1f} s")
+        print(f"total {sum(r['seconds'] for r in rows):6.1f} s")
+        return 0
     if a.what == "error":
-        rows = bench_error(types=[t.strip().lower() for t in a.types.split(",") if t.strip()], float_model=a.float_model)
+        rows = bench_error(types=types, float_model=a.float_model)
         if a.json:
             print(json.dumps({"machine": machine, "error": rows}))
             return 0
@@ -342,7 +384,7 @@ def main(argv=None) -> int:
                   f"{r['port_mweights_per_s'] / r['llama_cpp_mweights_per_s']:10.2f}")
         return 0
     if a.what == "speed":
-        rows = bench_speed([t.strip().lower() for t in a.types.split(",") if t.strip()], threads=a.threads)
+        rows = bench_speed(types, threads=a.threads)
         if a.json:
             print(json.dumps({"machine": machine, "speed": rows}))
             return 0
